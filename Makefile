@@ -1,0 +1,42 @@
+# The two commands of the README: `make demo` (train + eval the tiny default) and `make test`.
+# Both create .venv on first use; re-running is fast when the requirement files did not change.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+NPROC ?= 4
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv test-venv lint gpu-check clean
+
+$(VENV)/.stamp-base: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps --no-build-isolation -e .
+	touch $@
+
+# torchscale (the reference architecture) and open-clip-torch (the reference loss) go in without their
+# declared dependencies: those pull torchvision / timm, which would replace the CPU torch build.
+$(VENV)/.stamp-test: $(VENV)/.stamp-base requirements-test.txt
+	$(PIP) install -r requirements-test.txt
+	$(PIP) install --no-deps torchscale==0.3.0 open-clip-torch==3.3.0
+	touch $@
+
+venv: $(VENV)/.stamp-base
+test-venv: $(VENV)/.stamp-test
+
+demo: venv
+	$(PY) -m m2megatron.demo --nproc $(NPROC)
+
+test: test-venv
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: test-venv
+	$(VENV)/bin/ruff check .
+
+gpu-check: test-venv
+	bash tests/gpu/run.sh
+
+clean:
+	rm -rf runs .pytest_cache

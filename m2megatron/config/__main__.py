@@ -1,0 +1,50 @@
+"""`python -m m2megatron.config [--preset NAME] [--config recipe.yaml] [--section.field=value ...]`
+
+Prints the resolved config as YAML and the parameter count computed from it (no model is built).
+`--world-size N` also validates the parallel layout against N ranks; `--describe` lists every field
+with its documentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import yaml
+
+from m2megatron.cli import run_main
+from m2megatron.config import RunConfig, count_parameters, field_docs, load_config
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    lines = []
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        if dataclasses.is_dataclass(sub):
+            lines += describe(type(sub), f"{prefix}{f.name}.")
+        else:
+            lines.append(f"{prefix}{f.name}: {docs.get(f.name, '')}")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m m2megatron.config", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", help="model preset: tiny, m2-0.4b, m2-1b, m2-10b")
+    parser.add_argument("--config", help="YAML recipe")
+    parser.add_argument("--world-size", type=int, help="validate the layout for this many ranks")
+    parser.add_argument("--describe", action="store_true", help="list every setting with its documentation")
+    args, rest = parser.parse_known_args()
+    if args.describe:
+        print("\n".join(describe()))
+        return 0
+    cfg = load_config(args.config, rest, preset_name=args.preset).validate(args.world_size)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    counts = count_parameters(cfg.model)
+    print(f"# parameters ({cfg.model.preset}): " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

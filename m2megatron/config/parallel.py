@@ -1,0 +1,63 @@
+"""Parallel layout: tensor, pipeline and data parallelism, and the contrastive-loss groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from m2megatron.config.base import ConfigError
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tensor_parallel: int = 1
+    """Tensor-parallel size TP: ranks that split each layer's weights."""
+    pipeline_parallel: int = 1
+    """Pipeline-parallel size PP: stages that split the layers of both towers."""
+    virtual_pipeline: int | None = None
+    """Virtual stages per pipeline rank (interleaved 1F1B); None disables interleaving."""
+    loss_group_size: int | None = None
+    """Contrastive-loss group size G: embeddings are gathered only inside groups of G consecutive data-parallel ranks. None means the whole data-parallel group (global loss)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend; auto picks nccl when CUDA is available, else gloo."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state over the data-parallel group (Megatron-Core DistributedOptimizer, Adam only)."""
+    timeout_s: int = 600
+    """Timeout of process-group creation and of every collective, so a rank failing alone cannot hang the job."""
+
+    def validate(self, world_size: int | None = None, num_attention_heads: int | None = None,
+                 num_layers: int | None = None) -> None:
+        for name in ("tensor_parallel", "pipeline_parallel"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
+        tp, pp = self.tensor_parallel, self.pipeline_parallel
+        if num_attention_heads is not None and num_attention_heads % tp:
+            raise ConfigError(
+                f"parallel.tensor_parallel: {tp} does not divide model.num_attention_heads={num_attention_heads}"
+            )
+        stages = pp * (self.virtual_pipeline or 1)
+        if self.virtual_pipeline is not None:
+            if self.virtual_pipeline < 2:
+                raise ConfigError("parallel.virtual_pipeline: must be >= 2 or null")
+            if pp < 2:
+                raise ConfigError("parallel.virtual_pipeline: needs parallel.pipeline_parallel >= 2")
+        if num_layers is not None and num_layers % stages:
+            raise ConfigError(
+                f"parallel.pipeline_parallel: {stages} pipeline stages do not divide model.num_layers={num_layers}"
+            )
+        if world_size is not None:
+            if world_size % (tp * pp):
+                raise ConfigError(
+                    f"parallel.tensor_parallel: world size {world_size} is not divisible by "
+                    f"tensor_parallel×pipeline_parallel = {tp}×{pp}"
+                )
+            dp = world_size // (tp * pp)
+            if self.loss_group_size is not None:
+                if self.loss_group_size < 1 or dp % self.loss_group_size:
+                    raise ConfigError(
+                        f"parallel.loss_group_size: {self.loss_group_size} does not divide the "
+                        f"data-parallel size {dp} (world {world_size} / TP {tp} / PP {pp})"
+                    )
+
+    def data_parallel(self, world_size: int) -> int:
+        return world_size // (self.tensor_parallel * self.pipeline_parallel)

@@ -1,0 +1,140 @@
+"""The whole run config: one slice per concern, loaded from presets, YAML recipes and dotted overrides.
+
+Resolution order: dataclass defaults → model preset → YAML recipe → `--section.field=value` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from m2megatron.config.base import ConfigError, to_dict, update_dataclass
+from m2megatron.config.checkpoint import CheckpointConfig
+from m2megatron.config.data import DataConfig
+from m2megatron.config.eval import EvalConfig
+from m2megatron.config.loss import LossConfig
+from m2megatron.config.model import ModelConfig, preset
+from m2megatron.config.optim import OptimConfig
+from m2megatron.config.parallel import ParallelConfig
+from m2megatron.config.train import TrainConfig
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model sizes and layer implementation."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP / PP / DP layout and loss groups."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data sources, decoding and tokenization."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Contrastive-loss mode."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Steps, batch sizes, precision, logging."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint saving and loading."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation settings."""
+
+    def validate(self, world_size: int | None = None) -> "RunConfig":
+        """Raise ConfigError naming the first bad setting; return self for chaining."""
+        self.model.validate()
+        self.parallel.validate(world_size, self.model.num_attention_heads, self.model.num_layers)
+        for part in (self.data, self.loss, self.optim, self.train, self.checkpoint, self.eval):
+            part.validate()
+        if self.loss.accumulation_steps > 1 and self.parallel.virtual_pipeline:
+            raise ConfigError("loss.accumulation_steps: not supported together with parallel.virtual_pipeline")
+        if world_size is not None and self.train.global_batch_size is not None:
+            dp = self.parallel.data_parallel(world_size)
+            per_step = self.train.micro_batch_size * dp
+            if self.train.global_batch_size % per_step:
+                raise ConfigError(
+                    f"train.global_batch_size: {self.train.global_batch_size} is not a multiple of "
+                    f"micro_batch_size×DP = {self.train.micro_batch_size}×{dp}"
+                )
+            if (self.train.global_batch_size // per_step) % self.loss.accumulation_steps:
+                raise ConfigError(
+                    "train.global_batch_size: microbatches per step must be a multiple of loss.accumulation_steps"
+                )
+        return self
+
+    def num_microbatches(self, world_size: int) -> int:
+        """Microbatches per optimizer step on each data-parallel rank."""
+        dp = self.parallel.data_parallel(world_size)
+        if self.train.global_batch_size is None:
+            return self.loss.accumulation_steps
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write the resolved config as config.yaml (and config.json) into `run_dir`."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        (run_dir / "config.json").write_text(json.dumps(self.to_dict(), indent=2))
+        return run_dir / "config.yaml"
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn ['--a.b=1', '--c.d', 'x'] into the nested dict {'a': {'b': 1}, 'c': {'d': 'x'}}."""
+    nested: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise ConfigError(f"{arg}: expected an override of the form --section.field=value")
+        key, sep, raw = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{key}: missing a value")
+            raw, i = args[i + 1], i + 1
+        i += 1
+        key = key.replace("-", "_")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        parts = key.split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: conflicts with another override")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(recipe: str | Path | dict | None = None, overrides: list[str] | dict | None = None,
+                preset_name: str | None = None) -> RunConfig:
+    """Build a RunConfig from an optional preset, YAML recipe (path or dict) and overrides."""
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        if isinstance(recipe, dict):
+            values = recipe
+        else:
+            path = Path(recipe)
+            if not path.is_file():
+                raise ConfigError(f"config: recipe file {path} does not exist")
+            try:
+                values = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
+            if not isinstance(values, dict):
+                raise ConfigError(f"config: {path} must hold a mapping at the top level")
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or []))
+    name = (
+        preset_name
+        or extra.get("model", {}).get("preset")
+        or values.get("model", {}).get("preset")
+        or "tiny"
+    )
+    cfg = RunConfig(model=preset(name))
+    cfg = update_dataclass(cfg, values)
+    cfg = update_dataclass(cfg, extra)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, preset=name))

@@ -1,0 +1,162 @@
+"""The only place where Megatron-Core (0.16.1) is patched, so that it runs on CPU with gloo.
+
+Megatron-Core assumes CUDA in a few hundred places. None of the patches below changes numerics; each
+one redirects a CUDA-only call to its CPU equivalent. `apply()` installs them once per process, and
+only when CUDA is unavailable: on a GPU host nothing here runs. Each patch has a test
+(tests/unit/test_cpu_compat.py) that shows the original failure still exists in the pinned version,
+so an upgrade tells us when a patch can go. Measurements: ../shared/notes/megatron_core_cpu.md §3.
+
+- W1 `torch.cuda.current_device()` → "cpu": Megatron allocates buffers with
+  `device=torch.cuda.current_device()` (global memory buffer of attention, TP gathers, p2p receive
+  buffers, DDP grad buffers, checkpoint finalisation).
+- W2 CPU RNG tracker: `model_parallel_cuda_manual_seed` and the tracker's `fork()` (called by
+  attention even with dropout 0, and by activation recompute) read and write the CUDA generator.
+  We keep the tracked states as CPU generator states instead.
+- W3 a TorchFunctionMode that rewrites `device="cuda"` in factory calls to CPU and makes
+  `Tensor.cuda()` a no-op (pipeline schedules' token counter, optimizer constants, clip_grads,
+  tensor_parallel.broadcast_data). Torch-function modes are not active inside autograd backward,
+  which is why W8 is a direct patch.
+- W4 `torch.cuda.synchronize()` → no-op (p2p batch sync, checkpoint writer, timers).
+- W5 inside the same mode, `Tensor.type()` with no argument reports `torch.cuda.*Tensor` for CPU
+  tensors, satisfying clip_grads' and the mixed-precision optimizers' type asserts.
+- W7 `CheckpointWithoutOutput` treats `fp8=False` as enabled and then needs Transformer Engine.
+- W8 the default causal and sliding-window masks are built with `device="cuda"` (also during
+  recompute in backward, where W3 is inactive).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+_APPLIED = False
+_FACTORY_FUNCTIONS = {
+    torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, torch.arange, torch.rand,
+    torch.randn, torch.randint, torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+    torch.as_tensor, torch.linspace, torch.eye,
+}
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.startswith("cuda")
+
+
+class _CpuDeviceMode(TorchFunctionMode):
+    """W3 + W5: keep tensors Megatron asks to put on CUDA on the CPU."""
+
+    _TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor",
+                   torch.bfloat16: "torch.cuda.BFloat16Tensor"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in _FACTORY_FUNCTIONS and _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        elif func is torch.Tensor.cuda:
+            return args[0]
+        elif func is torch.Tensor.to and args and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        elif func is torch.Tensor.to and _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = self._TYPE_NAMES.get(args[0].dtype)
+            if name is not None:
+                return name
+        return func(*args, **kwargs)
+
+
+def _patch_rng_tracker() -> None:
+    """W2: the Megatron RNG tracker, backed by the CPU generator."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            original = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(original)
+
+    mrandom._get_cuda_rng_state = get_state
+    mrandom._set_cuda_rng_state = set_state
+    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mrandom.initialize_rng_tracker(force_reset=True)
+
+
+def _patch_masks() -> None:
+    """W8: causal masks on the CPU (the fused-softmax module imported them by name)."""
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    def causal(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+    def sliding(sq, skv, window_size):
+        m = torch.ones(sq, skv, dtype=torch.bool)
+        x = torch.arange(sq).unsqueeze(-1)
+        y = torch.arange(skv).unsqueeze(0)
+        return ~(m & (y <= x) & (y >= x - window_size)) if window_size else ~(m & (y <= x))
+
+    for mod in (utils, fused_softmax):
+        mod.get_default_causal_mask = causal
+        mod.get_sliding_window_causal_mask = sliding
+
+
+def _patch_checkpoint_without_output() -> None:
+    """W7: `CheckpointWithoutOutput(fp8=False)` must not switch FP8 (and TE) on."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    original = mrandom.CheckpointWithoutOutput.__init__
+
+    def init(self, fp8=False):
+        original(self, fp8=fp8)
+        self.fp8 = bool(fp8)
+
+    mrandom.CheckpointWithoutOutput.__init__ = init
+
+
+def apply() -> bool:
+    """Install every workaround once, if CUDA is unavailable. Returns True if they are active."""
+    global _APPLIED
+    if _APPLIED:
+        return True
+    if torch.cuda.is_available():
+        return False
+    torch.cuda.current_device = lambda: "cpu"  # W1
+    torch.cuda.synchronize = lambda *a, **k: None  # W4
+    _patch_rng_tracker()  # W2
+    _patch_masks()  # W8
+    _patch_checkpoint_without_output()  # W7
+    _CpuDeviceMode().__enter__()  # W3 + W5, for the rest of the process
+    _APPLIED = True
+    log.debug("Megatron-Core CPU workarounds applied")
+    return True
+
+
+def is_applied() -> bool:
+    return _APPLIED

@@ -1,0 +1,93 @@
+"""The explicit bundle of process groups that the rest of the code receives as arguments.
+
+Only this package reads Megatron-Core's global `parallel_state`; models, losses, data and the
+trainer get a `ParallelGroups` (and through it a Megatron `ProcessGroupCollection`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from m2megatron.parallel.layout import Layout
+
+
+@dataclass(kw_only=True)
+class ParallelGroups:
+    layout: Layout
+    """The TP/PP/DP layout these groups realise."""
+    rank: int
+    """This process's global rank."""
+    tp: dist.ProcessGroup
+    """Tensor-parallel group of this rank."""
+    pp: dist.ProcessGroup
+    """Pipeline-parallel group of this rank."""
+    dp: dist.ProcessGroup
+    """Data-parallel group of this rank (gradient reduction)."""
+    loss: dist.ProcessGroup
+    """Contrastive-loss group: G consecutive DP ranks of this rank's DP group."""
+    collection: ProcessGroupCollection = field(repr=False)
+    """Megatron-Core's collection of the same groups, for its layers, DDP and optimizer."""
+
+    @property
+    def tp_rank(self) -> int:
+        return self.layout.coordinates(self.rank)[0]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.layout.coordinates(self.rank)[1]
+
+    @property
+    def pp_rank(self) -> int:
+        return self.layout.coordinates(self.rank)[2]
+
+    @property
+    def loss_rank(self) -> int:
+        return self.dp_rank % self.layout.group_size
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pipeline_parallel - 1
+
+
+def new_loss_groups(layout: Layout, rank: int, timeout=None) -> dist.ProcessGroup:
+    """Create every loss group (all ranks must call this, in the same order) and return ours."""
+    mine = None
+    for ranks in layout.loss_groups():
+        group = dist.new_group(ranks, timeout=timeout)
+        if rank in ranks:
+            mine = group
+    assert mine is not None, f"rank {rank} is in no loss group of {layout}"
+    return mine
+
+
+def build_groups(layout: Layout, timeout=None) -> ParallelGroups:
+    """Initialise Megatron-Core's model-parallel state for `layout` and collect the groups."""
+    rank = dist.get_rank()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    kwargs = {"distributed_timeout_minutes": max(1, int(timeout.total_seconds() // 60))} if timeout else {}
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor_parallel,
+        pipeline_model_parallel_size=layout.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        create_gloo_process_groups=False,
+        **kwargs,
+    )
+    collection = ProcessGroupCollection.use_mpu_process_groups()
+    return ParallelGroups(
+        layout=layout,
+        rank=rank,
+        tp=collection.tp,
+        pp=collection.pp,
+        dp=collection.dp,
+        loss=new_loss_groups(layout, rank, timeout),
+        collection=collection,
+    )
