@@ -1,0 +1,71 @@
+"""Megatron-Core's optimizer and LR schedule, with our parameter groups.
+
+No weight decay on norms, biases, position tables, the cls token and the logit scale: these are the
+1-D parameters plus the position tables, matched by name so the rule survives renames of layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from m2megatron.config.optim import OptimConfig
+
+_NO_DECAY_NAME_PARTS = ("position", "cls_token", "logit_scale")
+
+
+def no_weight_decay(param: torch.nn.Parameter, name: str) -> bool:
+    return param.ndim <= 1 or name.endswith(".bias") or any(p in name for p in _NO_DECAY_NAME_PARTS)
+
+
+def megatron_optimizer_config(cfg: OptimConfig, *, bf16: bool, distributed: bool) -> OptimizerConfig:
+    return OptimizerConfig(
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        sgd_momentum=0.0,
+        clip_grad=cfg.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=distributed,
+    )
+
+
+def build_optimizer(model_chunks: list, cfg: OptimConfig, pg_collection, *, bf16: bool = False,
+                    distributed: bool = False):
+    """A MegatronOptimizer over all chunks' parameters, weight decay off where it should be."""
+    overrides = {
+        ParamKey(with_name_predicate=ParamWithNamePredicate(name="m2_no_weight_decay", fn=no_weight_decay)):
+            {"wd_mult": 0.0}
+    }
+    return get_megatron_optimizer(
+        megatron_optimizer_config(cfg, bf16=bf16, distributed=distributed),
+        model_chunks,
+        config_overrides=overrides,
+        use_gloo_process_groups=False,
+        pg_collection=pg_collection,
+    )
+
+
+def build_scheduler(optimizer, cfg: OptimConfig, train_steps: int) -> OptimizerParamScheduler:
+    """Linear warm-up from 0, then cosine decay to min_lr at the last step; constant weight decay."""
+    warmup = min(cfg.warmup_steps, max(train_steps - 1, 0))
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(train_steps, warmup + 1),
+        lr_decay_style="cosine",
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=max(train_steps, 1),
+        wd_incr_style="constant",
+    )
