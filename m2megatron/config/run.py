@@ -17,6 +17,7 @@ from m2megatron.config.base import ConfigError, to_dict, update_dataclass
 from m2megatron.config.checkpoint import CheckpointConfig
 from m2megatron.config.data import DataConfig
 from m2megatron.config.eval import EvalConfig
+from m2megatron.config.launch import LaunchConfig
 from m2megatron.config.loss import LossConfig
 from m2megatron.config.model import ModelConfig, preset
 from m2megatron.config.optim import OptimConfig
@@ -42,12 +43,14 @@ class RunConfig:
     """Checkpoint saving and loading."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation settings."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """Slurm launch settings (m2megatron.launch.submit); ignored by the trainer."""
 
     def validate(self, world_size: int | None = None) -> "RunConfig":
         """Raise ConfigError naming the first bad setting; return self for chaining."""
         self.model.validate()
         self.parallel.validate(world_size, self.model.num_attention_heads, self.model.num_layers)
-        for part in (self.data, self.loss, self.optim, self.train, self.checkpoint, self.eval):
+        for part in (self.data, self.loss, self.optim, self.train, self.checkpoint, self.eval, self.launch):
             part.validate()
         if self.loss.accumulation_steps > 1 and self.parallel.virtual_pipeline:
             raise ConfigError("loss.accumulation_steps: not supported together with parallel.virtual_pipeline")
