@@ -38,6 +38,9 @@ class ModelConfig:
     """Image channels."""
     max_text_len: int = 52
     """Tokens per caption including [CLS] and <|endoftext|> (52 in the released models)."""
+    vocab_pad_multiple: int = 1024
+    """The text embedding table is padded to a multiple of lcm(this, 128·TP) rows. 1024 keeps the padded size
+    the same for TP 1, 2, 4 and 8, so distributed checkpoints reshard between those layouts."""
     text_position_table: int = 1024
     """Rows of the learned text position table (1024 in the released models; rows 2..max_text_len+1 are used)."""
     embed_dim: int = 64

@@ -1,0 +1,150 @@
+"""ModuleSpecs of one Sub-LN transformer layer: `local` (Megatron-Core modules) and `te` (Transformer Engine).
+
+    pre-LN → QKV (bias) → attention → TP-aware LN over the context → out-proj (row parallel) → residual
+    pre-LN → fc1 → GELU (erf) → TP-aware LN over F → fc2 (row parallel) → residual
+
+Both specs give the same sharded-checkpoint keys: the `te` spec fuses the pre-LNs into
+`linear_qkv` / `linear_fc1` (`layer_norm_weight`), and the local spec maps its `input_layernorm.` /
+`pre_mlp_layernorm.` to those names, as Megatron-Core's GPT specs do.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from m2megatron.config.base import ConfigError
+from m2megatron.config.model import ModelConfig
+from m2megatron.models.sub_ln import SubLNRowParallelLinear
+
+# Plain state-dict names of the fused pre-LNs in the `te` spec ← the local spec's names.
+TE_FUSED_NORM_NAMES = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
+class DropPathBiasAdd:
+    """`bias_dropout_add` replacement: residual + drop_path(out + bias), one keep/drop per sample.
+
+    The sample dimension is 1 in Megatron's [s, b, h] layout. Draws from the default generator,
+    which is seeded identically on every TP rank, so all TP ranks drop the same samples.
+    """
+
+    def __init__(self, drop_prob: float):
+        self.drop_prob = drop_prob
+
+    def __call__(self, training: bool, fused: bool):
+        def bias_droppath_add(x_with_bias, residual, _hidden_dropout):
+            out, bias = x_with_bias
+            if bias is not None:
+                out = out + bias
+            if training and self.drop_prob > 0.0:
+                keep = 1.0 - self.drop_prob
+                mask = torch.empty((1, out.shape[1], 1), dtype=out.dtype, device=out.device).bernoulli_(keep)
+                out = out * mask / keep
+            return residual + out
+
+        return bias_droppath_add
+
+
+def _bda(drop_path: float):
+    return ModuleSpec(module=DropPathBiasAdd, params={"drop_prob": drop_path}) if drop_path > 0 else \
+        get_bias_dropout_add
+
+
+def _sub_ln_row(linear) -> ModuleSpec:
+    return ModuleSpec(module=SubLNRowParallelLinear, params={"linear": linear})
+
+
+def local_layer_spec(cfg: ModelConfig, attn_mask_type: AttnMaskType, drop_path: float = 0.0) -> ModuleSpec:
+    """Megatron-Core modules only; runs on CPU and GPU."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=WrappedTorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": attn_mask_type},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=DotProductAttention,
+                    linear_proj=_sub_ln_row(RowParallelLinear),
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=_bda(drop_path),
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=ModuleSpec(module=MLP, params={"ffn_hidden_size": cfg.ffn_hidden_size},
+                           submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                    linear_fc2=_sub_ln_row(RowParallelLinear))),
+            mlp_bda=_bda(drop_path),
+            sharded_state_dict_keys_map=dict(TE_FUSED_NORM_NAMES),
+        ),
+    )
+
+
+def te_layer_spec(cfg: ModelConfig, attn_mask_type: AttnMaskType, drop_path: float = 0.0) -> ModuleSpec:
+    """Transformer Engine modules (GPU only): LN fused into QKV/fc1, TE attention, FP8 via TE recipes."""
+    require_te()
+    from megatron.core.extensions.transformer_engine import (
+        TEDotProductAttention,
+        TELayerNormColumnParallelLinear,
+        TERowParallelLinear,
+    )
+
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=IdentityOp,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": attn_mask_type},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=TELayerNormColumnParallelLinear,
+                    core_attention=TEDotProductAttention,
+                    linear_proj=_sub_ln_row(TERowParallelLinear),
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=_bda(drop_path),
+            pre_mlp_layernorm=IdentityOp,
+            mlp=ModuleSpec(module=MLP, params={"ffn_hidden_size": cfg.ffn_hidden_size},
+                           submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear,
+                                                    linear_fc2=_sub_ln_row(TERowParallelLinear))),
+            mlp_bda=_bda(drop_path),
+        ),
+    )
+
+
+def require_te() -> None:
+    """Raise a ConfigError unless CUDA and an importable Transformer Engine are present."""
+    if not torch.cuda.is_available():
+        raise ConfigError("model.layer_spec: 'te' needs CUDA, which is not available on this machine; "
+                          "use layer_spec=local")
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as exc:  # TE raises RuntimeError/FileNotFoundError, not only ImportError
+        raise ConfigError(f"model.layer_spec: 'te' needs Transformer Engine, which cannot be imported "
+                          f"({type(exc).__name__}: {exc}); install requirements-gpu.txt or use layer_spec=local") \
+            from None
+
+
+def layer_spec(cfg: ModelConfig, attn_mask_type: AttnMaskType, drop_path: float = 0.0) -> ModuleSpec:
+    """The spec chosen by `cfg.layer_spec`."""
+    if cfg.layer_spec == "te":
+        return te_layer_spec(cfg, attn_mask_type, drop_path)
+    if cfg.layer_spec == "local":
+        return local_layer_spec(cfg, attn_mask_type, drop_path)
+    raise ConfigError(f"model.layer_spec: unknown spec {cfg.layer_spec!r} (known: local, te)")

@@ -1,0 +1,237 @@
+"""The M2-Encoder module of one pipeline stage (the whole model when there is one stage).
+
+Stage s holds layers [start, end) of BOTH towers. Between stages the microbatch travels as one packed
+tensor [S_img + S_txt, b, D]: image tokens first, then text tokens. Each stage runs its vision layers
+on the image segment and its text layers on the text segment (attention never crosses segments).
+The first stage embeds; the last stage runs the tower final LNs, the shared VL block, the VL final LN,
+the projections and the L2 normalization.
+
+The text mask (1 = real token) is needed on every stage: it gives the segment split and the key mask.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
+from megatron.core.utils import get_pg_size
+
+from m2megatron.config.base import ConfigError
+from m2megatron.config.model import ModelConfig
+from m2megatron.models.embeddings import TextEmbedding, VisionEmbedding
+from m2megatron.models.layer_specs import layer_spec
+from m2megatron.models.transformer_config import transformer_config
+
+LAYER_STACKS = ("vision_layers", "text_layers", "vl_layers")
+
+
+class EncoderOutput(NamedTuple):
+    """What the last stage returns: L2-normalized embeddings ([b, E], None when a modality is absent)."""
+
+    image: torch.Tensor | None
+    text: torch.Tensor | None
+    logit_scale: torch.Tensor
+    """The raw learnable log temperature (unclamped; the loss clamps it)."""
+
+
+def _collection(groups):
+    """Accept a ParallelGroups (uses its .collection) or a Megatron ProcessGroupCollection."""
+    return getattr(groups, "collection", groups)
+
+
+def _on_meta_device() -> bool:
+    return torch.empty(()).device.type == "meta"
+
+
+def _build_stack(cfg, config, pg, indices, depth: int, mask_type: AttnMaskType) -> torch.nn.ModuleDict:
+    """Layers `indices` of a stack of `depth` layers, keyed by their global index (so state-dict names are
+    the same whatever the pipeline split). Drop-path rates rise linearly over the stack, as in torchscale."""
+    rates = [cfg.drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+    return torch.nn.ModuleDict({
+        str(i): build_module(layer_spec(cfg, mask_type, rates[i]), config=config, layer_number=i + 1,
+                             pg_collection=pg)
+        for i in indices
+    })
+
+
+class M2Encoder(MegatronModule):
+    """One pipeline stage of the M2-Encoder (see module docstring).
+
+    Args:
+        cfg: model sizes and layer spec.
+        groups: a ParallelGroups or a Megatron ProcessGroupCollection (needs .tp, .pp, .cp).
+        pre_process: this stage embeds the inputs (first stage).
+        post_process: this stage holds the final LNs, VL block and heads (last stage).
+        layer_range: [start, end) of the tower layers on this stage; default all of them.
+        params_dtype: parameter dtype (fp32 by default).
+        config_overrides: extra Megatron TransformerConfig fields (recompute, p2p flags, ...).
+    """
+
+    def __init__(self, cfg: ModelConfig, groups, *, pre_process: bool = True, post_process: bool = True,
+                 layer_range: tuple[int, int] | None = None, params_dtype: torch.dtype = torch.float32,
+                 **config_overrides):
+        pg = _collection(groups)
+        config = transformer_config(cfg, tp_size=get_pg_size(pg.tp), params_dtype=params_dtype,
+                                    perform_initialization=not _on_meta_device(), **config_overrides)
+        super().__init__(config=config)
+        start, end = layer_range if layer_range is not None else (0, cfg.num_layers)
+        if not 0 <= start <= end <= cfg.num_layers:
+            raise ConfigError(f"layer_range: [{start}, {end}) is not inside [0, {cfg.num_layers})")
+        self.cfg, self.pg_collection, self.tp_group = cfg, pg, pg.tp
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process, self.post_process, self.layer_range = pre_process, post_process, (start, end)
+        self.input_tensor: torch.Tensor | None = None
+        if pre_process:
+            self.vision_embedding = VisionEmbedding(cfg, config, pg.tp)
+            self.text_embedding = TextEmbedding(cfg, config, pg.tp)
+        indices = range(start, end)
+        self.vision_layers = _build_stack(cfg, config, pg, indices, cfg.num_layers, AttnMaskType.no_mask)
+        self.text_layers = _build_stack(cfg, config, pg, indices, cfg.num_layers, AttnMaskType.padding)
+        if post_process:
+            self._build_heads(cfg, config, pg)
+
+    def _build_heads(self, cfg: ModelConfig, config, pg) -> None:
+        d, dtype = cfg.hidden_size, config.params_dtype
+
+        def norm():
+            return WrappedTorchNorm(config=config, hidden_size=d, eps=cfg.layernorm_eps)
+
+        self.vision_final_norm, self.text_final_norm = norm(), norm()
+        # The VL block serves both modalities; images pass an all-valid padding mask.
+        self.vl_layers = _build_stack(cfg, config, pg, range(cfg.num_vl_layers), cfg.num_vl_layers,
+                                      AttnMaskType.padding)
+        self.vl_final_norm = norm()
+        self.vision_projection = torch.nn.Linear(d, cfg.embed_dim, bias=False, dtype=dtype)
+        self.text_projection = torch.nn.Linear(d, cfg.embed_dim, bias=False, dtype=dtype)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(cfg.logit_scale_init, dtype=torch.float32))
+
+    # ---- Megatron pipeline interface -------------------------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        """Called by Megatron's schedules with the tensor received from the previous stage."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def forward(self, images: torch.Tensor | None = None, text_ids: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None):
+        """Run this stage.
+
+        images: [b, C, H, W] normalized as (x − 0.5)/0.5 (first stage only).
+        text_ids: [b, S_txt] token ids (first stage only). text_mask: [b, S_txt], 1 = real token (every stage).
+        Returns the packed activation [S_img + S_txt, b, D], or an EncoderOutput on the last stage.
+        """
+        if self.pre_process:
+            parts = []
+            if images is not None:
+                parts.append(self.vision_embedding(images))
+            if text_ids is not None:
+                if text_mask is None or text_mask.shape != text_ids.shape:
+                    raise ValueError("text_mask: must be given with the shape of text_ids")
+                parts.append(self.text_embedding(text_ids, text_mask))
+            if not parts:
+                raise ValueError("forward: give images and/or text_ids")
+            hidden = torch.cat(parts, dim=0)  # [S_img + S_txt, b, D]
+        else:
+            if self.input_tensor is None:
+                raise RuntimeError("forward: no input tensor set on a non-first pipeline stage")
+            hidden = self.input_tensor
+        s_txt = 0 if text_mask is None else text_mask.shape[1]
+        image, text = hidden[:hidden.shape[0] - s_txt], hidden[hidden.shape[0] - s_txt:]
+        key_mask = None if text_mask is None else (text_mask == 0)[:, None, None, :]  # [b,1,1,S], True = masked
+        with self._fp8_context():
+            if image.shape[0]:
+                image = self._run(self.vision_layers, image, None)
+            if s_txt:
+                text = self._run(self.text_layers, text, key_mask)
+            if not self.post_process:
+                return torch.cat([image, text], dim=0)
+            return EncoderOutput(
+                image=self._head(image, self.vision_final_norm, None, self.vision_projection)
+                if image.shape[0] else None,
+                text=self._head(text, self.text_final_norm, text_mask, self.text_projection) if s_txt else None,
+                logit_scale=self.logit_scale,
+            )
+
+    def _fp8_context(self):
+        from megatron.core.fp8_utils import get_fp8_context
+
+        return get_fp8_context(self.config)
+
+    def _run(self, stack: torch.nn.ModuleDict, hidden: torch.Tensor, key_mask) -> torch.Tensor:
+        full_recompute = self.config.recompute_granularity == "full" and self.training
+        for layer in stack.values():
+            if full_recompute:
+                hidden = tensor_parallel.checkpoint(
+                    lambda h, m, layer=layer: layer(h, attention_mask=m)[0], False, hidden, key_mask)
+            else:
+                hidden, _ = layer(hidden, attention_mask=key_mask)
+        return hidden
+
+    def _head(self, x: torch.Tensor, final_norm, text_mask, projection) -> torch.Tensor:
+        """Tower final LN → VL block → VL final LN on the CLS token → projection → L2 normalization."""
+        x = final_norm(x)  # [S, b, D]
+        if text_mask is None:
+            key_mask = torch.zeros(x.shape[1], 1, 1, x.shape[0], dtype=torch.bool, device=x.device)
+        else:
+            x = x * text_mask.t().unsqueeze(-1).to(x.dtype)  # VL entry zeroes padded positions again
+            key_mask = (text_mask == 0)[:, None, None, :]
+        x = self._run(self.vl_layers, x, key_mask)
+        cls = self.vl_final_norm(x[0])  # [b, D]; LN is per token, so only the CLS token is needed
+        z = projection(cls)  # [b, E]
+        return z / z.norm(dim=-1, keepdim=True)  # no eps, as the reference
+
+    # ---- convenience APIs (single-stage model) --------------------------------------------------
+    def _check_whole(self) -> None:
+        if not (self.pre_process and self.post_process and self.layer_range == (0, self.cfg.num_layers)):
+            raise RuntimeError("encode_image/encode_text need the whole model on one pipeline stage")
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [b, 3, H, W] already normalized as (x − 0.5)/0.5 → L2-normalized embeddings [b, E]."""
+        self._check_whole()
+        return self.forward(images=pixels).image
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask [b, S] (mask 1 = real token) → L2-normalized embeddings [b, E]."""
+        self._check_whole()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"text ids: outside [0, {self.cfg.vocab_size})")
+        return self.forward(text_ids=ids, text_mask=mask).text
+
+    # ---- checkpointing --------------------------------------------------------------------------
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """ShardedTensors for dist_checkpointing; layer keys carry the global layer index."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        own = {}
+        self._save_to_state_dict(own, "", keep_vars=True)  # logit_scale: replicated
+        out = make_sharded_tensors_for_checkpoint(own, prefix, sharded_offsets=sharded_offsets,
+                                                  tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        for name, child in self.named_children():
+            if name in LAYER_STACKS:
+                for idx, layer in child.items():
+                    out.update(layer.sharded_state_dict(f"{prefix}{name}.{idx}.", sharded_offsets, metadata))
+            else:
+                out.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                      tp_group=self.tp_group))
+        return out
+
+
+def default_layer_ranges(num_layers: int, stages: int) -> list[tuple[int, int]]:
+    """Even split of the tower layers over `stages` (earlier stages take the remainder)."""
+    base, extra = divmod(num_layers, stages)
+    bounds = [0]
+    for s in range(stages):
+        bounds.append(bounds[-1] + base + (1 if s < extra else 0))
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
