@@ -10,27 +10,62 @@ from m2megatron.config.base import ConfigError
 
 @dataclass(kw_only=True)
 class DataConfig:
-    source: Literal["synthetic", "webdataset"] = "synthetic"
-    """Training data: the built-in synthetic bilingual scenes, or webdataset tar shards."""
+    source: Literal["synthetic", "webdataset", "jsonl"] = "synthetic"
+    """Training data: the built-in synthetic bilingual scenes, webdataset tar shards, or a reference-format jsonl."""
     shards: list[str] = field(default_factory=list)
-    """Webdataset shard paths or globs (source=webdataset)."""
+    """Webdataset shard paths, globs or {000..009} ranges (source=webdataset); needs at least one shard per DP rank."""
+    jsonl: str | None = None
+    """Reference-format jsonl ({"image": path, "caption": [...]}) for source=jsonl."""
+    image_root: str | None = None
+    """Folder the jsonl image paths are relative to (None: the jsonl file's folder)."""
     tokenizer: str | None = None
-    """SentencePiece model path. None: the reference sp.model for released sizes; for the synthetic source a small model trained on its captions and cached in the run directory."""
+    """SentencePiece model path. None is allowed only for the synthetic source: a small model is then
+    trained on its captions and cached (in run_dir/tokenizer)."""
+    synthetic_vocab_size: int = 256
+    """Own pieces of the SentencePiece model trained for the synthetic source (20 special pieces come on top)."""
     decoder: Literal["auto", "dali", "pil"] = "auto"
     """Image decoder: DALI (mixed on GPU, cpu otherwise) when installed (auto), or PIL."""
     num_workers: int = 1
     """Decoder threads per rank."""
+    prefetch: int = 2
+    """Batches prepared ahead by the loader's background thread; 0 = prepare each batch on demand."""
+    shuffle_block: int = 256
+    """Webdataset records are shuffled within consecutive blocks of this many records of a shard (1 = tar order)."""
     augment: bool = False
-    """Training augmentation (random resized crop scale 0.8–1 and horizontal flip) instead of the eval squash."""
+    """Training augmentation (random resized crop and horizontal flip) instead of the eval squash. Not
+    applied to synthetic scenes: a flip would contradict their left/right captions."""
+    augment_min_scale: float = 0.8
+    """Smallest relative area of the random resized crop (the largest is 1)."""
+    augment_flip: bool = True
+    """Random horizontal flip as part of the augmentation."""
+    min_image_side: int = 8
+    """Images with a side shorter than this many pixels are skipped (extreme_size)."""
+    max_image_pixels: int = 60_000_000
+    """Images with more pixels than this are skipped (extreme_size)."""
+    max_aspect_ratio: float = 20.0
+    """Images whose long side exceeds this multiple of the short side are skipped (extreme_size)."""
     synthetic_train_samples: int = 8192
-    """Size of the synthetic training set (samples per epoch)."""
+    """Size of the synthetic training set (samples per epoch, split evenly over DP ranks)."""
     synthetic_eval_samples: int = 256
-    """Size of the held-out synthetic eval set (a seed disjoint from training)."""
+    """Size of the held-out synthetic eval set (the eval split; distinct scenes, at most 384)."""
     language: Literal["en", "zh", "both"] = "both"
-    """Caption language of synthetic data: English, Chinese, or a random mix."""
+    """Caption language of synthetic data: English, Chinese, or a random mix (eval: both captions per image)."""
 
     def validate(self) -> None:
         if self.source == "webdataset" and not self.shards:
             raise ConfigError("data.shards: source=webdataset needs at least one shard path")
-        if self.num_workers < 1:
-            raise ConfigError(f"data.num_workers: must be >= 1, got {self.num_workers}")
+        if self.source == "jsonl" and not self.jsonl:
+            raise ConfigError("data.jsonl: source=jsonl needs the jsonl path")
+        for name in ("num_workers", "shuffle_block", "synthetic_vocab_size", "synthetic_train_samples",
+                     "synthetic_eval_samples", "min_image_side"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.prefetch < 0:
+            raise ConfigError(f"data.prefetch: must be >= 0, got {self.prefetch}")
+        if not 0.0 < self.augment_min_scale <= 1.0:
+            raise ConfigError(f"data.augment_min_scale: {self.augment_min_scale} is not in (0, 1]")
+        if self.max_aspect_ratio < 1.0:
+            raise ConfigError(f"data.max_aspect_ratio: must be >= 1, got {self.max_aspect_ratio}")
+        if self.synthetic_eval_samples > 384:
+            raise ConfigError(f"data.synthetic_eval_samples: at most 384 distinct scenes exist, got "
+                              f"{self.synthetic_eval_samples}")

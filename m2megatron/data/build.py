@@ -1,0 +1,70 @@
+"""Entry points the trainer calls: the tokenizer for a DataConfig and the training loader of one DP rank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from m2megatron.config.base import ConfigError
+from m2megatron.config.data import DataConfig
+from m2megatron.data.decode import build_decoder
+from m2megatron.data.formats import ShardError, expand_shards, read_jsonl
+from m2megatron.data.image import Augment, ImageLimits
+from m2megatron.data.loader import TrainLoader
+from m2megatron.data.sources import JsonlSource, SyntheticSource, WebdatasetSource
+from m2megatron.data.sp_train import synthetic_tokenizer_path
+from m2megatron.data.synthetic import SyntheticScenes
+from m2megatron.data.tokenizer import Tokenizer
+
+
+def resolve_tokenizer(cfg: DataConfig, *, max_length: int, cache_dir: str | Path) -> Tokenizer:
+    """cfg.tokenizer if set; for the synthetic source without one, a small model trained and cached in
+    `cache_dir` (e.g. run_dir/tokenizer). Set model.vocab_size = tokenizer.vocab_size afterwards."""
+    if cfg.tokenizer:
+        try:
+            return Tokenizer(cfg.tokenizer, max_length=max_length)
+        except ValueError as exc:
+            raise ConfigError(f"data.tokenizer: {exc}") from None
+    if cfg.source != "synthetic":
+        raise ConfigError(f"data.tokenizer: source={cfg.source} needs a SentencePiece model path "
+                          "(the reference sp.model, or one from tools/train_tokenizer.py)")
+    return Tokenizer(synthetic_tokenizer_path(cache_dir, cfg.synthetic_vocab_size), max_length=max_length)
+
+
+def image_limits(cfg: DataConfig) -> ImageLimits:
+    return ImageLimits(min_side=cfg.min_image_side, max_pixels=cfg.max_image_pixels, max_aspect=cfg.max_aspect_ratio)
+
+
+def build_source(cfg: DataConfig, *, image_size: int, dp_rank: int, dp_size: int, seed: int):
+    """The per-rank sample source of cfg.source (see m2megatron.data.sources)."""
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_size})")
+    if cfg.source == "synthetic":
+        scenes = SyntheticScenes(seed=seed, image_size=image_size, language=cfg.language, split="train")
+        return SyntheticSource(scenes, cfg.synthetic_train_samples, seed, dp_rank, dp_size)
+    if cfg.source == "webdataset":
+        return WebdatasetSource(expand_shards(cfg.shards), seed, dp_rank, dp_size, cfg.shuffle_block)
+    if cfg.source == "jsonl":
+        try:
+            items = read_jsonl(cfg.jsonl)
+        except ShardError as exc:
+            raise ConfigError(f"data.jsonl: {exc}") from None
+        root = cfg.image_root or str(Path(cfg.jsonl).parent)
+        return JsonlSource(items, root, seed, dp_rank, dp_size)
+    raise ConfigError(f"data.source: unknown source {cfg.source!r}")
+
+
+def build_train_loader(cfg: DataConfig, *, tokenizer: Tokenizer, image_size: int, micro_batch_size: int,
+                       dp_rank: int = 0, dp_size: int = 1, seed: int = 0, gpu: bool | None = None) -> TrainLoader:
+    """The training loader of data-parallel rank `dp_rank` of `dp_size` (its order depends on `seed`).
+
+    gpu=None decodes with DALI's mixed decoder when CUDA is available (images come back on the GPU).
+    """
+    cfg.validate()
+    source = build_source(cfg, image_size=image_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed)
+    limits = image_limits(cfg)
+    decoder = None
+    if cfg.source != "synthetic":  # synthetic scenes are rendered at the right size: nothing to decode
+        decoder = build_decoder(cfg.decoder, image_size, limits, micro_batch_size, cfg.num_workers, gpu)
+    augment = Augment(scale=(cfg.augment_min_scale, 1.0), flip=cfg.augment_flip) if cfg.augment else None
+    return TrainLoader(source, decoder, tokenizer, micro_batch_size, augment=augment, limits=limits,
+                       prefetch=cfg.prefetch)

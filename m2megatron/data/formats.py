@@ -1,0 +1,188 @@
+"""Readers of the on-disk formats: webdataset tar shards, the reference jsonl, image folders.
+
+webdataset (img2dataset's layout): consecutive tar members that share a key (the member path up to the
+first dot of its file name) form one record, e.g. `00000042.jpg` + `00000042.txt` and/or
+`00000042.json` (with a "caption" string or list). Records are numbered in tar order; reading can start
+at any record number without reading the data of the ones before (the resumable position).
+A shard that cannot be opened at all raises `ShardError` naming it; a shard cut short mid-member yields
+a `truncated_tar` skip and ends.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from m2megatron.config.base import ConfigError
+from m2megatron.data.skips import BadSample
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_SUFFIXES = {"." + e for e in IMAGE_EXTS}
+
+
+class ShardError(ValueError):
+    """A shard or data file that cannot be read at all (named in the message)."""
+
+
+@dataclass
+class TarRecord:
+    index: int  # record number inside the shard
+    key: str
+    members: dict[str, bytes]  # extension (lower case, e.g. "jpg", "txt") → bytes
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def iter_tar_records(path: str, start: int = 0) -> Iterator[TarRecord | BadSample]:
+    """Records of a tar shard from record number `start` on; a cut-short shard ends with BadSample."""
+    try:
+        tf = tarfile.open(path, "r:*")
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        raise ShardError(f"cannot open shard {path}: {exc}") from None
+    with tf:
+        index, key, members = -1, None, {}
+        try:
+            for member in _members(tf):
+                mkey, ext = _split_name(member.name)
+                if mkey != key:
+                    if key is not None and index >= start:
+                        yield TarRecord(index, key, members)
+                    index, key, members = index + 1, mkey, {}
+                if index >= start:
+                    members[ext] = tf.extractfile(member).read()
+        except (OSError, tarfile.TarError, EOFError) as exc:
+            yield BadSample("truncated_tar", f"{path} after record {index}: {exc}")
+            return
+        if key is not None and index >= start:
+            yield TarRecord(index, key, members)
+
+
+def _members(tf: tarfile.TarFile):
+    while (member := tf.next()) is not None:
+        base = member.name.rpartition("/")[2]
+        if member.isfile() and not base.startswith((".", "__")):
+            yield member
+
+
+def record_sample(record: TarRecord) -> tuple[bytes, list[str]]:
+    """(image bytes, captions) of a record, or BadSample."""
+    image = next((record.members[e] for e in IMAGE_EXTS if e in record.members), None)
+    if image is None:
+        raise BadSample("missing_image", record.key)
+    if "txt" in record.members:
+        captions = [_utf8(record.members["txt"], record.key)]
+    elif "json" in record.members:
+        try:
+            meta = json.loads(_utf8(record.members["json"], record.key))
+        except json.JSONDecodeError:
+            raise BadSample("bad_json", record.key) from None
+        if not isinstance(meta, dict):
+            raise BadSample("bad_json", record.key)
+        captions = caption_list(meta.get("caption"), record.key)
+    else:
+        raise BadSample("missing_caption", record.key)
+    return image, captions
+
+
+def caption_list(value, where: str) -> list[str]:
+    """A "caption" field (string or list of strings) → its non-empty captions, or BadSample."""
+    if value is None:
+        raise BadSample("missing_caption", where)
+    values = [value] if isinstance(value, str) else value if isinstance(value, list) else None
+    if values is None or not all(isinstance(v, str) for v in values):
+        raise BadSample("bad_json", f"{where}: caption is not a string or a list of strings")
+    captions = [v for v in values if v.strip()]
+    if not captions:
+        raise BadSample("empty_caption", where)
+    return captions
+
+
+def _utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadSample("bad_utf8", where) from None
+
+
+def expand_shards(patterns: list[str]) -> list[str]:
+    """Expand `{000..009}` ranges and globs; each pattern must match something (ConfigError otherwise)."""
+    shards: list[str] = []
+    for pattern in patterns:
+        matched = []
+        for p in _brace_expand(pattern):
+            hits = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
+            matched.extend(hits)
+        if not matched:
+            raise ConfigError(f"data.shards: {pattern!r} matches no file")
+        shards.extend(matched)
+    return shards
+
+
+def _brace_expand(pattern: str) -> list[str]:
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
+    return [q for i in range(lo, hi + 1)
+            for q in _brace_expand(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():])]
+
+
+@dataclass(frozen=True)
+class JsonlItem:
+    image: str  # path relative to the image root
+    captions: list[str]
+
+
+def read_jsonl(path: str | Path) -> list[JsonlItem]:
+    """The reference jsonl format: one {"image": path, "caption": [..] or str} per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"jsonl file not found: {path}")
+    items = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                caps = rec["caption"]
+                image = rec["image"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ShardError(f"{path}:{n}: expected a JSON object with 'image' and 'caption'") from None
+            items.append(JsonlItem(str(image), [caps] if isinstance(caps, str) else list(caps)))
+    return items
+
+
+def read_file(path: str | Path) -> bytes:
+    """Bytes of an image file, or BadSample('missing_image')."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise BadSample("missing_image", f"{path}: {exc.strerror}") from None
+
+
+def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classification folder `root/<class>/<image>`: (sorted class names, [(path, label)] sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ShardError(f"image folder not found: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ShardError(f"image folder {root} has no class subfolders")
+    items = []
+    for label, name in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(root / name)):
+            items.extend((os.path.join(dirpath, f), label) for f in sorted(files)
+                         if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    return classes, items
