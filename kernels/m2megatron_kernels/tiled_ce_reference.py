@@ -1,0 +1,87 @@
+"""Row-wise contrastive cross-entropy over column tiles, in plain PyTorch (the reference of the kernel).
+
+For rows q [m, d], columns k [n, d] and a scalar `scale`, the logits are z = scale · q kᵀ [m, n] and
+the positive of row i is column row_offset + i. With label smoothing ε the loss of row i is
+
+    ℓ_i = lse_i − (1 − ε) z_i,pos − (ε / n) Σ_j z_ij,        lse_i = log Σ_j exp(z_ij)
+
+(= torch's cross_entropy(..., label_smoothing=ε) per row). Only one [m, tile] slice of the logits is
+alive at a time. This is the CPU path of the chunked loss and the reference the Triton kernel
+(tiled_ce_triton.py) is tested against.
+
+Backward, with p_ij = exp(z_ij − lse_i), y_ij = (1 − ε)[j = pos_i] + ε/n and g_i = ∂L/∂ℓ_i:
+    ∂L/∂z_ij = g_i (p_ij − y_ij)
+    ∂L/∂q_i = scale · Σ_j ∂L/∂z_ij k_j,   ∂L/∂k_j = scale · Σ_i ∂L/∂z_ij q_i,   ∂L/∂scale = Σ_ij ∂L/∂z_ij z_ij / scale
+
+Numerics (fp32 throughout — fp64 for fp64 inputs; bf16/fp16 inputs are upcast tile by tile):
+- lse is kept as (row_max, log_sum): p = exp((z − row_max) − log_sum). lse itself (≈ 10–20 for a
+  trained CLIP) has an fp32 rounding error of ulp(lse) ≈ 1e-6 that would bias every p of its row.
+- ∂L/∂z is formed as p − y per element, as the dense cross-entropy does, before any sum: the scale
+  gradient is a small difference (E_p[z] − z_pos), which a sum-then-subtract would lose to cancellation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs; fp64 stays fp64 (used by exactness tests)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _positives_in_tile(m: int, row_offset: int, start: int, width: int, device) -> tuple[Tensor, Tensor]:
+    """(rows, columns within the tile) of the positives that fall into columns [start, start + width)."""
+    cols = torch.arange(m, device=device) + (row_offset - start)
+    rows = ((cols >= 0) & (cols < width)).nonzero().squeeze(1)
+    return rows, cols[rows]
+
+
+def ce_forward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoothing: float,
+               tile: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(ℓ, row_max, log_sum), each [m] in the compute dtype; backward needs row_max and log_sum."""
+    (m, _), n = q.shape, k.shape[0]
+    dtype = compute_dtype(q)
+    scaled_q = scale.to(dtype) * q.to(dtype)
+    row_max = torch.full((m,), float("-inf"), dtype=dtype, device=q.device)
+    row_sum, z_pos, z_sum = torch.zeros_like(row_max), torch.zeros_like(row_max), torch.zeros_like(row_max)
+    for start in range(0, n, tile):
+        z = scaled_q @ k[start:start + tile].to(dtype).T  # [m, t]
+        new_max = torch.maximum(row_max, z.max(dim=1).values)
+        row_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
+        row_max = new_max
+        z_sum += z.sum(dim=1)
+        rows, cols = _positives_in_tile(m, row_offset, start, z.shape[1], q.device)
+        z_pos[rows] = z[rows, cols]
+        del z
+    log_sum = torch.log(row_sum)
+    loss = ((row_max - z_pos) + log_sum) + label_smoothing * (z_pos - z_sum / n)
+    return loss, row_max, log_sum
+
+
+def ce_backward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoothing: float, row_max: Tensor,
+                log_sum: Tensor, grad_loss: Tensor, tile: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(∂L/∂q, ∂L/∂k, ∂L/∂scale) given g = ∂L/∂ℓ, recomputing each logits tile once; inputs' dtypes."""
+    (m, _), n = q.shape, k.shape[0]
+    dtype = compute_dtype(q)
+    q_up, g, scale_up = q.to(dtype), grad_loss.to(dtype), scale.to(dtype)
+    scaled_q = scale_up * q_up
+    grad_q = torch.zeros_like(q_up)  # [m, d]
+    grad_k = torch.empty(k.shape, dtype=dtype, device=k.device)
+    grad_scale = torch.zeros((), dtype=dtype, device=q.device)
+    for start in range(0, n, tile):
+        k_tile = k[start:start + tile].to(dtype)  # [t, d]
+        z = scaled_q @ k_tile.T  # [m, t]
+        grad_z = torch.exp((z - row_max[:, None]) - log_sum[:, None]) - label_smoothing / n  # p − ε/n
+        rows, cols = _positives_in_tile(m, row_offset, start, z.shape[1], q.device)
+        grad_z[rows, cols] -= 1.0 - label_smoothing
+        grad_z *= g[:, None]
+        grad_scale += (grad_z * z).sum()
+        grad_q += grad_z @ k_tile
+        grad_k[start:start + tile] = grad_z.T @ q_up
+        del z, grad_z
+    grad_q.mul_(scale_up)
+    grad_k.mul_(scale_up)
+    grad_scale = (grad_scale / scale_up).reshape(scale.shape)
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_scale.to(scale.dtype)
