@@ -42,7 +42,11 @@ def build_source(cfg: DataConfig, *, image_size: int, dp_rank: int, dp_size: int
         scenes = SyntheticScenes(seed=seed, image_size=image_size, language=cfg.language, split="train")
         return SyntheticSource(scenes, cfg.synthetic_train_samples, seed, dp_rank, dp_size)
     if cfg.source == "webdataset":
-        return WebdatasetSource(expand_shards(cfg.shards), seed, dp_rank, dp_size, cfg.shuffle_block)
+        shards = expand_shards(cfg.shards)
+        missing = [s for s in shards if not Path(s).is_file()]
+        if missing:
+            raise ConfigError(f"data.shards: shard file(s) not found: {', '.join(missing[:5])}")
+        return WebdatasetSource(shards, seed, dp_rank, dp_size, cfg.shuffle_block)
     if cfg.source == "jsonl":
         try:
             items = read_jsonl(cfg.jsonl)

@@ -70,13 +70,22 @@ def probe_image(data: bytes, limits: ImageLimits) -> tuple[int, int]:
     except Image.DecompressionBombError as exc:
         raise BadSample("extreme_size", str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for garbage input
+        if data.startswith(_JPEG_SOI) and not _has_jpeg_eoi(data):
+            raise BadSample("truncated_image", "JPEG cut short inside its header") from None
         raise BadSample("corrupt_image", type(exc).__name__) from None
     limits.check(*size)
-    # A JPEG always ends with the EOI marker (FF D9; it cannot occur inside entropy-coded data), so a
-    # missing marker near the end means the file was cut short. Trailing junk after EOI is tolerated.
-    if fmt == "JPEG" and data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) < 0:
+    if fmt == "JPEG" and not _has_jpeg_eoi(data):
         raise BadSample("truncated_image", "no JPEG end-of-image marker")
     return size
+
+
+_JPEG_SOI = b"\xff\xd8\xff"
+
+
+def _has_jpeg_eoi(data: bytes) -> bool:
+    # A JPEG ends with the EOI marker (FF D9), which cannot occur inside entropy-coded data, so a
+    # missing marker near the end means the file was cut short. Trailing junk after EOI is tolerated.
+    return data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) >= 0
 
 
 def decode_pil(data: bytes, limits: ImageLimits) -> Image.Image:

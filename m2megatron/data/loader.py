@@ -156,7 +156,10 @@ class TrainLoader:
                     probe_image(item.encoded, self.limits)
                 items.append(item)
             except BadSample as bad:
-                counter.add(bad.reason, getattr(item, "key", "") or bad.detail, bad.detail)
+                if item is bad:  # reported by the source; its detail says where
+                    counter.add(bad.reason, bad.detail)
+                else:
+                    counter.add(bad.reason, item.key, bad.detail)
         return items, pos
 
     def _decode(self, items, counter: SkipCounter):
