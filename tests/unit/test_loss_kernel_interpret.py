@@ -1,0 +1,102 @@
+"""The Triton kernel of the chunked loss, run by Triton's CPU interpreter, equals its PyTorch reference.
+
+TRITON_INTERPRET=1 must be set before the kernels are defined and would leak into every other test
+of the session, so the checks run in a child process: this file executed as a script.
+Sizes are tiny and not multiples of the 16-wide blocks, to exercise every mask (the interpreter is slow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+CASES = [  # (m, n, d, row_offset, label_smoothing, column split width)
+    (20, 37, 24, 10, 0.0, None),
+    (5, 70, 33, 65, 0.1, 16),
+]
+
+
+def _max_rel(got, want) -> float:
+    return max(((g.double() - w.double()).abs().max() / w.double().abs().max().clamp_min(1e-30)).item()
+               for g, w in zip(got, want))
+
+
+def _kernel_vs_reference(dtype_name: str) -> list[float]:
+    import torch
+    import torch.nn.functional as F
+    from m2megatron_kernels import tiled_ce_reference as reference
+    from m2megatron_kernels import tiled_ce_triton as triton_impl
+
+    dtype = getattr(torch, dtype_name)
+    errors = []
+    for m, n, d, offset, smoothing, tile in CASES:
+        gen = torch.Generator().manual_seed(m)
+        q = F.normalize(torch.randn(m, d, generator=gen), dim=1).to(dtype)
+        k = F.normalize(torch.randn(n, d, generator=gen), dim=1).to(dtype)
+        scale, g = torch.tensor(14.0), torch.rand(m, generator=gen)
+        got_fwd = triton_impl.ce_forward(q, k, scale, offset, smoothing, tile)
+        want_fwd = reference.ce_forward(q, k, scale, offset, smoothing, tile=7)
+        got_bwd = triton_impl.ce_backward(q, k, scale, offset, smoothing, *got_fwd[1:], g, tile)
+        want_bwd = reference.ce_backward(q, k, scale, offset, smoothing, *want_fwd[1:], g, tile=7)
+        errors.append(_max_rel(got_fwd[:1] + got_bwd, want_fwd[:1] + want_bwd))
+    return errors
+
+
+def _loss_through_triton_equals_torch() -> float:
+    import torch
+    import torch.nn.functional as F
+
+    from m2megatron.config import LossConfig
+    from m2megatron.loss import contrastive_loss
+
+    gen = torch.Generator().manual_seed(0)
+    image, text = (F.normalize(torch.randn(18, 20, generator=gen), dim=1) for _ in range(2))
+    results = []
+    for kernel in ("triton", "torch"):
+        leaves = [image.clone().requires_grad_(), text.clone().requires_grad_(), torch.tensor(2.6, requires_grad=True)]
+        config = LossConfig(chunk_size=8, kernel=kernel, label_smoothing=0.1)
+        loss = contrastive_loss(*leaves, group=None, config=config)
+        loss.backward()
+        results.append([loss.detach()] + [leaf.grad for leaf in leaves])
+    return _max_rel(*results)
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    report = {"fp32": _kernel_vs_reference("float32"), "bf16": _kernel_vs_reference("bfloat16"),
+              "loss": _loss_through_triton_equals_torch()}
+    print(json.dumps(report))
+
+
+@pytest.fixture(scope="module")
+def interpreted_report():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_interpreted_kernel_equals_reference_fp32(interpreted_report):
+    assert max(interpreted_report["fp32"]) < 2e-6, interpreted_report
+
+
+def test_interpreted_kernel_upcasts_bf16_inputs(interpreted_report):
+    """bf16 inputs, fp32 inside: same numbers as the reference on the same bf16 inputs."""
+    assert max(interpreted_report["bf16"]) < 2e-6, interpreted_report
+
+
+def test_loss_with_triton_kernel_equals_torch_kernel(interpreted_report):
+    assert interpreted_report["loss"] < 2e-6, interpreted_report
+
+
+if __name__ == "__main__":
+    main()
