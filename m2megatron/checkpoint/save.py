@@ -1,0 +1,135 @@
+"""Save a training state as a Megatron-Core distributed checkpoint, atomically, optionally in the background.
+
+    ckpt = Checkpointer(root, groups, keep_last=2, async_save=True)
+    ckpt.save(step, model_chunks, optimizer, scheduler, config=cfg, extra_state={...}, rank_state={...})
+    ...                    # training continues; call ckpt.poll() once per step to publish finished saves
+    ckpt.wait()            # before exit (or before the next save, which waits by itself)
+
+Async saves use Megatron's AsyncCallsQueue with a forked writer process (TemporalAsyncCaller): the fork
+is a copy-on-write snapshot, so training may update parameters in place while the child writes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+from m2megatron.checkpoint import atomic, manifest, state
+from m2megatron.checkpoint.safety import COMMON_FILE, DCP_METADATA_FILE, describe_files
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Saves into `root` (iter_NNNNNNN directories + `latest`), keeping the newest `keep_last`."""
+
+    def __init__(self, root: str | Path, groups, *, keep_last: int = 2, async_save: bool = False):
+        self.root = Path(root)
+        self.groups = groups
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self._queue = AsyncCallsQueue(persistent=False) if async_save else None
+        self._pending: dict[int, int] = {}  # async call index -> step
+
+    def save(self, step: int, model_chunks: list, optimizer=None, scheduler=None, *, config=None,
+             extra_state: dict | None = None, rank_state: dict | None = None) -> Path:
+        """Write the checkpoint of `step` (collective). Returns its final path; with async_save it
+        becomes visible when a later poll()/wait() finalizes it."""
+        if self._queue is not None:
+            self.wait()  # one save in flight at a time
+        started = time.perf_counter()
+        temp = _agree_on_temp_dir(self.root, step)
+        sharded, meta_parts = _build_save_state(step, model_chunks, optimizer, scheduler, self.groups,
+                                                config, extra_state, rank_state)
+        request = dist_checkpointing.save(sharded, str(temp), async_sharded_save=self._queue is not None,
+                                          validate_access_integrity=True)
+        finalize = functools.partial(self._finalize, temp, step, meta_parts, started)
+        if self._queue is None:
+            finalize()
+        else:
+            request.finalize_fns.append(finalize)
+            self._pending[self._queue.schedule_async_request(request)] = step
+            log.info("checkpoint %d: writing in the background (%.2fs blocking)", step,
+                     time.perf_counter() - started)
+        return self.root / atomic.iter_name(step)
+
+    def poll(self, blocking: bool = False) -> list[int]:
+        """Publish background saves that have finished (collective; call on every rank)."""
+        if self._queue is None or not self._pending:
+            return []
+        done = self._queue.maybe_finalize_async_calls(blocking=blocking)
+        return [self._pending.pop(i) for i in done]
+
+    def wait(self) -> list[int]:
+        return self.poll(blocking=True)
+
+    def close(self) -> None:
+        self.wait()
+
+    def _finalize(self, temp: Path, step: int, meta_parts: dict, started: float) -> None:
+        atomic.crash_point("after_shards")
+        rank = dist.get_rank()
+        mine = sorted(p.name for p in temp.iterdir() if p.name.startswith(f"__{rank}_") and p.suffix == ".distcp")
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, describe_files(temp, mine))
+        if rank == 0:
+            files = {name: info for part in parts for name, info in part.items()}
+            common = [n for n in (DCP_METADATA_FILE, COMMON_FILE, "metadata.json") if (temp / n).is_file()]
+            files.update(describe_files(temp, common))
+            manifest.write(temp, manifest.build(files=files, **meta_parts))
+            atomic.fsync_dir(temp)
+            final = atomic.publish(temp, self.root, step)
+            removed = atomic.prune(self.root, self.keep_last)
+            log.info("checkpoint %d: saved to %s in %.2fs%s", step, final, time.perf_counter() - started,
+                     f" (removed {', '.join(p.name for p in removed)})" if removed else "")
+        dist.barrier()
+
+
+def save_checkpoint(ckpt_root: str | Path, step: int, model_chunks: list, optimizer=None, scheduler=None, *,
+                    groups, config=None, extra_state: dict | None = None, rank_state: dict | None = None,
+                    keep_last: int = 2) -> Path:
+    """Synchronous save (collective); returns the published checkpoint directory."""
+    return Checkpointer(ckpt_root, groups, keep_last=keep_last).save(
+        step, model_chunks, optimizer, scheduler, config=config, extra_state=extra_state, rank_state=rank_state)
+
+
+def _agree_on_temp_dir(root: Path, step: int) -> Path:
+    box = [None]
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic.remove_stale_temps(root)
+        temp = atomic.new_temp_dir(root, step)
+        temp.mkdir()
+        box = [str(temp)]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
+def _build_save_state(step, model_chunks, optimizer, scheduler, groups, config, extra_state, rank_state):
+    metadata = state.sharding_metadata(groups, optimizer)
+    sharded = state.model_sharded_state_dict(model_chunks, metadata)
+    model_tensors = state.gather_model_tensor_shapes(sharded["model"])
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False, metadata=metadata)
+    sharded[state.COMMON_KEY] = {
+        "step": int(step),
+        "extra_state": dict(extra_state or {}),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+    }
+    grid, coords = state.grid(groups.layout), state.coordinates(groups)
+    sharded[state.RNG_KEY] = state.rank_object(state.RNG_KEY, state.capture_rng(), grid, coords)
+    sharded[state.USER_KEY] = state.rank_object(state.USER_KEY, dict(rank_state or {}), grid, coords)
+    kind = state.optimizer_kind(optimizer)
+    meta_parts = {
+        "step": step, "layout": groups.layout, "optimizer_kind": kind,
+        "optimizer_format": state.DIST_OPT_FORMAT if kind == "distributed" else None,
+        "has_scheduler": scheduler is not None, "config": manifest.config_to_dict(config),
+        "model_tensors": model_tensors,
+    }
+    return sharded, meta_parts
