@@ -1,0 +1,55 @@
+"""The session's local Slurm cluster (tests/slurm/cluster.py); skipped with the reason where the machine can't."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.cluster import LocalSlurm, SlurmUnavailable, check_machine
+
+TIMINGS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running LocalSlurm; torn down by saved PIDs at the end of the session, also after failures."""
+    if os.environ.get("M2_SLURM_TESTS", "1") == "0":
+        pytest.skip("slurm tier disabled by M2_SLURM_TESTS=0")
+    try:
+        check_machine()
+    except SlurmUnavailable as exc:
+        pytest.skip(f"local Slurm cluster unavailable: {exc}")
+    base = Path(tempfile.mkdtemp(prefix="m2slurm-"))
+    cluster = LocalSlurm(base)
+    t0 = time.monotonic()
+    try:
+        cluster.start()
+    except SlurmUnavailable as exc:
+        cluster.stop()
+        pytest.skip(f"local Slurm cluster unavailable: {exc}")
+    except BaseException:
+        cluster.stop()
+        raise
+    TIMINGS.update(cluster.timings, start_s=time.monotonic() - t0)
+    session_t0 = time.monotonic()
+    try:
+        yield cluster
+    finally:
+        TIMINGS["tests_s"] = time.monotonic() - session_t0
+        t1 = time.monotonic()
+        cluster.stop()
+        TIMINGS["teardown_s"] = time.monotonic() - t1
+        (base / "log" / "timings.json").write_text(json.dumps(TIMINGS, indent=2))
+        if os.environ.get("M2_SLURM_KEEP") != "1":
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMINGS:
+        terminalreporter.write_line("local Slurm timings: " + ", ".join(f"{k}={v:.1f}" for k, v in TIMINGS.items()))
