@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,8 @@ def common_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Any other --section.field=value overrides a config setting "
                                             "(python -m m2megatron.config --describe lists them).")
-    parser.add_argument("--checkpoint", help="our checkpoint directory (any layout), a consolidated .pt file, or a "
-                                             "released reference .ckpt")
+    parser.add_argument("--checkpoint", help="our checkpoint directory or root (any layout), a consolidated "
+                                             ".safetensors file, or a released reference .ckpt")
     parser.add_argument("--checkpoint-format", choices=CHECKPOINT_FORMATS, default="auto",
                         help="how to read --checkpoint (auto: by its shape); 'none' evaluates seeded random "
                              "weights (smoke tests only)")
@@ -57,46 +58,50 @@ def build_stage(cfg: RunConfig, groups):
 def _detect_format(path: Path) -> str:
     if path.is_dir():
         return "ours"
-    if path.suffix in (".ckpt", ".safetensors"):
-        return "reference"
-    return "consolidated"
+    from m2megatron.checkpoint.files import is_consolidated
+
+    return "consolidated" if is_consolidated(path) else "reference"
 
 
-def load_weights(model, cfg: RunConfig, groups, checkpoint: str | None, fmt: str) -> str:
-    """Fill `model` from `checkpoint`; returns the format used. ValueError/UserError naming the file on failure."""
-    from m2megatron.models import init_weights, load_full_state_dict
+def resolve_weights(cfg: RunConfig, checkpoint: str | None, fmt: str) -> tuple[RunConfig, str, dict | None]:
+    """(config to build with, format, full state dict of a single-file checkpoint or None).
 
-    if fmt == "none" or (checkpoint is None and fmt == "auto"):
-        if checkpoint is None and fmt == "auto":
-            raise UserError("eval: --checkpoint is required (or --checkpoint-format none for seeded random weights)")
+    A consolidated file or a released reference checkpoint carries its own sizes; they replace the
+    config's model sizes (the layer implementation settings are kept).
+    """
+    if fmt == "none":
         log.warning("evaluating seeded random weights (--checkpoint-format none): numbers are meaningless")
-        init_weights(model, cfg.train.seed)
-        return "none"
+        return cfg, "none", None
+    if checkpoint is None:
+        raise UserError("eval: --checkpoint is required (or --checkpoint-format none for seeded random weights)")
     path = Path(checkpoint)
     if not path.exists():
         raise UserError(f"eval: checkpoint {path} does not exist")
     fmt = _detect_format(path) if fmt == "auto" else fmt
-    if fmt == "consolidated":
-        from m2megatron.checkpoint.safety import safe_torch_load
+    if fmt == "ours":
+        if not path.is_dir():
+            raise UserError(f"eval: {path} is not a checkpoint directory (--checkpoint-format ours)")
+        return cfg, fmt, None
+    from m2megatron.checkpoint.files import load_any
 
-        full = safe_torch_load(str(path), f"consolidated checkpoint {path}")
-        full = full.get("model", full) if isinstance(full, dict) else full
+    heads = cfg.model.num_attention_heads if cfg.model.preset != "tiny" else None
+    file_cfg, full, _ = load_any(path, num_heads=heads)
+    model = dataclasses.replace(file_cfg, layer_spec=cfg.model.layer_spec, fp8=cfg.model.fp8)
+    return dataclasses.replace(cfg, model=model), fmt, full
+
+
+def load_weights(model, cfg: RunConfig, groups, checkpoint: str | None, fmt: str, full: dict | None) -> None:
+    """Fill this rank's stage: seeded init (none), a full state dict (single files), or our checkpoint."""
+    from m2megatron.models import init_weights, load_full_state_dict
+
+    if fmt == "none":
+        init_weights(model, cfg.train.seed)
+    elif full is not None:
         load_full_state_dict(model, full)
-    elif fmt == "reference":
-        try:
-            from m2megatron.checkpoint.reference_format import load_reference_into  # type: ignore[attr-defined]
-        except ImportError:
-            raise UserError("eval: loading a released reference .ckpt needs m2megatron.checkpoint.reference_format "
-                            "(not available in this checkout)") from None
-        load_reference_into(model, path)
     else:
-        try:
-            from m2megatron.checkpoint import load_checkpoint  # type: ignore[attr-defined]
-        except ImportError:
-            raise UserError("eval: loading our distributed checkpoints needs m2megatron.checkpoint.load_checkpoint "
-                            "(not available in this checkout)") from None
-        load_checkpoint(path, [model], groups=groups, model_only=True)
-    return fmt
+        from m2megatron.checkpoint import load_checkpoint
+
+        load_checkpoint(checkpoint, [model], groups=groups, config=cfg, restore_rng=False)
 
 
 def resolve_tokenizer(cfg: RunConfig, explicit: str | None):
@@ -163,8 +168,10 @@ def session(parser: argparse.ArgumentParser):
     try:
         cfg.validate(world_size=groups.layout.world_size)
         seed_everything(cfg.train.seed, groups)
+        cfg, fmt, full = resolve_weights(cfg, args.checkpoint, args.checkpoint_format)
         model = build_stage(cfg, groups)
-        fmt = load_weights(model, cfg, groups, args.checkpoint, args.checkpoint_format)
+        load_weights(model, cfg, groups, args.checkpoint, fmt, full)
+        del full
         out_dir = Path(args.out or cfg.eval.output_dir or Path(cfg.train.run_dir) / "eval")
         tokenizer = resolve_tokenizer(cfg, args.tokenizer)
         try:

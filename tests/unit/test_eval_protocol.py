@@ -100,7 +100,7 @@ def test_launcher_matches_literal_reference_on_reference_caption_files(name, ref
     results = _run_launcher(monkeypatch, tmp_path, [
         "--captions", str(captions_file), "--image-root", str(tmp_path / "images"),
         "--tokenizer", str(reference_dir / "sp.model"), "--out", str(tmp_path / "out"),
-        "--eval.batch_size=100", "--eval.num_workers=1"], model)
+        "--eval.batch_size=100", "--eval.num_workers=1", "--checkpoint-format", "none"], model)
     (entry,) = results
     caps = [[preprocess_eval_text(c) for c in rec["caption"]] for rec in records]
     txt_flat = np.stack([text_vectors[c] for cs in caps for c in cs])
