@@ -18,7 +18,7 @@ from m2megatron.data.formats import read_file
 from m2megatron.data.image import FULL_BOX, ImageLimits, eval_preprocess
 from m2megatron.data.skips import BadSample
 from m2megatron.data.tokenizer import preprocess_eval_text
-from m2megatron.eval.features import Batch
+from m2megatron.eval.features import Batch, ReplicaEncoder, extract_features
 
 
 def prepare_texts(texts: Sequence[str], reference_preprocessing: bool) -> list[str]:
@@ -104,3 +104,29 @@ class ImageBatches:
     def close(self) -> None:
         if self._decoder is not None:
             self._decoder.close()
+
+
+def model_device(model) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def image_features(encoder: ReplicaEncoder, images, *, batch_size: int, groups, decoder: str = "pil",
+                   num_workers: int = 1, where: Sequence[str] | None = None) -> tuple[torch.Tensor, float]:
+    """([N, E] features of `images` on every rank, images/s): decode/squash, then `extract_features`."""
+    cfg = encoder.model.cfg
+    pixels = ImageBatches(images, cfg.image_size, where=where, decoder=decoder, num_workers=num_workers,
+                          max_batch=batch_size, device=model_device(encoder.model))
+    try:
+        return extract_features(encoder, "image", len(images), pixels, batch_size=batch_size,
+                                embed_dim=cfg.embed_dim, groups=groups)
+    finally:
+        pixels.close()
+
+
+def text_features(encoder: ReplicaEncoder, texts: Sequence[str], tokenizer, *, batch_size: int,
+                  groups) -> tuple[torch.Tensor, float]:
+    """([N, E] features of `texts` on every rank, texts/s)."""
+    batches = TextBatches(texts, tokenizer, model_device(encoder.model))
+    return extract_features(encoder, "text", len(texts), batches, batch_size=batch_size,
+                            embed_dim=encoder.model.cfg.embed_dim, groups=groups)

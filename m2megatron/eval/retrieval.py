@@ -16,18 +16,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from m2megatron.eval.batches import ImageBatches, TextBatches, prepare_texts
-from m2megatron.eval.features import ReplicaEncoder, extract_features
+from m2megatron.eval.batches import image_features, prepare_texts, text_features
+from m2megatron.eval.features import ReplicaEncoder
 from m2megatron.eval.metrics import CaptionIndex, retrieval_metrics
 
 log = logging.getLogger(__name__)
-
-
-def _model_device(model):
-    import torch
-
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def retrieval_report(model_chunks, groups, images, captions: Sequence[Sequence[str]], *, tokenizer,
@@ -42,20 +35,12 @@ def retrieval_report(model_chunks, groups, images, captions: Sequence[Sequence[s
     if len(images) != len(captions):
         raise ValueError(f"retrieval: {len(images)} images but {len(captions)} caption lists")
     encoder = ReplicaEncoder(model_chunks, groups)
-    cfg = encoder.model.cfg
-    device = _model_device(encoder.model)
     index = CaptionIndex.from_captions([prepare_texts(c, reference_text_preprocessing) for c in captions])
-    pixels = ImageBatches(images, cfg.image_size, where=where, decoder=decoder, num_workers=num_workers,
-                          max_batch=batch_size, device=device)
-    try:
-        image_feats, image_rate = extract_features(encoder, "image", len(images), pixels, batch_size=batch_size,
-                                                   embed_dim=cfg.embed_dim, groups=groups)
-    finally:
-        pixels.close()
+    image_feats, image_rate = image_features(encoder, images, batch_size=batch_size, groups=groups, decoder=decoder,
+                                             num_workers=num_workers, where=where)
     # Each distinct string is encoded once; its copies share the features, as in the reference.
-    text_feats, text_rate = extract_features(encoder, "text", len(index.unique_texts),
-                                             TextBatches(index.unique_texts, tokenizer, device),
-                                             batch_size=batch_size, embed_dim=cfg.embed_dim, groups=groups)
+    text_feats, text_rate = text_features(encoder, index.unique_texts, tokenizer, batch_size=batch_size,
+                                          groups=groups)
     metrics = retrieval_metrics(image_feats, text_feats, index)
     return {"metrics": metrics, "num_images": index.num_images, "num_texts": index.num_texts,
             "num_unique_texts": len(index.unique_texts), "images_per_s": image_rate, "texts_per_s": text_rate,

@@ -16,10 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
-from m2megatron.eval.batches import ImageBatches, TextBatches, prepare_texts
-from m2megatron.eval.features import ReplicaEncoder, extract_features
+from m2megatron.eval.batches import image_features, prepare_texts, text_features
+from m2megatron.eval.features import ReplicaEncoder
 from m2megatron.eval.metrics import topk_accuracy
-from m2megatron.eval.retrieval import _model_device
 
 
 def class_embeddings(text_feats: torch.Tensor, num_classes: int, num_templates: int) -> torch.Tensor:
@@ -41,18 +40,11 @@ def zeroshot_report(model_chunks, groups, images, labels: Sequence[int], class_n
         raise ValueError(f"zero-shot: labels must lie in [0, {len(class_names)}), got "
                          f"[{int(labels_t.min())}, {int(labels_t.max())}]")
     encoder = ReplicaEncoder(model_chunks, groups)
-    cfg, device = encoder.model.cfg, _model_device(encoder.model)
     prompts = prepare_texts([t.format(c) for c in class_names for t in templates], reference_text_preprocessing)
-    text_feats, text_rate = extract_features(encoder, "text", len(prompts), TextBatches(prompts, tokenizer, device),
-                                             batch_size=batch_size, embed_dim=cfg.embed_dim, groups=groups)
+    text_feats, text_rate = text_features(encoder, prompts, tokenizer, batch_size=batch_size, groups=groups)
     classes = class_embeddings(text_feats, len(class_names), len(templates))
-    pixels = ImageBatches(images, cfg.image_size, where=where, decoder=decoder, num_workers=num_workers,
-                          max_batch=batch_size, device=device)
-    try:
-        image_feats, image_rate = extract_features(encoder, "image", len(images), pixels, batch_size=batch_size,
-                                                   embed_dim=cfg.embed_dim, groups=groups)
-    finally:
-        pixels.close()
+    image_feats, image_rate = image_features(encoder, images, batch_size=batch_size, groups=groups, decoder=decoder,
+                                             num_workers=num_workers, where=where)
     metrics = topk_accuracy(image_feats @ classes.T, labels_t, ks=(1, 5))
     return {"metrics": metrics, "num_images": len(images), "num_classes": len(class_names),
             "num_templates": len(templates), "images_per_s": image_rate, "texts_per_s": text_rate,

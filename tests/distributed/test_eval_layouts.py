@@ -28,8 +28,8 @@ def _run(tp: int, pp: int, sp_path: str):
 
     from m2megatron.config import RunConfig
     from m2megatron.data.tokenizer import Tokenizer
-    from m2megatron.eval.batches import TextBatches
-    from m2megatron.eval.features import ReplicaEncoder, extract_features
+    from m2megatron.eval.batches import text_features
+    from m2megatron.eval.features import ReplicaEncoder
     from m2megatron.eval.launcher import build_stage
     from m2megatron.eval.retrieval import evaluate_retrieval
     from m2megatron.models import init_weights
@@ -42,8 +42,7 @@ def _run(tp: int, pp: int, sp_path: str):
     init_weights(model, seed=3)
     tokenizer = Tokenizer(sp_path, model_cfg.max_text_len)
     texts = [c for cs in captions for c in cs]
-    feats, _ = extract_features(ReplicaEncoder(model, groups), "text", len(texts), TextBatches(texts, tokenizer),
-                                batch_size=BATCH, embed_dim=model_cfg.embed_dim, groups=groups)
+    feats, _ = text_features(ReplicaEncoder(model, groups), texts, tokenizer, batch_size=BATCH, groups=groups)
     metrics = evaluate_retrieval([model], groups, images, captions, tokenizer=tokenizer, batch_size=BATCH)
     return feats, metrics
 
