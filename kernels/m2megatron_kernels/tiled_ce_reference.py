@@ -61,14 +61,19 @@ def ce_forward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoot
 
 
 def ce_backward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoothing: float, row_max: Tensor,
-                log_sum: Tensor, grad_loss: Tensor, tile: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(∂L/∂q, ∂L/∂k, ∂L/∂scale) given g = ∂L/∂ℓ, recomputing each logits tile once; inputs' dtypes."""
+                log_sum: Tensor, grad_loss: Tensor, tile: int,
+                grad_k_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(∂L/∂q, ∂L/∂k, ∂L/∂scale) given g = ∂L/∂ℓ, recomputing each logits tile once.
+
+    ∂L/∂k is written tile by tile into `grad_k_out` ([n, d], any float dtype, may be a strided view)
+    or a new tensor of k's dtype, so no full-size fp32 copy of it exists; ∂L/∂q has q's dtype.
+    """
     (m, _), n = q.shape, k.shape[0]
     dtype = compute_dtype(q)
     q_up, g, scale_up = q.to(dtype), grad_loss.to(dtype), scale.to(dtype)
     scaled_q = scale_up * q_up
     grad_q = torch.zeros_like(q_up)  # [m, d]
-    grad_k = torch.empty(k.shape, dtype=dtype, device=k.device)
+    grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device) if grad_k_out is None else grad_k_out
     grad_scale = torch.zeros((), dtype=dtype, device=q.device)
     for start in range(0, n, tile):
         k_tile = k[start:start + tile].to(dtype)  # [t, d]
@@ -79,9 +84,8 @@ def ce_backward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoo
         grad_z *= g[:, None]
         grad_scale += (grad_z * z).sum()
         grad_q += grad_z @ k_tile
-        grad_k[start:start + tile] = grad_z.T @ q_up
+        grad_k[start:start + tile] = (grad_z.T @ q_up).mul_(scale_up)  # [t, d], cast on copy
         del z, grad_z
     grad_q.mul_(scale_up)
-    grad_k.mul_(scale_up)
     grad_scale = (grad_scale / scale_up).reshape(scale.shape)
-    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_scale.to(scale.dtype)
+    return grad_q.to(q.dtype), grad_k, grad_scale.to(scale.dtype)

@@ -124,10 +124,10 @@ def _ce_bwd_rows_kernel(q_ptr, k_ptr, scale_ptr, max_ptr, logsum_ptr, g_ptr, out
 
 @triton.jit
 def _ce_bwd_cols_kernel(q_ptr, k_ptr, scale_ptr, max_ptr, logsum_ptr, g_ptr, out_ptr,
-                        m, n, d, stride_q, stride_k, row_offset, smoothing,
+                        m, n, d, stride_q, stride_k, stride_out, row_offset, smoothing,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """out[j, slice] = scale · Σ_i ∂L/∂z_ij q_i[slice]."""
+    """out[j, slice] = scale · Σ_i ∂L/∂z_ij q_i[slice], stored in out's dtype."""
     pid_n, pid_d = tl.program_id(0), tl.program_id(1)
     scale = tl.load(scale_ptr)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -141,23 +141,27 @@ def _ce_bwd_cols_kernel(q_ptr, k_ptr, scale_ptr, max_ptr, logsum_ptr, g_ptr, out
         qv = tl.load(q_ptr + rows[:, None] * stride_q + dims[None, :],
                      mask=(rows[:, None] < m) & (dims[None, :] < d), other=0.0).to(tl.float32)
         acc += tl.dot(tl.trans(grad_z), qv, input_precision=PRECISION)
-    out = out_ptr + cols[:, None] * d + dims[None, :]
-    tl.store(out, acc * scale, mask=(cols[:, None] < n) & (dims[None, :] < d))
+    out = out_ptr + cols[:, None] * stride_out + dims[None, :]
+    tl.store(out, (acc * scale).to(out_ptr.dtype.element_ty), mask=(cols[:, None] < n) & (dims[None, :] < d))
 
 
 def _precision(q: Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def _column_splits(m: int, n: int, tile: int | None) -> tuple[int, int]:
-    """(number of column splits, columns per split): enough programs to fill the device."""
+def _column_splits(m: int, n: int, tile: int | None, programs_per_split: int) -> tuple[int, int]:
+    """(number of column splits, columns per split).
+
+    With `tile` None: enough splits that programs_per_split × splits fills the device, but at most
+    n / m of them, so the backward's [splits, m, d] partial sums never outgrow ∂L/∂k [n, d].
+    """
     block_n = BLOCKS["BLOCK_N"]
     num_tiles = triton.cdiv(n, block_n)
     if tile is not None:
         tiles_per_split = max(1, triton.cdiv(tile, block_n))
     else:
-        row_blocks = triton.cdiv(m, BLOCKS["BLOCK_M"])
-        tiles_per_split = triton.cdiv(num_tiles, max(1, min(num_tiles, TARGET_PROGRAMS // row_blocks)))
+        wanted = max(1, min(num_tiles, TARGET_PROGRAMS // programs_per_split, triton.cdiv(n, m)))
+        tiles_per_split = triton.cdiv(num_tiles, wanted)
     cols_per_split = tiles_per_split * block_n
     return triton.cdiv(n, cols_per_split), cols_per_split
 
@@ -176,7 +180,7 @@ def ce_forward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoot
     """(ℓ, row_max, log_sum), each [m] fp32. `tile`: columns per program (None: sized to fill the device)."""
     q, k, scale32 = _prepare(q, k, scale)
     (m, d), n = q.shape, k.shape[0]
-    num_splits, cols_per_split = _column_splits(m, n, tile)
+    num_splits, cols_per_split = _column_splits(m, n, tile, triton.cdiv(m, BLOCKS["BLOCK_M"]))
     parts = torch.empty((4, num_splits, m), dtype=torch.float32, device=q.device)  # max, sum, z_pos, z_sum
     grid = (triton.cdiv(m, BLOCKS["BLOCK_M"]), num_splits)
     _ce_fwd_kernel[grid](q, k, scale32, parts[0], parts[1], parts[2], parts[3], m, n, d, q.stride(0), k.stride(0),
@@ -190,24 +194,27 @@ def ce_forward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoot
 
 
 def ce_backward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoothing: float, row_max: Tensor,
-                log_sum: Tensor, grad_loss: Tensor, tile: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(∂L/∂q, ∂L/∂k, ∂L/∂scale) given g = ∂L/∂ℓ; gradients in the inputs' dtypes."""
+                log_sum: Tensor, grad_loss: Tensor, tile: int | None = None,
+                grad_k_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(∂L/∂q, ∂L/∂k, ∂L/∂scale) given g = ∂L/∂ℓ; ∂L/∂k goes into `grad_k_out` when given (see reference)."""
     q, k, scale32 = _prepare(q, k, scale)
     (m, d), n = q.shape, k.shape[0]
     b = BLOCKS
     row_max, log_sum, g = row_max.contiguous(), log_sum.contiguous(), grad_loss.float().contiguous()
-    num_splits, cols_per_split = _column_splits(m, n, tile)
+    num_splits, cols_per_split = _column_splits(m, n, tile, triton.cdiv(m, b["BLOCK_M"]) * triton.cdiv(d, b["BLOCK_D"]))
     partial = torch.empty((num_splits, m, d), dtype=torch.float32, device=q.device)
     partial_scale = torch.empty((num_splits, m), dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(m, b["BLOCK_M"]), triton.cdiv(d, b["BLOCK_D"]), num_splits)
     _ce_bwd_rows_kernel[grid](q, k, scale32, row_max, log_sum, g, partial, partial_scale, m, n, d, q.stride(0),
                               k.stride(0), cols_per_split, row_offset, label_smoothing,
                               b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["BLOCK_D"], _precision(q))
-    grad_k = torch.empty((n, d), dtype=torch.float32, device=q.device)
+    grad_k = torch.empty((n, d), dtype=k.dtype, device=q.device) if grad_k_out is None else grad_k_out
+    if grad_k.stride(1) != 1:
+        raise ValueError("tiled ce: grad_k_out must have a dense last dimension")
     grid = (triton.cdiv(n, b["BLOCK_N"]), triton.cdiv(d, b["BLOCK_D"]))
     _ce_bwd_cols_kernel[grid](q, k, scale32, row_max, log_sum, g, grad_k, m, n, d, q.stride(0), k.stride(0),
-                              row_offset, label_smoothing,
+                              grad_k.stride(0), row_offset, label_smoothing,
                               b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["BLOCK_D"], _precision(q))
     grad_q = scale32 * partial.sum(dim=0)  # [m, d]
     grad_scale = (partial_scale.sum() / scale32).reshape(scale.shape)
-    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_scale.to(scale.dtype)
+    return grad_q.to(q.dtype), grad_k, grad_scale.to(scale.dtype)

@@ -2,9 +2,9 @@
 
 from m2megatron.loss.accumulated import CachedEmbeddingGrads, accumulated_loss_and_grads, surrogate_loss
 from m2megatron.loss.contrastive import contrastive_loss, effective_logit_scale, local_contrastive_loss
-from m2megatron.loss.tiled_ce import tiled_cross_entropy
+from m2megatron.loss.tiled_ce import tiled_clip_cross_entropy
 
 __all__ = [
     "CachedEmbeddingGrads", "accumulated_loss_and_grads", "contrastive_loss", "effective_logit_scale",
-    "local_contrastive_loss", "surrogate_loss", "tiled_cross_entropy",
+    "local_contrastive_loss", "surrogate_loss", "tiled_clip_cross_entropy",
 ]

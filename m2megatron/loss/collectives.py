@@ -22,16 +22,15 @@ def group_size_and_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def gather_pairs_with_grad(image: Tensor, text: Tensor, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor]:
-    """Gather image and text rows [b, d] of the group in one all-gather → ([G·b, d], [G·b, d]).
+def gather_pairs_with_grad(image: Tensor, text: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Gather image and text rows [b, d] of the group in one all-gather → pairs [G·b, 2, d].
 
-    Row r·b + i of the outputs is row i of group rank r. `group=None` means a group of one.
+    pairs[r·b + i] = (image row i, text row i) of group rank r. `group=None` means a group of one.
     """
     if image.shape != text.shape:
         raise ValueError(f"contrastive loss: image {tuple(image.shape)} and text {tuple(text.shape)} "
                          "embeddings must have the same shape [b, d]")
-    if group is None or dist.get_world_size(group) == 1:
-        return image, text
     pairs = torch.stack([image, text], dim=1)  # [b, 2, d]: one collective for both modalities
-    gathered = gather_from_sequence_parallel_region(pairs, tensor_parallel_output_grad=True, group=group)
-    return gathered[:, 0], gathered[:, 1]  # [G·b, d] each (row stride 2d, last stride 1)
+    if group is None or dist.get_world_size(group) == 1:
+        return pairs
+    return gather_from_sequence_parallel_region(pairs, tensor_parallel_output_grad=True, group=group)

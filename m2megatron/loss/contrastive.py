@@ -19,8 +19,6 @@ So per-rank loss = mean over local rows is the right thing to hand to the schedu
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -29,7 +27,7 @@ from torch import Tensor
 
 from m2megatron.config.loss import LossConfig
 from m2megatron.loss.collectives import gather_pairs_with_grad, group_size_and_rank
-from m2megatron.loss.tiled_ce import tiled_cross_entropy
+from m2megatron.loss.tiled_ce import tiled_clip_cross_entropy
 
 
 def effective_logit_scale(logit_scale: Tensor, logit_scale_max: float) -> Tensor:
@@ -46,24 +44,23 @@ def _dense_cross_entropy(rows: Tensor, cols: Tensor, scale: Tensor, labels: Tens
     return F.cross_entropy(logits, labels, label_smoothing=smoothing)
 
 
-def local_contrastive_loss(image_rows: Tensor, text_rows: Tensor, image_cols: Tensor, text_cols: Tensor,
-                           scale: Tensor, row_offset: int, *, label_smoothing: float = 0.0,
-                           chunk_size: int | None = None, kernel: str = "auto") -> Tensor:
+def local_contrastive_loss(image_rows: Tensor, text_rows: Tensor, pairs: Tensor, scale: Tensor, row_offset: int, *,
+                           label_smoothing: float = 0.0, chunk_size: int | None = None,
+                           kernel: str = "auto") -> Tensor:
     """½ (image→text CE + text→image CE), mean over the m local rows; no communication.
 
-    image_rows, text_rows [m, d]: this rank's rows; image_cols, text_cols [n, d]: all columns, where
+    image_rows, text_rows [m, d]: this rank's rows; pairs [n, 2, d]: all columns (image, text), where
     columns row_offset … row_offset + m − 1 are this rank's rows (their positives). `scale` is the
     already exponentiated scale s. chunk_size None materialises the logits; an int tiles the columns.
     """
-    if chunk_size is None:
-        labels = torch.arange(row_offset, row_offset + image_rows.shape[0], device=image_rows.device)
-        i2t = _dense_cross_entropy(image_rows, text_cols, scale, labels, label_smoothing)
-        t2i = _dense_cross_entropy(text_rows, image_cols, scale, labels, label_smoothing)
-    else:
-        chunked = functools.partial(tiled_cross_entropy, row_offset=row_offset, label_smoothing=label_smoothing,
-                                    tile=chunk_size, kernel=kernel)
-        i2t = chunked(image_rows, text_cols, scale).mean()  # [m] → scalar
-        t2i = chunked(text_rows, image_cols, scale).mean()
+    if chunk_size is not None:
+        per_row = tiled_clip_cross_entropy(image_rows, text_rows, pairs, scale, row_offset=row_offset,
+                                           label_smoothing=label_smoothing, tile=chunk_size, kernel=kernel)
+        return per_row.mean(dim=1).sum() / 2  # [2, m] → scalar
+    image_cols, text_cols = pairs.unbind(dim=1)  # [n, d] each
+    labels = torch.arange(row_offset, row_offset + image_rows.shape[0], device=image_rows.device)
+    i2t = _dense_cross_entropy(image_rows, text_cols, scale, labels, label_smoothing)
+    t2i = _dense_cross_entropy(text_rows, image_cols, scale, labels, label_smoothing)
     return (i2t + t2i) / 2
 
 
@@ -81,9 +78,9 @@ def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, *
     """
     config = config or LossConfig()
     _, group_rank = group_size_and_rank(group)
-    image_cols, text_cols = gather_pairs_with_grad(image_emb, text_emb, group)  # [G·b, d] each
+    pairs = gather_pairs_with_grad(image_emb, text_emb, group)  # [G·b, 2, d]
     scale = effective_logit_scale(logit_scale, config.logit_scale_max)
-    return local_contrastive_loss(image_emb, text_emb, image_cols, text_cols, scale,
+    return local_contrastive_loss(image_emb, text_emb, pairs, scale,
                                   row_offset=group_rank * image_emb.shape[0],
                                   label_smoothing=config.label_smoothing, chunk_size=config.chunk_size,
                                   kernel=config.kernel)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from m2megatron_kernels import tiled_ce_reference
 
 from m2megatron.config import ConfigError, LossConfig
-from m2megatron.loss import contrastive_loss, effective_logit_scale, tiled_cross_entropy
+from m2megatron.loss import contrastive_loss, effective_logit_scale, tiled_clip_cross_entropy
 from m2megatron.loss.collectives import gather_pairs_with_grad
 from m2megatron.loss.tiled_ce import resolve_kernel
 
@@ -38,20 +38,23 @@ def assert_close_all(got, want, rel):
 @pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
 @pytest.mark.parametrize("tile,row_offset,smoothing", [(4, 0, 0.0), (5, 6, 0.1), (64, 3, 0.2), (1, 13, 0.0)])
 def test_tiled_cross_entropy_equals_dense(dtype, rel, tile, row_offset, smoothing):
-    q, k = normalized(7, 9, dtype), normalized(20, 9, dtype, seed=1)
+    image, text = normalized(7, 9, dtype), normalized(7, 9, dtype, seed=2)
+    pairs = torch.stack([normalized(20, 9, dtype, seed=1), normalized(20, 9, dtype, seed=3)], dim=1)  # [n, 2, d]
     labels = torch.arange(row_offset, row_offset + 7)
-    weights = torch.linspace(0.5, 2.0, 7, dtype=dtype)  # a non-uniform upstream gradient
+    weights = torch.linspace(0.5, 2.0, 14, dtype=dtype).reshape(2, 7)  # a non-uniform upstream gradient
 
-    def dense(q, k, s):
-        return (F.cross_entropy(s * q @ k.T, labels, label_smoothing=smoothing, reduction="none") * weights).sum()
+    def dense(image, text, pairs, s):
+        i2t = F.cross_entropy(s * image @ pairs[:, 1].T, labels, label_smoothing=smoothing, reduction="none")
+        t2i = F.cross_entropy(s * text @ pairs[:, 0].T, labels, label_smoothing=smoothing, reduction="none")
+        return (torch.stack([i2t, t2i]) * weights).sum()
 
-    def tiled(q, k, s):
-        per_row = tiled_cross_entropy(q, k, s, row_offset=row_offset, label_smoothing=smoothing, tile=tile,
-                                      kernel="torch")
+    def tiled(image, text, pairs, s):
+        per_row = tiled_clip_cross_entropy(image, text, pairs, s, row_offset=row_offset, label_smoothing=smoothing,
+                                           tile=tile, kernel="torch")
         return (per_row * weights).sum()
 
-    scale = torch.tensor(12.0, dtype=dtype)
-    assert_close_all(grads_of(tiled, q, k, scale), grads_of(dense, q, k, scale), rel)
+    inputs = (image, text, pairs, torch.tensor(12.0, dtype=dtype))
+    assert_close_all(grads_of(tiled, *inputs), grads_of(dense, *inputs), rel)
 
 
 def test_tiled_cross_entropy_upcasts_bf16_inputs():
@@ -98,7 +101,8 @@ def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="same shape"):
         gather_pairs_with_grad(torch.zeros(2, 4), torch.zeros(3, 4), None)
     with pytest.raises(ValueError, match="outside"):
-        tiled_cross_entropy(torch.zeros(3, 4), torch.zeros(4, 4), torch.tensor(1.0), row_offset=2, tile=2)
+        tiled_clip_cross_entropy(torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(4, 2, 4), torch.tensor(1.0),
+                                 row_offset=2, tile=2)
 
 
 def test_triton_kernel_is_refused_on_cpu_without_the_interpreter(monkeypatch):

@@ -28,25 +28,33 @@ def _max_rel(got, want) -> float:
                for g, w in zip(got, want))
 
 
-def _kernel_vs_reference(dtype_name: str) -> list[float]:
+def _kernel_vs_reference(dtype_name: str) -> dict[str, float]:
+    """Max relative errors over CASES: "exact" for fp32 outputs, "rounded" for outputs in the input dtype.
+
+    ∂L/∂k goes into an fp32 buffer, so for bf16 inputs only ∂L/∂q is rounded to bf16 (where two
+    fp32 values 1e-7 apart may round one bf16 ulp, 2⁻⁸, apart).
+    """
     import torch
     import torch.nn.functional as F
     from m2megatron_kernels import tiled_ce_reference as reference
     from m2megatron_kernels import tiled_ce_triton as triton_impl
 
     dtype = getattr(torch, dtype_name)
-    errors = []
+    exact, rounded = [], []
     for m, n, d, offset, smoothing, tile in CASES:
         gen = torch.Generator().manual_seed(m)
         q = F.normalize(torch.randn(m, d, generator=gen), dim=1).to(dtype)
         k = F.normalize(torch.randn(n, d, generator=gen), dim=1).to(dtype)
         scale, g = torch.tensor(14.0), torch.rand(m, generator=gen)
-        got_fwd = triton_impl.ce_forward(q, k, scale, offset, smoothing, tile)
-        want_fwd = reference.ce_forward(q, k, scale, offset, smoothing, tile=7)
-        got_bwd = triton_impl.ce_backward(q, k, scale, offset, smoothing, *got_fwd[1:], g, tile)
-        want_bwd = reference.ce_backward(q, k, scale, offset, smoothing, *want_fwd[1:], g, tile=7)
-        errors.append(_max_rel(got_fwd[:1] + got_bwd, want_fwd[:1] + want_bwd))
-    return errors
+        got = triton_impl.ce_forward(q, k, scale, offset, smoothing, tile)
+        want = reference.ce_forward(q, k, scale, offset, smoothing, tile=7)
+        got_q, got_k, got_s = triton_impl.ce_backward(q, k, scale, offset, smoothing, *got[1:], g, tile,
+                                                      grad_k_out=torch.empty(n, d))
+        want_q, want_k, want_s = reference.ce_backward(q, k, scale, offset, smoothing, *want[1:], g, tile=7,
+                                                       grad_k_out=torch.empty(n, d))
+        exact.append(_max_rel([got[0], got_k, got_s], [want[0], want_k, want_s]))
+        (exact if dtype == torch.float32 else rounded).append(_max_rel([got_q], [want_q]))
+    return {"exact": max(exact), "rounded": max(rounded, default=0.0)}
 
 
 def _loss_through_triton_equals_torch() -> float:
@@ -86,12 +94,13 @@ def interpreted_report():
 
 
 def test_interpreted_kernel_equals_reference_fp32(interpreted_report):
-    assert max(interpreted_report["fp32"]) < 2e-6, interpreted_report
+    assert interpreted_report["fp32"]["exact"] < 2e-6, interpreted_report
 
 
 def test_interpreted_kernel_upcasts_bf16_inputs(interpreted_report):
-    """bf16 inputs, fp32 inside: same numbers as the reference on the same bf16 inputs."""
-    assert max(interpreted_report["bf16"]) < 2e-6, interpreted_report
+    """bf16 inputs, fp32 inside: the reference's numbers on the same bf16 inputs (bf16 outputs: one ulp)."""
+    assert interpreted_report["bf16"]["exact"] < 2e-6, interpreted_report
+    assert interpreted_report["bf16"]["rounded"] <= 2**-8, interpreted_report
 
 
 def test_loss_with_triton_kernel_equals_torch_kernel(interpreted_report):
