@@ -66,11 +66,13 @@ def load_checkpoint(path_or_root: str | Path, model_chunks: list, optimizer=None
     _add_rank_objects(sharded, meta, groups, same_layout, restore_rng)
     with torch.no_grad():  # DistributedOptimizer's dp_reshardable load writes into views of leaf params
         if optimizer is not None:
+            state.ensure_optimizer_state(optimizer)
             sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=metadata)
         loaded = dist_checkpointing.load(sharded, str(path), common_strategy=safety.SafeCommonLoadStrategy())
         state.load_model_state(model_chunks, loaded)
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
+            state.restore_optimizer_steps(optimizer)
     common = loaded[state.COMMON_KEY]
     _load_scheduler(path, scheduler, common.get("scheduler"))
     result = LoadedCheckpoint(step=int(common["step"]), extra_state=common.get("extra_state") or {}, path=path,

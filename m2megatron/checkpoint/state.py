@@ -137,3 +137,44 @@ def gather_model_tensor_shapes(model_state: dict) -> dict[str, dict]:
     for part in parts:
         merged.update(part)
     return dict(sorted(merged.items()))
+
+
+def ensure_optimizer_state(optimizer) -> None:
+    """Give a fresh DistributedOptimizer's torch Adam a zero state (with 'step') before loading into it.
+
+    Without TE/apex, DistributedOptimizer.state_dict() (called while building the load state dict) asserts
+    that every parameter has a 'step' — which a never-stepped torch Adam does not have, and Megatron's
+    init_state_fn does not add. Zero moments and step 0 are exactly Adam's initial state, and the load
+    overwrites them.
+    """
+    parts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    for part in parts:
+        inner = getattr(part, "optimizer", None)
+        if not isinstance(part, DistributedOptimizer) or not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
+def restore_optimizer_steps(optimizer) -> None:
+    """After a load, give every parameter of a DistributedOptimizer's torch Adam its own, correct 'step'.
+
+    Without TE/apex, DistributedOptimizer (0.16.1) keeps the step in its param_groups in the checkpoint,
+    but does not reliably put it back into torch Adam's per-parameter state (found by the exact-resume
+    test: the step stayed at its pre-load value), and where it does, it assigns ONE tensor to all
+    parameters, which Adam then increments once per parameter per step.
+    """
+    parts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    for part in parts:
+        if not isinstance(part, DistributedOptimizer):
+            continue
+        for group in part.optimizer.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                param_state = part.optimizer.state[p]
+                if torch.is_tensor(param_state.get("step")):
+                    param_state["step"] = torch.tensor(float(group["step"]), dtype=param_state["step"].dtype)
