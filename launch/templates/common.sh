@@ -14,7 +14,7 @@ export MASTER_ADDR
 export MASTER_PORT={{master_port}}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 {{env}}
-echo "[m2megatron] $KIND job $SLURM_JOB_ID attempt $ATTEMPT on $SLURM_JOB_NODELIST ($SLURM_NNODES nodes):" \
+m2_log "$KIND job $SLURM_JOB_ID attempt $ATTEMPT on $SLURM_JOB_NODELIST ($SLURM_NNODES nodes):" \
      "master $MASTER_ADDR:$MASTER_PORT, code $CODE_DIR, logs $LOG_DIR"
 
 # One call of m2_task per Slurm task (srun runs it through `bash -c`; `export -f` carries it over).
@@ -31,6 +31,6 @@ m2_run_step() {
     rc=$?
     kill -0 "$M2_STEP_PID" 2>/dev/null || break  # still running: wait was interrupted by a trapped signal
   done
-  echo "[m2megatron] job step finished with status $rc"
+  m2_log "job step finished with status $rc"
   return "$rc"
 }

@@ -150,9 +150,10 @@ def render(spec: JobSpec, launch: LaunchConfig) -> str:
     common = fill(_read("common.sh"), {
         "setup": "\n".join(launch.setup), "venv": venv, "master_port": port, "env": env,
         "task_function": task_function(spec, launch), "srun": srun_command(spec, launch)}, "common.sh")
+    prologue = fill(_read("prologue.sh"), {"run_dir": shlex.quote(str(spec.run_dir)), "kind": spec.kind,
+                                           "code_dir": shlex.quote(str(spec.code_dir))}, "prologue.sh")
     values = {"directives": "\n".join(sbatch_directives(spec, launch)), "config": spec.config_source,
-              "run_dir": shlex.quote(str(spec.run_dir)), "code_dir": shlex.quote(str(spec.code_dir)),
-              "kind": spec.kind, "common": common.rstrip("\n")}
+              "prologue": prologue.rstrip("\n"), "common": common.rstrip("\n")}
     if spec.preemptible:
         values.update(requeue="1" if launch.requeue else "0", max_requeues=str(launch.max_requeues))
     return fill(_read(f"{spec.kind}.sbatch"), values, f"{spec.kind}.sbatch")

@@ -1,6 +1,9 @@
 """A stand-in for `python -m m2megatron.train` that keeps its run-directory contract, so the launch,
 preemption and requeue mechanics are proven on the real local Slurm before the trainer lands.
 
+It starts torch.distributed itself, without m2megatron.parallel (whose Megatron-Core import costs many
+seconds on 2 cores; the launcher self-test covers that path): the batch script exports MASTER_ADDR and
+MASTER_PORT, and the rank comes from torchrun (RANK) or from srun (SLURM_PROCID).
 Each step sleeps M2_FAKE_STEP_S seconds and all-reduces the step number; rank 0 appends
 {"step", "loss", "attempt"} to metrics.jsonl. A "checkpoint" is checkpoints/step-N/state.json plus an
 atomically replaced `latest` file naming it. Preemption uses the real m2megatron.train.preemption.
@@ -19,8 +22,15 @@ import torch
 import torch.distributed as dist
 
 from m2megatron.config import load_config
-from m2megatron.parallel.bootstrap import init_process_group
 from m2megatron.train.preemption import PreemptionHandler, write_json_atomic
+
+
+def init_from_launch_env() -> None:
+    env = os.environ
+    rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+    world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+    dist.init_process_group("gloo", init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}", rank=rank,
+                            world_size=world)
 
 
 def latest_step(ckpt_dir: Path) -> int:
@@ -47,13 +57,15 @@ def main() -> int:
     parser.add_argument("--config", required=True)
     cfg = load_config(parser.parse_args().config)
     run_dir = Path(cfg.train.run_dir)
+    print(f"{time.strftime('%T')} started", flush=True)
     handler = PreemptionHandler(run_dir).install()
-    init_process_group(cfg.parallel)
+    init_from_launch_env()
     rank, attempt = dist.get_rank(), int(os.environ.get("SLURM_RESTART_COUNT", 0))
     ckpt_dir = run_dir / "checkpoints"
     start = latest_step(ckpt_dir)
     step_s = float(os.environ.get("M2_FAKE_STEP_S", "0.3"))
-    print(f"rank {rank}/{dist.get_world_size()} attempt {attempt} resumes after step {start}", flush=True)
+    print(f"{time.strftime('%T')} rank {rank}/{dist.get_world_size()} attempt {attempt} resumes after step {start}",
+          flush=True)
     for step in range(start + 1, cfg.train.train_steps + 1):
         time.sleep(step_s)
         total = torch.tensor([float(step)])

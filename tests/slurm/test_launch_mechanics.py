@@ -3,23 +3,70 @@ resolved config, then preemption → checkpoint → requeue → resume, and the 
 
 The payloads are the launcher self-test and tests/slurm/fake_trainer.py / fake_eval.py, which keep the
 trainer's and eval's run-directory contract; tests/slurm/test_train_on_slurm.py repeats the end-to-end
-checks with the real entry points.
+checks with the real entry points. All runs are submitted at once by the `runs` fixture, so their waits
+(scheduling, the requeue hold) overlap; each test then checks one run.
 """
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import yaml
 
-from tests.slurm.jobs import batch_log, job_info, read_jsonl, recipe, submit, wait_job, wait_until
+from tests.slurm.jobs import FINAL_STATES, batch_log, job_info, read_jsonl, recipe, submit, wait_job
 
 pytestmark = pytest.mark.slurm
 
+MODES = ("srun", "torchrun")
+# srun mode: the signal goes to the ranks, as `scancel --signal=USR1 JOB` sends it.
+# torchrun mode: it goes to the batch shell, as `--signal=B:USR1@N` sends it before the time limit; the
+# shell's trap passes it on to every process of the job step (torchrun itself ignores it).
+PREEMPT_SIGNAL = {"srun": ["--signal=USR1"], "torchrun": ["--batch", "--signal=USR1"]}
+TRAIN_STEPS = 30
+PREEMPT_AFTER_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def runs(slurm_cluster, tmp_path_factory):
+    """{(what, mode): (run_dir, job ids)}; every preemption run gets its signal after a few steps."""
+    base = tmp_path_factory.mktemp("mechanics")
+    runs = {}
+    for mode in MODES:
+        run_dir = base / f"selftest-{mode}"
+        runs["selftest", mode] = run_dir, submit(slurm_cluster, recipe(
+            run_dir, mode=mode, train_module="m2megatron.parallel.selftest", train_args=[]))["job_ids"]
+    for mode in MODES:
+        run_dir = base / f"preempt-{mode}"
+        config = recipe(run_dir, mode=mode, train_module="tests.slurm.fake_trainer",
+                        eval_module="tests.slurm.fake_eval", signal_seconds=60, env=["M2_FAKE_STEP_S=0.5"])
+        config["train"]["train_steps"] = TRAIN_STEPS
+        runs["preempt", mode] = run_dir, submit(slurm_cluster, config, "--eval")["job_ids"]
+        assert job_info(slurm_cluster, runs["preempt", mode][1]["eval"])["JobState"] == "PENDING"
+    send_preemption_signals(slurm_cluster, {mode: runs["preempt", mode] for mode in MODES})
+    return runs
+
+
+def send_preemption_signals(cluster, preempt_runs: dict, timeout: float = 300) -> None:
+    """scancel each training job once its metrics.jsonl has PREEMPT_AFTER_STEPS steps."""
+    pending = dict(preempt_runs)
+    deadline = time.monotonic() + timeout
+    while pending:
+        for mode, (run_dir, jobs) in list(pending.items()):
+            if len(read_jsonl(run_dir / "metrics.jsonl")) >= PREEMPT_AFTER_STEPS:
+                cluster.run("scancel", *PREEMPT_SIGNAL[mode], jobs["train"])
+                del pending[mode]
+            elif job_info(cluster, jobs["train"]).get("JobState") in FINAL_STATES:
+                raise AssertionError(f"{mode} training ended before its preemption signal:\n"
+                                     f"{explain(run_dir, jobs['train'], mode)}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no training steps within {timeout:.0f} s in {sorted(pending)}")
+        time.sleep(0.3)
+
 
 def rank_logs(run_dir, job_id, mode, attempt=0) -> dict[int, str]:
-    """Rank → its log text: srun writes rank-<r>.log, torchrun <log-dir>/<id>/attempt_0/<local rank>/stdout.log."""
+    """Rank → its log: srun writes rank-<r>.log, torchrun <log-dir>/<id>/attempt_0/<local rank>/stdout.log."""
     log_dir = run_dir / "logs" / f"train-{job_id}.{attempt}"
     if mode == "srun":
         return {int(p.stem.split("-")[1]): p.read_text() for p in log_dir.glob("rank-*.log")}
@@ -30,13 +77,11 @@ def explain(run_dir, job_id, mode) -> str:
     return f"batch log:\n{batch_log(run_dir, job_id)}\nrank logs:\n{rank_logs(run_dir, job_id, mode)}"
 
 
-@pytest.mark.parametrize("mode", ["srun", "torchrun"])
-def test_two_ranks_start_with_master_from_nodelist_one_log_each_and_a_code_snapshot(slurm_cluster, tmp_path, mode):
-    run_dir = tmp_path / f"selftest-{mode}"
-    out = submit(slurm_cluster, recipe(run_dir, mode=mode, train_module="m2megatron.parallel.selftest",
-                                       train_args=[]))
-    job = out["job_ids"]["train"]
-    info = wait_job(slurm_cluster, job, timeout=240)
+@pytest.mark.parametrize("mode", MODES)
+def test_two_ranks_start_with_master_from_nodelist_one_log_each_and_a_code_snapshot(slurm_cluster, runs, mode):
+    run_dir, jobs = runs["selftest", mode]
+    job = jobs["train"]
+    info = wait_job(slurm_cluster, job, timeout=300)
     assert info["JobState"] == "COMPLETED", explain(run_dir, job, mode)
 
     logs = rank_logs(run_dir, job, mode)
@@ -53,38 +98,24 @@ def test_two_ranks_start_with_master_from_nodelist_one_log_each_and_a_code_snaps
     assert resolved["train"]["run_dir"] == str(run_dir) and resolved["launch"]["mode"] == mode
 
 
-# srun mode: the signal goes to the ranks, as `scancel --signal=USR1 JOB` sends it.
-# torchrun mode: it goes to the batch shell, as `--signal=B:USR1@N` sends it before the time limit; the
-# shell's trap passes it on to every process of the job step (torchrun itself ignores it).
-@pytest.mark.parametrize("mode,scancel_args", [("srun", ["--signal=USR1"]),
-                                               ("torchrun", ["--batch", "--signal=USR1"])])
-def test_usr1_checkpoints_requeues_and_resumes_without_lost_steps_then_chained_eval_runs(
-        slurm_cluster, tmp_path, mode, scancel_args):
-    run_dir = tmp_path / f"preempt-{mode}"
-    config = recipe(run_dir, mode=mode, train_module="tests.slurm.fake_trainer", eval_module="tests.slurm.fake_eval",
-                    signal_seconds=60, env=["M2_FAKE_STEP_S=0.3"])
-    config["train"]["train_steps"] = 30
-    out = submit(slurm_cluster, config, "--eval")
-    train, evaluation = out["job_ids"]["train"], out["job_ids"]["eval"]
-    assert job_info(slurm_cluster, evaluation)["JobState"] == "PENDING"
-
-    metrics = run_dir / "metrics.jsonl"
-    wait_until(lambda: len(read_jsonl(metrics)) >= 3, "3 training steps", cluster=slurm_cluster, job_id=train)
-    slurm_cluster.run("scancel", *scancel_args, train)
+@pytest.mark.parametrize("mode", MODES)
+def test_usr1_checkpoints_requeues_and_resumes_without_lost_steps_then_chained_eval_runs(slurm_cluster, runs, mode):
+    run_dir, jobs = runs["preempt", mode]
+    train, evaluation = jobs["train"], jobs["eval"]
     info = wait_job(slurm_cluster, train, timeout=300)
     assert info["JobState"] == "COMPLETED", explain(run_dir, train, mode)
     assert info["Restarts"] == "1", explain(run_dir, train, mode)
 
-    records = read_jsonl(metrics)
-    assert [r["step"] for r in records] == list(range(1, 31)), "a step was lost or repeated across the requeue"
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, TRAIN_STEPS + 1)), "a step was lost or repeated"
     preempted = json.loads((run_dir / "logs" / f"train-{train}.0" / "PREEMPTED.json").read_text())
     first = [r["step"] for r in records if r["attempt"] == 0]
     assert preempted["step"] == first[-1] and preempted["reason"] in ("SIGUSR1", "request file")
     assert [r["step"] for r in records if r["attempt"] == 1][0] == preempted["step"] + 1
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-30"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{TRAIN_STEPS}"
     assert not (run_dir / "PREEMPTED").exists()
 
     ev = wait_job(slurm_cluster, evaluation, timeout=180)
     assert ev["JobState"] == "COMPLETED", batch_log(run_dir, evaluation)
-    assert json.loads((run_dir / "eval" / "results.json").read_text()) == {"checkpoint_step": 30}
+    assert json.loads((run_dir / "eval" / "results.json").read_text()) == {"checkpoint_step": TRAIN_STEPS}
     assert ev["StartTime"] >= info["EndTime"]
