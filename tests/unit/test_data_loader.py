@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -55,7 +57,7 @@ def test_synthetic_resume_is_exact(tok, prefetch):
     straight, _ = _take(build_train_loader(cfg, **kw), 12)  # crosses epoch boundaries (40 samples/epoch)
     first = build_train_loader(cfg, **kw)
     head, _ = _take(first, 5)
-    state = first.state_dict()
+    state = json.loads(json.dumps(first.state_dict()))  # a small JSON-able dict
     first.close()
     resumed = build_train_loader(cfg, **kw)
     resumed.load_state_dict(state)
@@ -64,6 +66,17 @@ def test_synthetic_resume_is_exact(tok, prefetch):
     assert resumed.batches == 12 and resumed.epoch >= 1
     again, _ = _take(build_train_loader(cfg, **{**kw, "seed": 12}), 12)
     assert again != straight  # the order depends on the seed
+
+
+def test_resume_at_another_dp_size_restarts_the_epoch(tok):
+    cfg = DataConfig(synthetic_train_samples=40)
+    one = build_train_loader(cfg, tokenizer=tok, image_size=32, micro_batch_size=5, seed=1)
+    _take(one, 10)  # 50 samples: into epoch 1
+    two = build_train_loader(cfg, tokenizer=tok, image_size=32, micro_batch_size=5, seed=1, dp_rank=1, dp_size=2)
+    two.load_state_dict(one.state_dict())
+    fresh = build_train_loader(cfg, tokenizer=tok, image_size=32, micro_batch_size=5, seed=1, dp_rank=1, dp_size=2)
+    fresh.load_state_dict({**fresh.state_dict(), "position": {"epoch": 1, "index": 0}})
+    assert two.epoch == 1 and _take(two, 2)[0] == _take(fresh, 2)[0]
 
 
 def test_synthetic_ranks_disjoint(tok):
