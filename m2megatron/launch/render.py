@@ -74,6 +74,9 @@ def default_spec(kind: str, launch: LaunchConfig, run_dir: Path, code_dir: Path,
 
 def sbatch_directives(spec: JobSpec, launch: LaunchConfig) -> list[str]:
     """The '#SBATCH' lines of a job."""
+    if any(c.isspace() for c in str(spec.run_dir)):
+        raise ValueError(f"train.run_dir: {str(spec.run_dir)!r} contains white space, which '#SBATCH --output' "
+                         "cannot hold")
     name = launch.job_name or f"m2-{spec.kind}-{spec.run_dir.name}"
     opts = [f"--job-name={name}", f"--nodes={spec.nodes}", f"--ntasks-per-node={launch.tasks_per_node}",
             f"--time={spec.time}", f"--output={spec.run_dir}/logs/%x-%j.out", "--open-mode=append"]

@@ -114,6 +114,8 @@ class PreemptionHandler:
         if self._calls % self.check_interval:
             return False
         self._agreed = _any_rank(self.local_flag, self.group)
+        if self._agreed and self.reason is None:
+            self.reason = "another rank"
         return self._agreed
 
     # ------------------------------------------------------------------ marker
