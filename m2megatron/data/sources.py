@@ -69,9 +69,10 @@ class IndexedSource:
                 sample = int(order[i])
                 pos = {"epoch": epoch, "index": i + 1}
                 try:
-                    yield self.item(sample, epoch), pos
+                    item = self.item(sample, epoch)
                 except BadSample as bad:
-                    yield bad, pos
+                    item = bad
+                yield item, pos
             epoch, index = epoch + 1, 0
 
     def item(self, sample: int, epoch: int) -> Item:
