@@ -101,8 +101,9 @@ def consolidate(path_or_root: str | Path, out_dir: str | Path, *, include_optimi
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
-        for n, (key, tensor) in enumerate(read_full_tensors(ckpt_dir, index, batch_bytes), 1):
-            f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        for n, (_key, tensor) in enumerate(read_full_tensors(ckpt_dir, index, batch_bytes), 1):
+            if tensor.numel():
+                f.write(memoryview(tensor.contiguous().view(torch.uint8).numpy()))
             done += tensor.numel() * tensor.element_size()
             if progress and (n == len(index) or n % 50 == 0):
                 progress(f"{n}/{len(index)} tensors, {done / 2**20:.0f}/{total / 2**20:.0f} MiB, "

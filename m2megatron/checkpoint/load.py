@@ -71,6 +71,7 @@ def load_checkpoint(path_or_root: str | Path, model_chunks: list, optimizer=None
         loaded = dist_checkpointing.load(sharded, str(path), common_strategy=safety.SafeCommonLoadStrategy())
         state.load_model_state(model_chunks, loaded)
         if optimizer is not None:
+            state.fill_missing_common_step(loaded["optimizer"])
             optimizer.load_state_dict(loaded["optimizer"])
             state.restore_optimizer_steps(optimizer)
     common = loaded[state.COMMON_KEY]
@@ -138,19 +139,24 @@ def _check_optimizer(path: Path, meta: dict, optimizer, groups) -> None:
 
 
 def _check_files(path: Path, meta: dict, verify: bool) -> None:
-    """Every rank checks its share of the files; rank 0 checks the pickles. All ranks raise together."""
+    """Every rank checks its share of the files; then rank 0 checks the pickles. All ranks raise together."""
     rank, world = dist.get_rank(), dist.get_world_size()
     names = sorted(meta["files"])
-    problems = safety.check_files(path, meta["files"], names[rank::world], verify)
-    if rank == 0 and not problems:
+    _raise_if_any(path, safety.check_files(path, meta["files"], names[rank::world], verify))
+    problems = []
+    if rank == 0:
         try:
             dcp_meta = safety.read_dcp_metadata(path)
             safety.check_no_unlisted_shards(path, dcp_meta, meta["files"])
             safety.check_sharded_object_pickles(path, dcp_meta)
             safety.safe_torch_load(path / safety.COMMON_FILE, str(path / safety.COMMON_FILE))
-        except CheckpointError as exc:
+        except (CheckpointError, OSError) as exc:
             problems.append(str(exc))
-    gathered: list = [None] * world
+    _raise_if_any(path, problems)
+
+
+def _raise_if_any(path: Path, problems: list[str]) -> None:
+    gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, problems)
     merged = sorted({p for part in gathered for p in part})
     if merged:

@@ -116,6 +116,7 @@ def _build_save_state(step, model_chunks, optimizer, scheduler, groups, config, 
     sharded = state.model_sharded_state_dict(model_chunks, metadata)
     model_tensors = state.gather_model_tensor_shapes(sharded["model"])
     if optimizer is not None:
+        state.ensure_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False, metadata=metadata)
     sharded[state.COMMON_KEY] = {
         "step": int(step),

@@ -140,17 +140,17 @@ def gather_model_tensor_shapes(model_state: dict) -> dict[str, dict]:
 
 
 def ensure_optimizer_state(optimizer) -> None:
-    """Give a fresh DistributedOptimizer's torch Adam a zero state (with 'step') before loading into it.
+    """Give a never-stepped torch Adam (inside any Megatron optimizer) its initial state: zero moments, step 0.
 
-    Without TE/apex, DistributedOptimizer.state_dict() (called while building the load state dict) asserts
-    that every parameter has a 'step' — which a never-stepped torch Adam does not have, and Megatron's
-    init_state_fn does not add. Zero moments and step 0 are exactly Adam's initial state, and the load
-    overwrites them.
+    Needed on both sides: a save before the first step would otherwise store no moments, which a later
+    load then asks for; and without TE/apex, DistributedOptimizer.state_dict() (called while building
+    the load state dict) asserts that every parameter has a 'step'. Zero moments and step 0 are exactly
+    what Adam starts from, so this changes no numbers.
     """
     parts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
     for part in parts:
         inner = getattr(part, "optimizer", None)
-        if not isinstance(part, DistributedOptimizer) or not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
             continue
         for group in inner.param_groups:
             for p in group["params"]:
@@ -178,3 +178,24 @@ def restore_optimizer_steps(optimizer) -> None:
                 param_state = part.optimizer.state[p]
                 if torch.is_tensor(param_state.get("step")):
                     param_state["step"] = torch.tensor(float(group["step"]), dtype=param_state["step"].dtype)
+
+
+def fill_missing_common_step(optimizer_state) -> None:
+    """Put back the Adam step that Megatron drops when it is 0 (a save before the first step).
+
+    FP32Optimizer.sharded_state_dict stores the shared step only `if step:`, and a tensor 0 is falsy;
+    torch Adam's load_state_dict then fails on the missing 'step'.
+    """
+    if isinstance(optimizer_state, list):
+        for part in optimizer_state:
+            fill_missing_common_step(part)
+        return
+    if not isinstance(optimizer_state, dict):
+        return
+    if "state" in optimizer_state and "param_groups" in optimizer_state:
+        per_param = [v for k, v in optimizer_state["state"].items() if k != "common_step" and isinstance(v, dict)]
+        if per_param and "common_step" not in optimizer_state["state"] and not any("step" in v for v in per_param):
+            optimizer_state["state"]["common_step"] = torch.tensor(0.0)
+        return
+    for value in optimizer_state.values():
+        fill_missing_common_step(value)
