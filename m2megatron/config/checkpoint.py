@@ -16,7 +16,8 @@ class CheckpointConfig:
     keep_last: int = 2
     """Complete checkpoints to keep; older ones are deleted after a newer one is visible."""
     load: str | None = "auto"
-    """Checkpoint to start from: 'auto' resumes from save_dir/latest if present, a path loads that, None starts fresh."""
+    """Checkpoint to start from: 'auto' resumes from save_dir/latest if present, a path loads that,
+    None starts fresh."""
     async_save: bool = False
     """Write checkpoints in the background while training continues."""
 

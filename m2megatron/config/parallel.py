@@ -17,7 +17,8 @@ class ParallelConfig:
     virtual_pipeline: int | None = None
     """Virtual stages per pipeline rank (interleaved 1F1B); None disables interleaving."""
     loss_group_size: int | None = None
-    """Contrastive-loss group size G: embeddings are gathered only inside groups of G consecutive data-parallel ranks. None means the whole data-parallel group (global loss)."""
+    """Contrastive-loss group size G: embeddings are gathered only inside groups of G consecutive
+    data-parallel ranks. None means the whole data-parallel group (global loss)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend; auto picks nccl when CUDA is available, else gloo."""
     distributed_optimizer: bool = False

@@ -16,7 +16,8 @@ class TrainConfig:
     micro_batch_size: int = 32
     """Samples per data-parallel rank per microbatch (b)."""
     global_batch_size: int | None = None
-    """Samples per optimizer step over all data-parallel ranks; None = micro_batch_size × DP × loss.accumulation_steps."""
+    """Samples per optimizer step over all data-parallel ranks; None = micro_batch_size × DP ×
+    loss.accumulation_steps."""
     seed: int = 1234
     """Seed of initialisation, data order and dropout."""
     bf16: bool = False

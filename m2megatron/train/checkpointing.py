@@ -1,0 +1,76 @@
+"""The trainer's side of checkpoints: when to save, what goes in, and resuming at start-up.
+
+The data position is per data-parallel rank (`rank_state`): after a resume at the same layout every
+rank continues exactly where it stopped. After a layout change the positions cannot be mapped rank
+by rank, so the loader restarts its epoch order at the saved step's sample count (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch.distributed as dist
+
+from m2megatron.checkpoint.load import load_checkpoint
+from m2megatron.checkpoint.save import save_checkpoint
+
+log = logging.getLogger("m2megatron.train")
+
+
+class TrainCheckpointer:
+    def __init__(self, trainer):
+        self.trainer = trainer
+        cfg = trainer.cfg
+        self.root = Path(cfg.checkpoint.save_dir or Path(cfg.train.run_dir) / "checkpoints")
+        self._last_saved: int | None = None
+
+    def due(self, step: int) -> bool:
+        interval = self.trainer.cfg.checkpoint.save_interval
+        return interval > 0 and step % interval == 0
+
+    def saved_at(self, step: int) -> bool:
+        return self._last_saved == step
+
+    def save(self, step: int) -> Path:
+        t = self.trainer
+        path = save_checkpoint(self.root, step, t.modules, t.optimizer, t.scheduler, groups=t.groups, config=t.cfg,
+                               extra_state={"skipped_steps": t.skipped_steps},
+                               rank_state={"loader": t.loader.state_dict()},
+                               keep_last=t.cfg.checkpoint.keep_last)
+        self._last_saved = step
+        if dist.get_rank() == 0:
+            log.info("saved checkpoint %s", path)
+        return path
+
+    def resume(self) -> int:
+        """Load checkpoint.load ('auto': the latest under the save dir, if any); return the step reached."""
+        t = self.trainer
+        source = t.cfg.checkpoint.load
+        if source is None:
+            return 0
+        if source == "auto":
+            if not _has_checkpoint(self.root):
+                return 0
+            source = str(self.root)
+        loaded = load_checkpoint(source, t.modules, t.optimizer, t.scheduler, groups=t.groups, config=t.cfg)
+        t.skipped_steps = int(loaded.extra_state.get("skipped_steps", 0))
+        if loaded.rank_state and "loader" in loaded.rank_state:
+            t.loader.load_state_dict(loaded.rank_state["loader"])
+        elif dist.get_rank() == 0:
+            log.warning("resumed at another layout: data order restarts for the new data-parallel ranks")
+        if dist.get_rank() == 0:
+            log.info("resumed from %s at step %d", loaded.path, loaded.step)
+        self._last_saved = loaded.step
+        return loaded.step
+
+    def finalize(self) -> None:
+        """Wait for an async save in flight (nothing to do for synchronous saves)."""
+
+
+def _has_checkpoint(root: Path) -> bool:
+    from m2megatron.checkpoint.atomic import complete_checkpoints
+
+    box = [bool(root.is_dir() and complete_checkpoints(root))]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])

@@ -1,0 +1,191 @@
+"""The training loop: data → pipeline step → NaN/Inf guard → optimizer → logs → checkpoints.
+
+    trainer = Trainer(cfg)          # every rank; builds groups, data, model, optimizer; resumes
+    trainer.fit()                   # returns the number of the last completed step
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from m2megatron.config.run import RunConfig
+from m2megatron.data.build import build_train_loader, resolve_tokenizer
+from m2megatron.parallel import initialize, seed_everything
+from m2megatron.train import flops
+from m2megatron.train.checkpointing import TrainCheckpointer
+from m2megatron.train.metrics import MetricsWriter, ThroughputMeter
+from m2megatron.train.model_setup import build_stage_modules, wrap_ddp
+from m2megatron.train.optimizer import build_optimizer, build_scheduler
+from m2megatron.train.preemption import PreemptionHandler
+from m2megatron.train.step import PipelineStep
+
+log = logging.getLogger("m2megatron.train")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a NaN/Inf loss or gradient."""
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, *, groups=None, progress: bool = True):
+        self.preemption = PreemptionHandler(cfg.train.run_dir).install()
+        self.groups = groups or initialize(cfg.parallel)
+        cfg.validate(world_size=dist.get_world_size())
+        self.run_dir = Path(cfg.train.run_dir)
+        self.is_logging_rank = dist.get_rank() == 0
+        self.cfg = self._resolve_tokenizer(cfg)
+        seed_everything(self.cfg.train.seed, self.groups)
+        if self.is_logging_rank:
+            self.cfg.save(self.run_dir)
+        self.modules = build_stage_modules(self.cfg, self.groups)
+        self.chunks = wrap_ddp(self.modules, self.groups, distributed_optimizer=self.cfg.parallel.distributed_optimizer)
+        self.optimizer = build_optimizer(self.chunks, self.cfg.optim, self.groups.collection, bf16=self.cfg.train.bf16,
+                                         distributed=self.cfg.parallel.distributed_optimizer)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.train_steps)
+        self.loader = build_train_loader(self.cfg.data, tokenizer=self.tokenizer, image_size=self.cfg.model.image_size,
+                                         micro_batch_size=self.cfg.train.micro_batch_size,
+                                         dp_rank=self.groups.dp_rank, dp_size=self.groups.layout.data_parallel,
+                                         seed=self.cfg.train.seed)
+        self.step_fn = PipelineStep(self.chunks, self.groups, self.cfg)
+        self.num_microbatches = self.cfg.num_microbatches(dist.get_world_size())
+        self.checkpointer = TrainCheckpointer(self)
+        self.step = self.checkpointer.resume()
+        self.nonfinite_in_row = 0
+        self.skipped_steps = 0
+
+    def _resolve_tokenizer(self, cfg: RunConfig) -> RunConfig:
+        """The tokenizer fixes the vocabulary (a small one is trained for the synthetic source)."""
+        cache = self.run_dir  # where the eval launcher looks for the synthetic tokenizer too
+        if self.is_logging_rank:
+            self.tokenizer = resolve_tokenizer(cfg.data, max_length=cfg.model.max_text_len, cache_dir=cache)
+        dist.barrier()
+        if not self.is_logging_rank:
+            self.tokenizer = resolve_tokenizer(cfg.data, max_length=cfg.model.max_text_len, cache_dir=cache)
+        if self.tokenizer.vocab_size == cfg.model.vocab_size:
+            return cfg
+        if cfg.data.tokenizer:
+            if self.tokenizer.vocab_size > cfg.model.vocab_size:
+                raise ValueError(f"data.tokenizer: {cfg.data.tokenizer} has {self.tokenizer.vocab_size} pieces, "
+                                 f"more than model.vocab_size={cfg.model.vocab_size}")
+            return cfg
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size))
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def _next_microbatches(self) -> list[dict]:
+        batches = []
+        for i in range(self.num_microbatches):
+            batch = next(self.loader)
+            batch["microbatch"] = i
+            batches.append(batch)
+        return batches
+
+    def _all_finite(self, loss: torch.Tensor | None) -> bool:
+        """Agree over all ranks whether this step's loss and every gradient are finite."""
+        bad = loss is not None and not bool(torch.isfinite(loss).all())
+        for chunk in self.chunks:
+            for param in chunk.module.parameters():
+                grad = getattr(param, "main_grad", None)
+                if grad is not None and not bool(torch.isfinite(grad).all()):
+                    bad = True
+                    break
+        flag = torch.tensor([1.0 if bad else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def train_step(self) -> dict:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss = self.step_fn(self._next_microbatches())
+        if not self._all_finite(loss):
+            self.nonfinite_in_row += 1
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                        self.step + 1, self.nonfinite_in_row)
+            if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
+                raise NonFiniteError(f"train.max_nonfinite_steps: {self.nonfinite_in_row} consecutive steps "
+                                     "had a NaN/Inf loss or gradient; stopping")
+            return {"loss": float("nan"), "grad_norm": float("nan"), "skipped": 1.0}
+        self.nonfinite_in_row = 0
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": 0.0}
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> int:
+        cfg = self.cfg
+        writer = MetricsWriter(self.run_dir, enabled=self.is_logging_rank, tensorboard=cfg.train.tensorboard,
+                               total_steps=cfg.train.train_steps, start_step=self.step)
+        meter = ThroughputMeter()
+        samples_per_step = cfg.train.micro_batch_size * self.num_microbatches * self.groups.layout.data_parallel
+        tokens_per_sample = cfg.model.num_image_tokens + cfg.model.max_text_len
+        try:
+            while self.step < cfg.train.train_steps:
+                result = self.train_step()
+                self.step += 1
+                meter.add(samples_per_step, samples_per_step * tokens_per_sample)
+                writer.step()
+                if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.train_steps:
+                    writer.write(self.step, self._log_record(result, meter.read()))
+                if self.checkpointer.due(self.step):
+                    self.checkpointer.save(self.step)
+                if self.preemption.requested():
+                    path = self.checkpointer.save(self.step)
+                    self.preemption.mark_preempted(step=self.step, checkpoint=str(path))
+                    log.warning("preempted at step %d; checkpoint %s", self.step, path)
+                    return self.step
+            if not self.checkpointer.saved_at(self.step):
+                self.checkpointer.save(self.step)
+        finally:
+            writer.close()
+        return self.step
+
+    def _log_record(self, result: dict, speed: dict) -> dict:
+        """Bring the loss to the logging rank and assemble the record."""
+        loss = result["loss"]
+        value = torch.tensor([float(loss) if loss is not None else 0.0, 1.0 if loss is not None else 0.0])
+        if self.groups.is_last_stage:
+            value[0] = value[0] / self.groups.layout.data_parallel
+        dist.all_reduce(value)  # last-stage ranks hold the loss; mean over DP, TP copies counted once below
+        tp = self.groups.layout.tensor_parallel
+        mean_loss = value[0].item() / tp
+        logit_scale = self._logit_scale()
+        record = {
+            "loss": mean_loss,
+            "logit_scale": logit_scale,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(result["grad_norm"]) if result["grad_norm"] is not None else float("nan"),
+            "samples_per_s": speed["samples_per_s"],
+            "tokens_per_s": speed["tokens_per_s"],
+            "skipped_steps": float(self.skipped_steps),
+        }
+        train_flops = flops.train_flops_per_sample(self.cfg.model, self.cfg.train.recompute)
+        achieved = train_flops * speed["samples_per_s"] / 1e12
+        record["model_tflops"] = achieved
+        if torch.cuda.is_available():
+            peak = flops.peak_tflops(torch.cuda.get_device_name(), "fp8" if self.cfg.model.fp8 != "none" else "bf16")
+            if peak:
+                record["mfu"] = achieved / (peak * dist.get_world_size())
+        for reason, count in self.loader.skipped().items():
+            record[f"skipped_{reason}"] = float(count)
+        return record
+
+    def _logit_scale(self) -> float:
+        """exp of the learnable log scale, as the loss uses it (from the last stage)."""
+        value = torch.tensor([0.0, 0.0])
+        for module in self.modules:
+            if module.post_process:
+                value += torch.tensor([module.logit_scale.detach().float().item(), 1.0])
+        dist.all_reduce(value)
+        return math.exp(value[0].item() / max(value[1].item(), 1.0))
+
+    def close(self) -> None:
+        self.checkpointer.finalize()
+        self.loader.close()
+        self.preemption.uninstall()
