@@ -132,3 +132,39 @@ def load_any(path: str | Path, *, num_heads: int | None = None, preset: str | No
     except ValueError as exc:
         raise UserError(f"{path}: {exc}") from None
     return cfg, full, unused
+
+
+# ---- conversions used by tools/import_reference.py and tools/export_reference.py ------------------
+
+WRAPS = ("none", "state_dict", "module", "model")
+
+
+def import_reference(src: str | Path, dst: str | Path, *, num_heads: int | None = None,
+                     preset: str | None = None) -> ModelConfig:
+    """Released checkpoint → consolidated file. Returns the inferred model config."""
+    if Path(src).suffix == ".safetensors" and is_consolidated(src):
+        raise UserError(f"{src}: already an m2megatron consolidated file")
+    cfg, full, unused = load_any(src, num_heads=num_heads, preset=preset)
+    save_consolidated(dst, full, cfg, unused)
+    return cfg
+
+
+def export_reference(src: str | Path, dst: str | Path, *, wrap: str = "none") -> ModelConfig:
+    """Consolidated file → released layout, saved with torch.save as a dict of plain tensors.
+
+    wrap='none' writes the flat state dict (the reference loader uses it as is); 'state_dict', 'module'
+    or 'model' nest it under that key ('module' also adds the `_forward_module.` prefix, as DeepSpeed does).
+    """
+    from m2megatron.checkpoint.reference_format import ours_to_reference
+
+    if wrap not in WRAPS:
+        raise UserError(f"--wrap: {wrap!r} is not one of {list(WRAPS)}")
+    if not is_consolidated(src):
+        raise UserError(f"{src}: not an m2megatron consolidated .safetensors file")
+    cfg, full, unused = load_consolidated(src)
+    ref = ours_to_reference(full, cfg, unused)
+    if wrap == "module":
+        ref = {_DS_PREFIX + k: v for k, v in ref.items()}
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ref if wrap == "none" else {wrap: ref}, dst)
+    return cfg
