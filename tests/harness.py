@@ -35,6 +35,9 @@ def _free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Workers are daemons (they die with pytest), but dist_checkpointing's writer starts a
+    # multiprocessing manager, which a daemonic process may not; let this one have children.
+    mp.current_process()._config["daemon"] = False
     import torch
     import torch.distributed as dist
 

@@ -1,0 +1,95 @@
+"""The trainer end to end on a tiny model: logs, TensorBoard events, checkpoint, eval, NaN guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from m2megatron.config import load_config
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+SMALL = ["--model.hidden_size=32", "--model.ffn_hidden_size=64", "--model.num_layers=2", "--model.num_vl_layers=1",
+         "--model.image_size=16", "--model.patch_size=8", "--model.max_text_len=12", "--model.embed_dim=16",
+         "--train.micro_batch_size=8", "--train.log_interval=2", "--data.synthetic_eval_samples=32",
+         "--eval.batch_size=16"]
+
+
+def _fit(run_dir: str, overrides: list[str]) -> dict:
+    from m2megatron.train.run import train_and_evaluate
+
+    cfg = load_config(overrides=SMALL + [f"--train.run_dir={run_dir}"] + overrides)
+    results = train_and_evaluate(cfg)
+    return results or {}
+
+
+def _nan_fit(run_dir: str) -> str:
+    from m2megatron.train import trainer as trainer_mod
+
+    cfg = load_config(overrides=SMALL + [f"--train.run_dir={run_dir}", "--train.train_steps=10",
+                                         "--train.max_nonfinite_steps=3", "--checkpoint.load=null"])
+    t = trainer_mod.Trainer(cfg, progress=False)
+    real = t.step_fn
+
+    def poisoned(microbatches):
+        loss = real(microbatches)
+        for module in t.modules:  # a NaN gradient on every rank
+            for p in module.parameters():
+                if getattr(p, "main_grad", None) is not None:
+                    p.main_grad.fill_(float("nan"))
+        return loss
+
+    t.step_fn = poisoned
+    before = {k: v.clone() for k, v in t.modules[0].state_dict().items() if torch.is_tensor(v)}
+    try:
+        t.fit()
+    except trainer_mod.NonFiniteError as exc:
+        after = t.modules[0].state_dict()
+        unchanged = all(torch.equal(before[k], after[k]) for k in before)
+        return f"stopped: {exc} unchanged={unchanged} skipped={t.skipped_steps}"
+    finally:
+        t.loader.close()
+        t.preemption.uninstall()
+    return "did not stop"
+
+
+def test_pipeline_training_logs_checkpoints_and_evaluates(dist_pool, tmp_path):
+    run_dir = tmp_path / "run"
+    results = dist_pool(2).run(_fit, str(run_dir), ["--parallel.pipeline_parallel=2", "--train.train_steps=6"])
+    assert results[0] == results[1]
+    for key in ("i2t_r1", "t2i_r1", "i2t_r5", "mr", "num_images"):
+        assert key in results[0]
+    assert json.loads((run_dir / "results.json").read_text())["num_images"] == 32
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    for key in ("loss", "logit_scale", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "model_tflops"):
+        assert all(key in r for r in records)
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "latest").is_file()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+    assert {"train/lr", "train/grad_norm", "train/samples_per_s"} <= set(events.Tags()["scalars"])
+
+
+def test_resume_continues_from_latest_checkpoint(dist_pool, tmp_path):
+    run_dir = tmp_path / "run"
+    dist_pool(2).run(_fit, str(run_dir), ["--parallel.pipeline_parallel=2", "--train.train_steps=4",
+                                          "--train.eval_at_end=false"])
+    dist_pool(2).run(_fit, str(run_dir), ["--parallel.pipeline_parallel=2", "--train.train_steps=6",
+                                          "--train.eval_at_end=false"])
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]  # the second run started at step 4, not 0
+    assert Path(run_dir / "checkpoints" / "iter_0000006").is_dir()
+
+
+def test_nonfinite_gradients_skip_the_update_and_stop_the_run(dist_pool, tmp_path):
+    (message,) = dist_pool(1).run(_nan_fit, str(tmp_path / "nan"))
+    assert message.startswith("stopped: train.max_nonfinite_steps: 3 consecutive steps")
+    assert "unchanged=True" in message and "skipped=3" in message
