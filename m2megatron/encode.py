@@ -84,12 +84,12 @@ def build_model(args):
     seed_everything(0, groups)
     model = M2Encoder(cfg, groups).eval()
     load_full_state_dict(model, full)
-    return model, cfg
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), cfg
 
 
 def _batched(fn, *tensors, batch: int) -> torch.Tensor:
-    n = tensors[0].shape[0]
-    return torch.cat([fn(*(t[i:i + batch] for t in tensors)) for i in range(0, n, batch)])
+    n, device = tensors[0].shape[0], "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.cat([fn(*(t[i:i + batch].to(device) for t in tensors)).float().cpu() for i in range(0, n, batch)])
 
 
 def encode(args) -> dict:

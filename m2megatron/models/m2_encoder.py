@@ -82,8 +82,9 @@ class M2Encoder(MegatronModule):
                  layer_range: tuple[int, int] | None = None, params_dtype: torch.dtype = torch.float32,
                  **config_overrides):
         pg = _collection(groups)
-        config = transformer_config(cfg, tp_size=get_pg_size(pg.tp), params_dtype=params_dtype,
-                                    perform_initialization=not _on_meta_device(), **config_overrides)
+        if _on_meta_device():  # no init, and no explicit device= that would escape the meta context
+            config_overrides = {**config_overrides, "perform_initialization": False, "use_cpu_initialization": True}
+        config = transformer_config(cfg, tp_size=get_pg_size(pg.tp), params_dtype=params_dtype, **config_overrides)
         super().__init__(config=config)
         start, end = layer_range if layer_range is not None else (0, cfg.num_layers)
         if not 0 <= start <= end <= cfg.num_layers:

@@ -19,7 +19,7 @@ FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}
 
 
 def transformer_config(cfg: ModelConfig, *, tp_size: int = 1, params_dtype: torch.dtype = torch.float32,
-                       perform_initialization: bool = True, **overrides) -> TransformerConfig:
+                       **overrides) -> TransformerConfig:
     """Megatron TransformerConfig of one tower layer stack.
 
     `overrides` are passed through for trainer-level settings (recompute, pipeline dtype, p2p flags).
@@ -58,7 +58,6 @@ def transformer_config(cfg: ModelConfig, *, tp_size: int = 1, params_dtype: torc
         tensor_model_parallel_size=tp_size,
         pipeline_model_parallel_size=1,
         use_cpu_initialization=not torch.cuda.is_available(),
-        perform_initialization=perform_initialization,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
