@@ -51,8 +51,6 @@ class ModelConfig:
     """Stochastic-depth rate, linearly increasing over layers; 0 disables it (as in the released models)."""
     logit_scale_init: float = math.log(1 / 0.07)
     """Initial value of the learnable log temperature."""
-    logit_scale_max: float = math.log(100.0)
-    """Clamp applied to the log temperature during training."""
     layer_spec: Literal["local", "te"] = "local"
     """Layer implementation: 'local' (Megatron-Core modules, CPU and GPU) or 'te' (Transformer Engine, GPU only)."""
     fp8: Literal["none", "delayed", "current"] = "none"

@@ -21,7 +21,7 @@ class TrainConfig:
     seed: int = 1234
     """Seed of initialisation, data order and dropout."""
     bf16: bool = False
-    """bf16 autocast (GPU); fp32 otherwise."""
+    """bf16 autocast of the forward on GPU (fp32 parameters, gradients and optimizer); no effect on CPU."""
     recompute: bool = False
     """Full activation recompute of every transformer layer."""
     log_interval: int = 10

@@ -43,7 +43,8 @@ def stage_specs(num_layers: int, pp_size: int, pp_rank: int, vp_size: int | None
 def megatron_overrides(cfg: RunConfig) -> dict:
     """Trainer-level TransformerConfig fields (pipeline and recompute)."""
     overrides: dict = {
-        "pipeline_dtype": torch.bfloat16 if cfg.train.bf16 else torch.float32,
+        # fp32 parameters and residual stream; bf16 is autocast (so stage outputs stay fp32).
+        "pipeline_dtype": torch.float32,
         # Batched p2p with PP=2 and virtual stages matches send/recv crosswise on gloo (pitfalls.md).
         "batch_p2p_comm": cfg.parallel.virtual_pipeline is None,
         "batch_p2p_sync": False,
@@ -51,7 +52,7 @@ def megatron_overrides(cfg: RunConfig) -> dict:
     if cfg.train.recompute:
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if cfg.train.bf16:
-        overrides.update(bf16=True, autocast_dtype=torch.bfloat16)
+        overrides.update(enable_autocast=True, autocast_dtype=torch.bfloat16)
     return overrides
 
 

@@ -20,7 +20,8 @@ def no_weight_decay(param: torch.nn.Parameter, name: str) -> bool:
     return param.ndim <= 1 or name.endswith(".bias") or any(p in name for p in _NO_DECAY_NAME_PARTS)
 
 
-def megatron_optimizer_config(cfg: OptimConfig, *, bf16: bool, distributed: bool) -> OptimizerConfig:
+def megatron_optimizer_config(cfg: OptimConfig, *, distributed: bool) -> OptimizerConfig:
+    """fp32 parameters and optimizer state: bf16 runs use autocast for the forward only."""
     return OptimizerConfig(
         optimizer=cfg.optimizer,
         lr=cfg.lr,
@@ -31,21 +32,19 @@ def megatron_optimizer_config(cfg: OptimConfig, *, bf16: bool, distributed: bool
         adam_eps=cfg.adam_eps,
         sgd_momentum=0.0,
         clip_grad=cfg.clip_grad,
-        bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        params_dtype=torch.float32,
         use_distributed_optimizer=distributed,
     )
 
 
-def build_optimizer(model_chunks: list, cfg: OptimConfig, pg_collection, *, bf16: bool = False,
-                    distributed: bool = False):
+def build_optimizer(model_chunks: list, cfg: OptimConfig, pg_collection, *, distributed: bool = False):
     """A MegatronOptimizer over all chunks' parameters, weight decay off where it should be."""
     overrides = {
         ParamKey(with_name_predicate=ParamWithNamePredicate(name="m2_no_weight_decay", fn=no_weight_decay)):
             {"wd_mult": 0.0}
     }
     return get_megatron_optimizer(
-        megatron_optimizer_config(cfg, bf16=bf16, distributed=distributed),
+        megatron_optimizer_config(cfg, distributed=distributed),
         model_chunks,
         config_overrides=overrides,
         use_gloo_process_groups=False,

@@ -45,7 +45,7 @@ class Trainer:
             self.cfg.save(self.run_dir)
         self.modules = build_stage_modules(self.cfg, self.groups)
         self.chunks = wrap_ddp(self.modules, self.groups, distributed_optimizer=self.cfg.parallel.distributed_optimizer)
-        self.optimizer = build_optimizer(self.chunks, self.cfg.optim, self.groups.collection, bf16=self.cfg.train.bf16,
+        self.optimizer = build_optimizer(self.chunks, self.cfg.optim, self.groups.collection,
                                          distributed=self.cfg.parallel.distributed_optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.train_steps)
         self.loader = build_train_loader(self.cfg.data, tokenizer=self.tokenizer, image_size=self.cfg.model.image_size,
