@@ -7,6 +7,7 @@ checkpoints and the resolved config.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 from m2megatron.cli import run_main
+from m2megatron.train.run import format_results
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -27,7 +29,14 @@ def main() -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "m2megatron.train", "--config", str(RECIPE), f"--train.run_dir={args.run_dir}", *overrides]
     print("+ " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=env)
+    code = subprocess.call(cmd, env=env)
+    if code != 0:
+        return code
+    results = json.loads((Path(args.run_dir) / "results.json").read_text())
+    print(format_results(results))
+    print(f"loss curve: {Path(args.run_dir) / 'metrics.jsonl'}; TensorBoard: {Path(args.run_dir) / 'tensorboard'}")
+    print(f"run directory: {Path(args.run_dir).resolve()}")
+    return 0
 
 
 if __name__ == "__main__":

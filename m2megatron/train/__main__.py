@@ -23,7 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", help="model preset: tiny, m2-0.4b, m2-1b, m2-10b")
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides, preset_name=args.preset).validate()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from m2megatron.parallel import read_launch_env
+
+    # One voice: rank 0 logs progress, the other ranks only warnings and errors.
+    level = logging.INFO if read_launch_env().rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
 
     import torch.distributed as dist
