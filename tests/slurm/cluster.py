@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,16 +81,22 @@ def check_machine() -> None:
         raise SlurmUnavailable("Slurm/munge are not installed and apt-get is not available")
 
 
+NAME_PREFIX = "m2slurm-"
+
+
 class LocalSlurm:
-    def __init__(self, base: Path, *, cpus: int = 16, mem_mb: int = 16384):
-        self.base = Path(base)
-        self.netns = f"m2slurm-{os.getpid()}"
+    """One cluster per test session, named after the session's PID: <tmp>/m2slurm-PID and netns m2slurm-PID."""
+
+    def __init__(self, *, pid: int | None = None, cpus: int = 16, mem_mb: int = 16384):
+        self.pid = os.getpid() if pid is None else pid
+        self.base = Path(tempfile.gettempdir()) / f"{NAME_PREFIX}{self.pid}"
+        self.netns = f"{NAME_PREFIX}{self.pid}"
         self.cpus, self.mem_mb = cpus, mem_mb
         self.node = socket.gethostname().split(".")[0]
         self.conf = self.base / "etc" / "slurm.conf"
         self.munge_socket = self.base / "munge" / "run" / "munge.socket.2"
         self.timings: dict[str, float] = {}
-        self._netns_made = False
+        self._netns_made = Path(f"/run/netns/{self.netns}").exists()
 
     # ------------------------------------------------------------------ clients
     @property
@@ -127,6 +134,7 @@ class LocalSlurm:
         self.timings["daemons_up_s"] = time.monotonic() - t0
 
     def _make_dirs(self) -> None:
+        shutil.rmtree(self.base, ignore_errors=True)
         for sub in ("etc", "state/ctld", "state/d", "log", "run", "munge/etc", "munge/run", "munge/log",
                     "munge/lib"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
@@ -261,3 +269,18 @@ def _stop_pid(pidfile: Path, comm: str, timeout: float = 20) -> None:
             os.kill(pid, signal.SIGKILL)
             break
         time.sleep(0.1)
+
+
+def reap_stale_clusters() -> list[str]:
+    """Stop the clusters of test sessions that died without their teardown (killed by SIGKILL, say)."""
+    reaped = []
+    netns_dir = Path("/run/netns")
+    for path in sorted(netns_dir.glob(f"{NAME_PREFIX}*")) if netns_dir.is_dir() else []:
+        pid = path.name[len(NAME_PREFIX):]
+        if not pid.isdigit() or int(pid) == os.getpid() or Path(f"/proc/{pid}").exists():
+            continue
+        stale = LocalSlurm(pid=int(pid))
+        stale.stop()
+        shutil.rmtree(stale.base, ignore_errors=True)
+        reaped.append(path.name)
+    return reaped

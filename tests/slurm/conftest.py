@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import signal
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.slurm.cluster import LocalSlurm, SlurmUnavailable, check_machine
+from tests.slurm.cluster import LocalSlurm, SlurmUnavailable, check_machine, reap_stale_clusters
 
 TIMINGS: dict[str, float] = {}
 
@@ -25,8 +24,17 @@ def slurm_cluster():
         check_machine()
     except SlurmUnavailable as exc:
         pytest.skip(f"local Slurm cluster unavailable: {exc}")
-    base = Path(tempfile.mkdtemp(prefix="m2slurm-"))
-    cluster = LocalSlurm(base)
+    reap_stale_clusters()
+    cluster = LocalSlurm()
+    # SIGTERM (CI timeouts, `timeout`) would end Python without running the teardown below.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield from _started(cluster)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _started(cluster: LocalSlurm):
     t0 = time.monotonic()
     try:
         cluster.start()
@@ -45,9 +53,14 @@ def slurm_cluster():
         t1 = time.monotonic()
         cluster.stop()
         TIMINGS["teardown_s"] = time.monotonic() - t1
-        (base / "log" / "timings.json").write_text(json.dumps(TIMINGS, indent=2))
-        if os.environ.get("M2_SLURM_KEEP") != "1":
-            shutil.rmtree(base, ignore_errors=True)
+        if os.environ.get("M2_SLURM_KEEP") == "1":
+            (cluster.base / "log" / "timings.json").write_text(json.dumps(TIMINGS, indent=2))
+        else:
+            shutil.rmtree(cluster.base, ignore_errors=True)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}: tearing the local Slurm cluster down")
 
 
 def pytest_terminal_summary(terminalreporter):
