@@ -12,20 +12,23 @@ import sys
 import types
 
 import torch
-import torch.nn.functional as F
 
 _groups = None
 
 
 def single_groups():
-    """Megatron groups for a world of one (this process), created once; RNG tracker seeded."""
+    """Megatron groups for a world of one (this process), RNG tracker seeded. Rebuilt if another test tore
+    the process group or Megatron's state down in between."""
     global _groups
-    if _groups is None:
-        from m2megatron.config import ParallelConfig
-        from m2megatron.parallel import initialize, seed_everything
+    import torch.distributed as dist
+    from megatron.core import parallel_state
 
+    from m2megatron.config import ParallelConfig
+    from m2megatron.parallel import initialize, seed_everything
+
+    if _groups is None or not dist.is_initialized() or not parallel_state.model_parallel_is_initialized():
         _groups = initialize(ParallelConfig())
-        seed_everything(0, _groups)
+    seed_everything(0, _groups)
     return _groups
 
 
@@ -134,9 +137,13 @@ def tiny_reference(seed: int = 0, **sizes) -> ReferenceM2:
     return model
 
 
-def normalize_pixels(x):
-    return (x - 0.5) / 0.5
+def sample_inputs(cfg, b: int = 3, seed: int = 0):
+    """Random normalized images and random ids with masks of different lengths (full, 7 and 2 tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand(b, 3, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1
+    ids = torch.randint(0, cfg.vocab_size, (b, cfg.max_text_len), generator=gen)
+    lengths = torch.tensor([cfg.max_text_len, 7, 2, 1] * b)[:b]
+    mask = (torch.arange(cfg.max_text_len)[None] < lengths[:, None]).long()
+    return images, ids, mask
 
 
-__all__ = ["F", "ReferenceM2", "normalize_pixels", "randomize_", "single_groups", "tiny_reference",
-           "torchscale_available"]

@@ -66,32 +66,35 @@ def _sub_ln_row(linear) -> ModuleSpec:
     return ModuleSpec(module=SubLNRowParallelLinear, params={"linear": linear})
 
 
-def local_layer_spec(cfg: ModelConfig, attn_mask_type: AttnMaskType, drop_path: float = 0.0) -> ModuleSpec:
-    """Megatron-Core modules only; runs on CPU and GPU."""
+def _sub_ln_layer(cfg: ModelConfig, attn_mask_type: AttnMaskType, drop_path: float, *, pre_norm, qkv,
+                  core_attention, fc1, row, keys_map: dict) -> ModuleSpec:
+    """The Sub-LN layer from one backend's modules (pre_norm is IdentityOp when fused into qkv/fc1)."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=pre_norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": attn_mask_type},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=DotProductAttention,
-                    linear_proj=_sub_ln_row(RowParallelLinear),
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
+                submodules=SelfAttentionSubmodules(linear_qkv=qkv, core_attention=core_attention,
+                                                   linear_proj=_sub_ln_row(row), q_layernorm=IdentityOp,
+                                                   k_layernorm=IdentityOp),
             ),
             self_attn_bda=_bda(drop_path),
-            pre_mlp_layernorm=WrappedTorchNorm,
+            pre_mlp_layernorm=pre_norm,
             mlp=ModuleSpec(module=MLP, params={"ffn_hidden_size": cfg.ffn_hidden_size},
-                           submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                    linear_fc2=_sub_ln_row(RowParallelLinear))),
+                           submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=_sub_ln_row(row))),
             mlp_bda=_bda(drop_path),
-            sharded_state_dict_keys_map=dict(TE_FUSED_NORM_NAMES),
+            sharded_state_dict_keys_map=keys_map,
         ),
     )
+
+
+def local_layer_spec(cfg: ModelConfig, attn_mask_type: AttnMaskType, drop_path: float = 0.0) -> ModuleSpec:
+    """Megatron-Core modules only; runs on CPU and GPU."""
+    return _sub_ln_layer(cfg, attn_mask_type, drop_path, pre_norm=WrappedTorchNorm, qkv=ColumnParallelLinear,
+                         core_attention=DotProductAttention, fc1=ColumnParallelLinear, row=RowParallelLinear,
+                         keys_map=dict(TE_FUSED_NORM_NAMES))
 
 
 def te_layer_spec(cfg: ModelConfig, attn_mask_type: AttnMaskType, drop_path: float = 0.0) -> ModuleSpec:
@@ -103,29 +106,9 @@ def te_layer_spec(cfg: ModelConfig, attn_mask_type: AttnMaskType, drop_path: flo
         TERowParallelLinear,
     )
 
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=IdentityOp,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": attn_mask_type},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=TELayerNormColumnParallelLinear,
-                    core_attention=TEDotProductAttention,
-                    linear_proj=_sub_ln_row(TERowParallelLinear),
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
-            ),
-            self_attn_bda=_bda(drop_path),
-            pre_mlp_layernorm=IdentityOp,
-            mlp=ModuleSpec(module=MLP, params={"ffn_hidden_size": cfg.ffn_hidden_size},
-                           submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear,
-                                                    linear_fc2=_sub_ln_row(TERowParallelLinear))),
-            mlp_bda=_bda(drop_path),
-        ),
-    )
+    return _sub_ln_layer(cfg, attn_mask_type, drop_path, pre_norm=IdentityOp, qkv=TELayerNormColumnParallelLinear,
+                         core_attention=TEDotProductAttention, fc1=TELayerNormColumnParallelLinear,
+                         row=TERowParallelLinear, keys_map={})
 
 
 def require_te() -> None:

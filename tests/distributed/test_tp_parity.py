@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from m2megatron.config import preset
 from m2megatron.parallel import Layout, build_groups, seed_everything
+from tests.reference_model import sample_inputs
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-5
@@ -21,16 +22,6 @@ def _groups(tp):
     groups = build_groups(Layout(world_size=dist.get_world_size(), tensor_parallel=tp))
     seed_everything(0, groups)
     return groups
-
-
-def _inputs(cfg, b=3):
-    gen = torch.Generator().manual_seed(0)
-    images = torch.rand(b, 3, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1
-    ids = torch.randint(0, cfg.vocab_size, (b, cfg.max_text_len), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, 9:] = 0
-    mask[2, 3:] = 0
-    return images, ids, mask
 
 
 def _tp_layernorm(tp, width):
@@ -69,7 +60,7 @@ def _embeddings_and_grads(cfg, tp):
     groups = _groups(tp)
     model = M2Encoder(cfg, groups)
     init_weights(model, 11)
-    images, ids, mask = _inputs(cfg)
+    images, ids, mask = sample_inputs(cfg)
     out = model(images=images, text_ids=ids, text_mask=mask)
     logits = out.image @ out.text.t() * out.logit_scale  # a CLIP-style loss with gradients of order 1
     labels = torch.arange(logits.shape[0])
@@ -103,7 +94,7 @@ def _tp_stages_and_import():
     reference = tiny_reference(seed=5, layers=3)
     cfg = infer_model_config(reference.state_dict())
     full, _ = reference_to_ours(reference.state_dict(), cfg)
-    images, ids, mask = _inputs(cfg)
+    images, ids, mask = sample_inputs(cfg)
     groups = _groups(2)
     stages = [M2Encoder(cfg, groups, pre_process=True, post_process=False, layer_range=(0, 2)),
               M2Encoder(cfg, groups, pre_process=False, post_process=True, layer_range=(2, 3))]
@@ -146,7 +137,6 @@ def _dist_checkpoint_roundtrip(path):
     return [k for k in expected if not torch.equal(expected[k], got[k])]
 
 
-@pytest.mark.slow
 def test_dist_checkpoint_saved_at_tp2_loads_at_tp1(dist_pool, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("dist_ckpt"))
     for rank, bad in enumerate(dist_pool(2).run(_dist_checkpoint_roundtrip, path)):

@@ -15,19 +15,9 @@ from m2megatron.models import (
     shard_full_state_dict,
 )
 from m2megatron.models.meta import build_on_meta, per_rank_parameter_counts
-from tests.reference_model import single_groups
+from tests.reference_model import sample_inputs, single_groups
 
 pytestmark = pytest.mark.unit
-
-
-def _inputs(cfg, b=3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.rand(b, 3, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1
-    ids = torch.randint(0, cfg.vocab_size, (b, cfg.max_text_len), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0
-    mask[2, 2:] = 0
-    return images, ids, mask
 
 
 def _model(cfg, seed=1, **kw):
@@ -39,7 +29,7 @@ def _model(cfg, seed=1, **kw):
 def test_forward_shapes_norms_and_logit_scale():
     cfg = preset("tiny")
     model = _model(cfg)
-    images, ids, mask = _inputs(cfg)
+    images, ids, mask = sample_inputs(cfg)
     out = model(images=images, text_ids=ids, text_mask=mask)
     assert out.image.shape == out.text.shape == (3, cfg.embed_dim)
     torch.testing.assert_close(out.image.norm(dim=-1), torch.ones(3))
@@ -52,7 +42,7 @@ def test_forward_shapes_norms_and_logit_scale():
 def test_every_parameter_gets_a_gradient():
     cfg = preset("tiny")
     model = _model(cfg)
-    images, ids, mask = _inputs(cfg)
+    images, ids, mask = sample_inputs(cfg)
     out = model(images=images, text_ids=ids, text_mask=mask)
     (out.image @ out.text.t() * out.logit_scale.exp()).sum().backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
@@ -61,7 +51,7 @@ def test_every_parameter_gets_a_gradient():
 def test_padded_text_positions_do_not_matter():
     cfg = preset("tiny")
     model = _model(cfg)
-    _, ids, mask = _inputs(cfg)
+    _, ids, mask = sample_inputs(cfg)
     other = torch.where(mask.bool(), ids, torch.randint_like(ids, 0, 1000))
     with torch.no_grad():
         assert torch.equal(model.encode_text(ids, mask), model.encode_text(other, mask))
@@ -72,7 +62,7 @@ def test_chained_pipeline_stages_reproduce_one_stage_exactly(ranges):
     cfg = dataclasses.replace(preset("tiny"), num_layers=3)
     whole = _model(cfg)
     full = full_state_dict(whole)
-    images, ids, mask = _inputs(cfg)
+    images, ids, mask = sample_inputs(cfg)
     ref = whole(images=images, text_ids=ids, text_mask=mask)
     last = len(ranges) - 1
     stages = [M2Encoder(cfg, single_groups(), pre_process=s == 0, post_process=s == last, layer_range=r)
@@ -132,7 +122,7 @@ def test_load_full_state_dict_lists_every_problem():
 def test_drop_path_is_active_only_in_training():
     cfg = dataclasses.replace(preset("tiny"), drop_path_rate=0.5)
     model = _model(cfg)
-    images, _, _ = _inputs(cfg)
+    images, _, _ = sample_inputs(cfg)
     with torch.no_grad():
         model.eval()
         assert torch.equal(model.encode_image(images), model.encode_image(images))
