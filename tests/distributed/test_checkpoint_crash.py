@@ -1,0 +1,92 @@
+"""SIGKILL during a save leaves the previous checkpoint loadable, and `latest` never names an incomplete one.
+
+Each crash point runs in its own process (`python -m tests.distributed.test_checkpoint_crash ROOT POINT`):
+it saves step 1 normally, then saves step 2 with M2_CKPT_CRASH_AT=POINT, which SIGKILLs it there.
+"""
+
+import contextlib
+import datetime
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from m2megatron.checkpoint import load_checkpoint, save_checkpoint
+from m2megatron.checkpoint.atomic import CRASH_ENV, CRASH_POINTS, LATEST, complete_checkpoints, resolve
+from m2megatron.checkpoint.toy import build_toy
+from m2megatron.parallel import Layout, build_groups
+
+pytestmark = pytest.mark.distributed
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _crash_run(root: str, point: str) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=120))
+    from m2megatron.parallel import cpu_compat
+
+    cpu_compat.apply()
+    groups = build_groups(Layout(world_size=1))
+    chunks, opt, sched = build_toy(groups)
+    save_checkpoint(root, 1, chunks, opt, sched, groups=groups)
+    os.environ[CRASH_ENV] = point
+    save_checkpoint(root, 2, chunks, opt, sched, groups=groups)
+    raise SystemExit("crash point was not reached")
+
+
+def _load_then_save(root: str):
+    mp.current_process()._config["daemon"] = False  # Megatron's writer forks; pool workers are daemons
+    groups = build_groups(Layout(world_size=dist.get_world_size(), tensor_parallel=2))
+    chunks, opt, sched = build_toy(groups)
+    step = load_checkpoint(root, chunks, opt, sched, groups=groups).step
+    save_checkpoint(root, 3, chunks, opt, sched, groups=groups)
+    return step
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint_loadable(dist_pool, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop(CRASH_ENV, None)
+    # Output goes to files, not pipes: the killed process's helper processes (Megatron's writer manager)
+    # may hold inherited pipes open after it died. Each run gets its own session, cleaned up after.
+    procs = {}
+    for point in CRASH_POINTS:
+        log = open(tmp_path / f"{point}.log", "wb")
+        procs[point] = subprocess.Popen([sys.executable, "-m", "tests.distributed.test_checkpoint_crash",
+                                         str(tmp_path / point), point], cwd=REPO, env=env, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+    for point, proc in procs.items():
+        try:
+            proc.wait(timeout=600)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # leftovers of this run's own session only
+        log = (tmp_path / f"{point}.log").read_text(errors="replace")[-3000:]
+        assert proc.returncode == -signal.SIGKILL, f"{point}: exit {proc.returncode}\n{log}"
+    pool = dist_pool(2)
+    # point -> (complete checkpoints after the crash, what `latest` names)
+    expected = {"after_shards": ([1], 1), "before_rename": ([1], 1), "before_latest": ([1, 2], 1),
+                "after_latest": ([1, 2], 2)}
+    for point in CRASH_POINTS:
+        root = tmp_path / point
+        complete, latest = expected[point]
+        assert [p.name for p in complete_checkpoints(root)] == [f"iter_{s:07d}" for s in complete], point
+        assert (root / LATEST).read_text().strip() == f"iter_{latest:07d}", point
+        assert resolve(root).name == f"iter_{latest:07d}", point
+        assert pool.run(_load_then_save, str(root)) == [latest, latest], point
+        assert (root / LATEST).read_text().strip() == "iter_0000003"
+        assert not [p for p in root.iterdir() if p.name.startswith(".tmp.")], f"{point}: stale temp left"
+
+
+if __name__ == "__main__":
+    _crash_run(sys.argv[1], sys.argv[2])

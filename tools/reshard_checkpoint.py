@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Reshard a checkpoint offline: load it at a new TP/PP/DP layout and save it there.
+
+Runs on --world-size local gloo ranks that it spawns itself, or under torchrun (then --world-size must
+match). Every rank rebuilds the model from the saved config (--builder m2; 'toy' for tests), loads its
+slices (resharding on load) and writes them, so per-rank memory is about one shard of model+optimizer.
+
+  python tools/reshard_checkpoint.py runs/a/checkpoints runs/b/checkpoints --world-size 4 --tp 2 --pp 2
+"""
+
+import argparse
+import logging
+import sys
+import time
+
+
+def _reshard(src, dst, tp, pp, builder, with_optimizer):
+    import torch.distributed as dist
+
+    from m2megatron.checkpoint.reshard import reshard
+    from m2megatron.parallel import Layout, build_groups
+
+    started = time.perf_counter()
+    groups = build_groups(Layout(world_size=dist.get_world_size(), tensor_parallel=tp, pipeline_parallel=pp))
+    out = reshard(src, dst, groups, builder=builder, with_optimizer=with_optimizer)
+    if dist.get_rank() == 0:
+        print(f"resharded to {out} (TP {tp} × PP {pp} × DP {groups.layout.data_parallel}) in "
+              f"{time.perf_counter() - started:.1f}s", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="checkpoint directory, or a root with a 'latest' pointer")
+    p.add_argument("dst", help="root to write the resharded checkpoint into (iter_NNNNNNN + latest)")
+    p.add_argument("--world-size", type=int, required=True, help="ranks of the target layout")
+    p.add_argument("--tp", type=int, default=1, help="target tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size")
+    p.add_argument("--builder", default="m2", choices=["m2", "toy"], help="how to rebuild the model")
+    p.add_argument("--no-optimizer", action="store_true", help="write model weights (and counters) only")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from m2megatron.checkpoint.cli import run_on_ranks
+
+    run_on_ranks(args.world_size, _reshard, args.src, args.dst, args.tp, args.pp, args.builder,
+                 not args.no_optimizer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
