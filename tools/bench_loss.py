@@ -11,8 +11,8 @@ group size G in {1, 2, 4, ..., P}, dense and chunked. Per rank it measures
 - bytes sent: counted at the collective calls, as the data each rank must send whatever the algorithm:
   (G − 1) × its chunk for an all-gather or a reduce-scatter, and its G − 1 outgoing chunks for a
   scatter (the gloo emulation of all-to-all in OpenCLIP's backward);
-- wall time: the slowest rank's mean over a few steps (P processes share 2 cores here, so only the
-  ratios within one run mean anything).
+- wall time: the slowest rank's time of one step, the best of a few rounds that interleave the
+  configurations (P processes share 2 cores here, so only the ratios within one run mean anything).
 It prints a table of ratios against OpenCLIP, the analytic model of docs/LOSS.md for the 10B model on
 256 GPUs, and last a key=value summary line.
 """
@@ -29,6 +29,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -48,8 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--world", type=int, default=8, help="P, gloo processes (default 8)")
     parser.add_argument("--batches", default="4096,16384", help="global batches N, comma-separated")
     parser.add_argument("--dim", type=int, default=128, help="embedding dim d")
-    parser.add_argument("--chunk", type=int, default=512, help="column tile of the chunked loss")
-    parser.add_argument("--iters", type=int, default=2, help="timed steps per configuration")
+    parser.add_argument("--chunk", type=int, default=256, help="column tile of the chunked loss")
+    parser.add_argument("--iters", type=int, default=3, help="timed rounds over all configurations")
     return parser.parse_args(argv)
 
 
@@ -105,22 +106,30 @@ def peak_allocated_bytes(step, rank: int) -> int:
     return max(totals, default=0)
 
 
-def measure(loss_fn, image, text, log_scale, iters: int, counter: SentBytes, rank: int) -> dict:
+def make_step(loss_fn, image, text, log_scale):
     def step():
         leaves = [x.detach().clone().requires_grad_() for x in (image, text, log_scale)]
         loss_fn(*leaves).backward()
+    return step
 
+
+def measure_bytes_and_memory(step, counter: SentBytes, rank: int, repeats: int = 2) -> dict:
+    """Bytes sent in one step; peak memory as the least of `repeats` profiled steps (a tensor whose free
+    happens to land after the profiled window — seen on random ranks, ±2 MiB — can only raise a reading)."""
     counter.total = 0
-    step()  # warm-up, and the counted step
+    step()  # also the warm-up
     sent = counter.total
-    peak = peak_allocated_bytes(step, rank)
+    peak = min(peak_allocated_bytes(step, rank) for _ in range(repeats))
+    return {"sent": sent, "peak": peak}
+
+
+def slowest_rank_seconds(step) -> float:
     dist.barrier()
     start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    seconds = torch.tensor((time.perf_counter() - start) / iters)
+    step()
+    seconds = torch.tensor(time.perf_counter() - start)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    return {"sent": sent, "peak": peak, "time": seconds.item()}
+    return seconds.item()
 
 
 def openclip_loss_module():
@@ -153,6 +162,7 @@ def loss_variants(world: int, rank: int, chunk: int) -> dict:
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, results_path: str) -> None:
+    warnings.simplefilter("ignore")  # deprecation notices of torch/OpenCLIP collectives, TE/apex absence, × P ranks
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=10))
@@ -167,11 +177,20 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, results_p
         gen = torch.Generator().manual_seed(rank)
         image = F.normalize(torch.randn(batch // world, args.dim, generator=gen), dim=1)
         text = F.normalize(image + 0.5 * torch.randn(batch // world, args.dim, generator=gen), dim=1)
-        for name, (size, chunked, fn) in variants.items():
-            result = measure(fn, image, text, torch.tensor(math.log(1 / 0.07)), args.iters, counter, rank)
+        steps = {name: make_step(fn, image, text, torch.tensor(math.log(1 / 0.07)))
+                 for name, (_, _, fn) in variants.items()}
+        measured = {name: measure_bytes_and_memory(step, counter, rank) for name, step in steps.items()}
+        # Time the variants in interleaved rounds and keep each one's best round, so that a burst of
+        # load from elsewhere on the machine hits all of them alike.
+        seconds = {name: math.inf for name in steps}
+        for _ in range(args.iters):
+            for name, step in steps.items():
+                seconds[name] = min(seconds[name], slowest_rank_seconds(step))
+        for name, (size, chunked, _) in variants.items():
             peaks = [None] * world
-            dist.all_gather_object(peaks, result["peak"])
-            rows.append(dict(result, batch=batch, name=name, G=size, chunked=chunked, peak=max(peaks)))
+            dist.all_gather_object(peaks, measured[name]["peak"])
+            rows.append(dict(batch=batch, name=name, G=size, chunked=chunked, sent=measured[name]["sent"],
+                             peak=max(peaks), time=seconds[name]))
     if rank == 0:
         with open(results_path, "w") as f:
             json.dump(rows, f)
@@ -187,11 +206,11 @@ def model_sent_bytes(group: int, rows: int, dim: int, elem: int) -> int:
 
 
 def model_peak_bytes(rows: int, cols: int, dim: int, elem: int, chunk: int | None) -> int:
-    """Peak loss-step memory per rank: logits terms plus the gathered columns and their gradients."""
-    columns = 2 * cols * dim * elem + 2 * cols * dim * FP32 + 2 * cols * dim * elem  # gathered, ∂k fp32, stacked ∂
-    if chunk is None:
-        return 4 * rows * cols * FP32 + columns  # 2 saved log-softmax + 2 backward temporaries
-    return 3 * rows * min(chunk, cols) * FP32 + columns  # a logits tile, its softmax and ∂z
+    """Peak loss-step memory per rank (docs/LOSS.md §5): logits terms plus the gathered columns and their
+    gradients; backend working memory of the collectives is left out."""
+    if chunk is None:  # 2 saved log-softmax outputs + 2 backward temporaries; pairs, fp32 ∂cols, their stack
+        return 4 * rows * cols * FP32 + 2 * cols * dim * (2 * elem + FP32)
+    return 3 * rows * min(chunk, cols) * FP32 + 4 * cols * dim * elem  # a tile, p − y, a product; pairs, ∂pairs
 
 
 def analytic_rows(world=256, per_rank=64, dim=1024, elem=2, accumulation=(1, 8, 32), chunk=4096):
