@@ -6,7 +6,9 @@ safetensors header is known from m2meta.json before any data is read, so the fil
 tensor by tensor. Peak memory is about one batch (at least the largest tensor; `batch_bytes`).
 
 Loading back (`load_consolidated`): every rank reads, through safetensors' memory map, only the
-slices its ShardedTensors cover, so a consolidated file loads at any TP/PP layout.
+slices its ShardedTensors cover, so a consolidated file loads at any TP/PP layout. For the M2 model the
+file is the project's consolidated format (docs/MODEL.md), which `m2megatron.checkpoint.files.load_any`,
+eval and encode read as well.
 """
 
 from __future__ import annotations
@@ -87,21 +89,65 @@ def _safetensors_header(index: dict[str, dict], metadata: dict[str, str]) -> byt
     return raw + b" " * (-len(raw) % 8)  # data starts 8-byte aligned
 
 
+class _M2FileFormat:
+    """For M2 checkpoints, write the project's consolidated file (m2megatron.checkpoint.files, docs/MODEL.md):
+    local-spec names, the unpadded vocabulary, metadata `format` and `model_config`; other models keep
+    their checkpoint keys."""
+
+    def __init__(self, config: dict | None):
+        self.model = (config or {}).get("model")
+
+    def name(self, key: str) -> str:
+        if not self.model:
+            return key
+        from m2megatron.models.layer_specs import TE_FUSED_NORM_NAMES
+
+        for local, te in TE_FUSED_NORM_NAMES.items():
+            key = key.replace(te, local)
+        return key
+
+    def rows(self, key: str) -> int | None:
+        from m2megatron.models.state import VOCAB_KEY
+
+        return self.model["vocab_size"] if self.model and key == VOCAB_KEY else None
+
+    def index(self, index: dict[str, dict]) -> dict[str, dict]:
+        out = {}
+        for key, info in index.items():
+            rows = self.rows(key)
+            out[self.name(key)] = dict(info, shape=[rows] + info["shape"][1:]) if rows else info
+        return out
+
+    def tensor(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        rows = self.rows(key)
+        return tensor[:rows] if rows else tensor
+
+    def metadata(self) -> dict[str, str]:
+        if not self.model:
+            return {}
+        from m2megatron.checkpoint.files import FORMAT
+
+        return {"format": FORMAT, "model_config": json.dumps(self.model)}
+
+
 def consolidate(path_or_root: str | Path, out_dir: str | Path, *, include_optimizer: bool = False,
                 batch_bytes: int = DEFAULT_BATCH_BYTES, progress: Callable[[str], None] | None = None) -> Path:
     """Write out_dir/model.safetensors and out_dir/config.json; returns the safetensors path."""
     ckpt_dir = atomic.resolve(path_or_root)
     meta = manifest.read(ckpt_dir)
     index = tensor_index(ckpt_dir, include_optimizer)
+    fmt = _M2FileFormat(meta["config"])
+    out_index = fmt.index(index)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target, tmp = out_dir / "model.safetensors", out_dir / ".model.safetensors.tmp"
-    header = _safetensors_header(index, {"format": "pt", "source": str(ckpt_dir), "step": str(meta["step"])})
-    total, done, started = sum(_nbytes(i) for i in index.values()), 0, time.perf_counter()
+    header = _safetensors_header(out_index, {"source": str(ckpt_dir), "step": str(meta["step"]), **fmt.metadata()})
+    total, done, started = sum(_nbytes(i) for i in out_index.values()), 0, time.perf_counter()
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
-        for n, (_key, tensor) in enumerate(read_full_tensors(ckpt_dir, index, batch_bytes), 1):
+        for n, (key, tensor) in enumerate(read_full_tensors(ckpt_dir, index, batch_bytes), 1):
+            tensor = fmt.tensor(key, tensor)
             if tensor.numel():
                 f.write(memoryview(tensor.contiguous().view(torch.uint8).numpy()))
             done += tensor.numel() * tensor.element_size()
@@ -110,7 +156,7 @@ def consolidate(path_or_root: str | Path, out_dir: str | Path, *, include_optimi
                          f"{time.perf_counter() - started:.1f}s")
     tmp.replace(target)
     config = {"step": meta["step"], "layout": meta["layout"], "config": meta["config"], "source": str(ckpt_dir),
-              "tensors": index}
+              "tensors": out_index}
     (out_dir / "config.json").write_text(json.dumps(config, indent=1))
     return target
 
@@ -130,6 +176,18 @@ def load_consolidated(file: str | Path, model_chunks: list, groups) -> None:
 
     from m2megatron.checkpoint import state
 
+    with safe_open(str(file), framework="pt") as f:
+        m2_format = "model_config" in (f.metadata() or {})
+    if m2_format:  # the project's consolidated M2 file: local names, unpadded vocab (docs/MODEL.md)
+        from megatron.core.utils import unwrap_model
+
+        from m2megatron.checkpoint.files import load_consolidated as read_m2_file
+        from m2megatron.models import load_full_state_dict
+
+        _, full, _ = read_m2_file(file)
+        for chunk in unwrap_model(model_chunks):
+            load_full_state_dict(chunk, full)
+        return
     sharded = state.model_sharded_state_dict(model_chunks, state.sharding_metadata(groups, None))
     with safe_open(str(file), framework="pt") as f, torch.no_grad():
         available = set(f.keys())
