@@ -174,7 +174,7 @@ class LocalSlurm:
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
             "SlurmdParameters=config_overrides",  # advertise more CPUs than the VM has
             "ReturnToService=2", "SlurmctldTimeout=30", "SlurmdTimeout=30", "InactiveLimit=0", "KillWait=5",
-            "MinJobAge=300", "Waittime=0",
+            "MinJobAge=3600", "Waittime=0",  # finished jobs stay visible to scontrol for the whole session
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
             f"NodeName={self.node} NodeAddr=127.0.0.1 NodeHostname={self.node} Port=6818 CPUs={self.cpus} "
             f"RealMemory={self.mem_mb} State=UNKNOWN",

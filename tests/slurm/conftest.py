@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ def slurm_cluster():
 
 def _started(cluster: LocalSlurm):
     t0 = time.monotonic()
+    atexit.register(cluster.stop)  # in case pytest never finalizes this fixture; stop() is idempotent
     try:
         cluster.start()
     except SlurmUnavailable as exc:
@@ -52,11 +54,21 @@ def _started(cluster: LocalSlurm):
         TIMINGS["tests_s"] = time.monotonic() - session_t0
         t1 = time.monotonic()
         cluster.stop()
+        atexit.unregister(cluster.stop)
         TIMINGS["teardown_s"] = time.monotonic() - t1
         if os.environ.get("M2_SLURM_KEEP") == "1":
             (cluster.base / "log" / "timings.json").write_text(json.dumps(TIMINGS, indent=2))
         else:
             shutil.rmtree(cluster.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_runs_dir(slurm_cluster):
+    """Run directories of the slurm tests: inside the cluster's own folder, not pytest's basetemp, which
+    concurrent pytest sessions of the same user may rotate away while the jobs still run."""
+    path = slurm_cluster.base / "runs"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def _interrupt(signum, frame):

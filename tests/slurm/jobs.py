@@ -46,11 +46,18 @@ def job_info(cluster: LocalSlurm, job_id: str) -> dict[str, str]:
     return fields
 
 
+def job_ended(cluster: LocalSlurm, job_id: str) -> bool:
+    """The job reached a final state, or slurmctld no longer knows it."""
+    return job_info(cluster, job_id).get("JobState", "COMPLETED") in FINAL_STATES
+
+
 def wait_job(cluster: LocalSlurm, job_id: str, timeout: float = 300) -> dict[str, str]:
     """Poll until the job reaches a final state (a requeue passes through PENDING, which is not final)."""
     deadline = time.monotonic() + timeout
     while True:
         info = job_info(cluster, job_id)
+        if not info:
+            raise AssertionError(f"job {job_id} is not known to slurmctld (purged, or never submitted)")
         if info.get("JobState") in FINAL_STATES:
             return info
         if time.monotonic() > deadline:
@@ -62,10 +69,8 @@ def wait_until(predicate, what: str, timeout: float = 180, cluster: LocalSlurm |
                job_id: str | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
-        if cluster is not None and job_id is not None:
-            state = job_info(cluster, job_id).get("JobState")
-            if state in FINAL_STATES:
-                raise AssertionError(f"job {job_id} ended ({state}) before: {what}")
+        if cluster is not None and job_id is not None and job_ended(cluster, job_id):
+            raise AssertionError(f"job {job_id} ended before: {what}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for: {what}")
         time.sleep(0.3)

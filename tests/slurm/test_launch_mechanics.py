@@ -15,7 +15,7 @@ import time
 import pytest
 import yaml
 
-from tests.slurm.jobs import FINAL_STATES, batch_log, job_info, read_jsonl, recipe, submit, wait_job
+from tests.slurm.jobs import batch_log, job_ended, job_info, read_jsonl, recipe, submit, wait_job
 
 pytestmark = pytest.mark.slurm
 
@@ -29,9 +29,9 @@ PREEMPT_AFTER_STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def runs(slurm_cluster, tmp_path_factory):
+def runs(slurm_cluster, slurm_runs_dir):
     """{(what, mode): (run_dir, job ids)}; every preemption run gets its signal after a few steps."""
-    base = tmp_path_factory.mktemp("mechanics")
+    base = slurm_runs_dir / "mechanics"
     runs = {}
     for mode in MODES:
         run_dir = base / f"selftest-{mode}"
@@ -57,7 +57,7 @@ def send_preemption_signals(cluster, preempt_runs: dict, timeout: float = 300) -
             if len(read_jsonl(run_dir / "metrics.jsonl")) >= PREEMPT_AFTER_STEPS:
                 cluster.run("scancel", *PREEMPT_SIGNAL[mode], jobs["train"])
                 del pending[mode]
-            elif job_info(cluster, jobs["train"]).get("JobState") in FINAL_STATES:
+            elif job_ended(cluster, jobs["train"]):
                 raise AssertionError(f"{mode} training ended before its preemption signal:\n"
                                      f"{explain(run_dir, jobs['train'], mode)}")
         if time.monotonic() > deadline:

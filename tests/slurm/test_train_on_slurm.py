@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.slurm.jobs import FINAL_STATES, batch_log, job_info, read_jsonl, recipe, submit, wait_job
+from tests.slurm.jobs import batch_log, read_jsonl, recipe, submit, wait_job, wait_until
 
 HAVE_TRAINER = importlib.util.find_spec("m2megatron.train.__main__") is not None
 HAVE_EVAL = importlib.util.find_spec("m2megatron.eval.retrieval") is not None
@@ -59,31 +58,22 @@ def steps_and_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], float(r["loss"])) for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
 
 
-def wait_for(predicate, what: str, cluster, job_id: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if job_info(cluster, job_id).get("JobState") in FINAL_STATES:
-            raise AssertionError(f"job {job_id} ended before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.3)
-
-
 @pytest.fixture(scope="module")
-def runs(slurm_cluster, tmp_path_factory):
+def runs(slurm_cluster, slurm_runs_dir):
     """Submit the three runs at once; preempt one with SIGUSR1 and scancel another once they have checkpoints."""
-    base = tmp_path_factory.mktemp("train")
+    base = slurm_runs_dir / "train"
     runs = {}
     for name, mode in (("plain", "srun"), ("preempt", "torchrun"), ("cancel", "srun")):
         run_dir = base / name
         args = ("--eval",) if name == "plain" and HAVE_EVAL else ()
         runs[name] = run_dir, submit(slurm_cluster, tiny_recipe(run_dir, mode), *args)["job_ids"]
     run_dir, jobs = runs["preempt"]
-    wait_for(lambda: len(steps_and_losses(run_dir)) >= 3, "3 steps", slurm_cluster, jobs["train"])
+    wait_until(lambda: len(steps_and_losses(run_dir)) >= 3, "3 steps", timeout=300, cluster=slurm_cluster,
+               job_id=jobs["train"])
     slurm_cluster.run("scancel", "--signal=USR1", jobs["train"])
     run_dir, jobs = runs["cancel"]
-    wait_for(lambda: latest_checkpoint(run_dir) is not None and len(steps_and_losses(run_dir)) >= 12,
-             "a checkpoint and 2 more steps", slurm_cluster, jobs["train"])
+    wait_until(lambda: latest_checkpoint(run_dir) is not None and len(steps_and_losses(run_dir)) >= 12,
+               "a checkpoint and 2 more steps", timeout=300, cluster=slurm_cluster, job_id=jobs["train"])
     slurm_cluster.run("scancel", jobs["train"])
     return runs
 
