@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batches", default="4096,16384", help="global batches N, comma-separated")
     parser.add_argument("--dim", type=int, default=128, help="embedding dim d")
     parser.add_argument("--chunk", type=int, default=256, help="column tile of the chunked loss")
-    parser.add_argument("--iters", type=int, default=3, help="timed rounds over all configurations")
+    parser.add_argument("--iters", type=int, default=2, help="timed rounds over all configurations")
     return parser.parse_args(argv)
 
 
