@@ -24,6 +24,7 @@ class TrainCheckpointer:
         cfg = trainer.cfg
         self.root = Path(cfg.checkpoint.save_dir or Path(cfg.train.run_dir) / "checkpoints")
         self._last_saved: int | None = None
+        self.last_path: Path | None = None
 
     def due(self, step: int) -> bool:
         interval = self.trainer.cfg.checkpoint.save_interval
@@ -38,7 +39,7 @@ class TrainCheckpointer:
                                extra_state={"skipped_steps": t.skipped_steps},
                                rank_state={"loader": t.loader.state_dict()},
                                keep_last=t.cfg.checkpoint.keep_last)
-        self._last_saved = step
+        self._last_saved, self.last_path = step, path
         if dist.get_rank() == 0:
             log.info("saved checkpoint %s", path)
         return path
@@ -61,7 +62,7 @@ class TrainCheckpointer:
             log.warning("resumed at another layout: data order restarts for the new data-parallel ranks")
         if dist.get_rank() == 0:
             log.info("resumed from %s at step %d", loaded.path, loaded.step)
-        self._last_saved = loaded.step
+        self._last_saved, self.last_path = loaded.step, loaded.path
         return loaded.step
 
     def finalize(self) -> None:

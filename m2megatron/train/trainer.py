@@ -136,7 +136,8 @@ class Trainer:
                 if self.checkpointer.due(self.step):
                     self.checkpointer.save(self.step)
                 if self.preemption.requested():
-                    path = self.checkpointer.save(self.step)
+                    path = self.checkpointer.last_path if self.checkpointer.saved_at(self.step) else \
+                        self.checkpointer.save(self.step)
                     self.preemption.mark_preempted(step=self.step, checkpoint=str(path))
                     log.warning("preempted at step %d; checkpoint %s", self.step, path)
                     return self.step
