@@ -22,6 +22,10 @@ so an upgrade tells us when a patch can go. Measurements: ../shared/notes/megatr
 - W7 `CheckpointWithoutOutput` treats `fp8=False` as enabled and then needs Transformer Engine.
 - W8 the default causal and sliding-window masks are built with `device="cuda"` (also during
   recompute in backward, where W3 is inactive).
+
+W3's mode puts a Python call in front of every torch function, which cost our forward+backward 15-20%
+at small sizes (tools/bench_model.py). Inside a Megatron TransformerLayer every CUDA-only call is one
+of the direct patches (W1, W2, W8), so `apply()` runs TransformerLayer.forward with the mode lifted.
 """
 
 from __future__ import annotations
@@ -140,6 +144,21 @@ def _patch_checkpoint_without_output() -> None:
     mrandom.CheckpointWithoutOutput.__init__ = init
 
 
+def _lift_mode_in_transformer_layers(mode: _CpuDeviceMode) -> None:
+    """Run TransformerLayer.forward without W3's mode on top (see the module docstring)."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    original = TransformerLayer.forward
+
+    def forward(self, *args, **kwargs):
+        if torch._C._len_torch_function_stack() and torch.overrides._get_current_function_mode() is mode:
+            with torch.overrides._pop_mode_temporarily():
+                return original(self, *args, **kwargs)
+        return original(self, *args, **kwargs)
+
+    TransformerLayer.forward = forward
+
+
 def apply() -> bool:
     """Install every workaround once, if CUDA is unavailable. Returns True if they are active."""
     global _APPLIED
@@ -152,7 +171,9 @@ def apply() -> bool:
     _patch_rng_tracker()  # W2
     _patch_masks()  # W8
     _patch_checkpoint_without_output()  # W7
-    _CpuDeviceMode().__enter__()  # W3 + W5, for the rest of the process
+    mode = _CpuDeviceMode()
+    mode.__enter__()  # W3 + W5, for the rest of the process
+    _lift_mode_in_transformer_layers(mode)
     _APPLIED = True
     log.debug("Megatron-Core CPU workarounds applied")
     return True

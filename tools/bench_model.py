@@ -1,0 +1,357 @@
+"""Forward+backward throughput of our model against the reference architecture (torchscale 0.3.0).
+
+    OMP_NUM_THREADS=1 .venv/bin/python tools/bench_model.py                 # ~5-10 min on 2 idle cores
+    OMP_NUM_THREADS=1 .venv/bin/python tools/bench_model.py --no-scaling --repeats 3
+
+Part 1, single process: our M2Encoder (local spec, TP=1, PP=1) and the reference VLMo graph built from
+PyPI torchscale==0.3.0 (tests/reference_model.py) with the same sizes, our weights imported from the
+reference's, the same images and captions and the same symmetric contrastive loss. Each repeat times
+`--iters` forward+backward steps of ours, then of the reference (alternating, so machine load hits both);
+the ratio ours/reference in samples/s is reported as the median and the min–max over repeats, in fp32
+and in bf16, for `tiny` and a reduced-depth m2-0.4b shape (D=768, 12 heads, 224 px, 2 tower layers,
+1 VL layer). bf16 means bf16 weights and inputs on both sides: CPU autocast cannot run our model,
+because Megatron-Core's linear autograd functions declare custom_fwd/custom_bwd for CUDA only, so
+under CPU autocast their backward multiplies a bf16 gradient with an fp32 weight and fails.
+The reference runs as it would stand-alone, outside cpu_compat's
+TorchFunctionMode; ours runs as the trainer runs it. A third column times ours outside the mode too,
+which isolates the mode's cost.
+
+Part 2 (--scaling), gloo processes on this machine: the trainer's pipeline step (Megatron schedules,
+DDP, contrastive loss) at TP=1 on one process against TP=2 and PP=2 on two, same global batch.
+Scaling efficiency = t(TP1) / (ranks × t(layout)); the communication share is the time spent inside
+torch.distributed calls (collectives, and p2p until their requests complete, which includes pipeline
+waits) over the step time, from wrappers around those calls. On a shared 2-core machine only the
+ordering of these numbers means something.
+
+Last line: a key=value summary with ratio_vs_reference= (median fp32 ratio of the larger shape).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.reference_model
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(dim=64, layers=2, heads=4, out_dim=64, img_size=32, patch_size=8, vl_layers=1),
+    "m2-0.4b-d2": dict(dim=768, layers=2, heads=12, out_dim=768, img_size=224, patch_size=16, vl_layers=1),
+}
+PRESET_OF = {"tiny": "tiny", "m2-0.4b-d2": "m2-0.4b"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="tiny,m2-0.4b-d2")
+    p.add_argument("--batch", default="tiny=32,m2-0.4b-d2=4", help="samples per step per shape")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--iters", type=int, default=2, help="steps per timed block")
+    p.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--scaling-batch", type=int, default=32, help="global batch of the scaling runs")
+    p.add_argument("--scaling-steps", type=int, default=3)
+    p.add_argument("--json", default=None, help="also write the results here")
+    return p.parse_args(argv)
+
+
+# --- part 1: ours vs the reference -------------------------------------------------------------------
+
+
+def clip_loss(image, text, log_scale):
+    """Symmetric InfoNCE over the batch (identical for both models)."""
+    logits = log_scale.exp() * image.float() @ text.float().t()
+    labels = torch.arange(logits.shape[0])
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def reference_embeddings(ref, pixels, ids, mask):
+    """The reference's encode_image / encode_text graph, with autograd (tests' helpers run under no_grad)."""
+    pad = 1 - mask
+    img = ref.backbone(textual_tokens=None, visual_tokens=pixels)["encoder_out"]
+    img = ref.backbone_vl(src_tokens=None, token_embeddings=img, multiway_split_position=-1)["encoder_out"]
+    txt = ref.backbone(textual_tokens=ids, visual_tokens=None, text_padding_position=pad)["encoder_out"]
+    txt = ref.backbone_vl(src_tokens=None, token_embeddings=txt, encoder_padding_mask=pad,
+                          multiway_split_position=-1)["encoder_out"]
+    return (F.normalize(ref.itc_vl_image_proj.fc(img[:, 0]), dim=-1, eps=0.0),
+            F.normalize(ref.itc_vl_text_proj.fc(txt[:, 0]), dim=-1, eps=0.0))
+
+
+def build_pair(shape: str, groups):
+    from m2megatron.checkpoint.reference_format import infer_model_config, reference_to_ours
+    from m2megatron.models import M2Encoder, load_full_state_dict
+    from tests.reference_model import ReferenceM2, randomize_
+
+    ref = ReferenceM2(**SHAPES[shape]).train()
+    randomize_(ref, seed=0)
+    cfg = infer_model_config(ref.state_dict(), preset=PRESET_OF[shape])
+    full, _ = reference_to_ours(ref.state_dict(), cfg)
+    ours = M2Encoder(cfg, groups).train()
+    load_full_state_dict(ours, full)
+    return ours, ref, cfg
+
+
+def inputs(cfg, batch: int):
+    gen = torch.Generator().manual_seed(0)
+    s = cfg.max_text_len
+    lengths = torch.randint(2, s + 1, (batch,), generator=gen)
+    mask = (torch.arange(s)[None] < lengths[:, None]).long()
+    ids = torch.randint(0, cfg.vocab_size, (batch, s), generator=gen) * mask
+    pixels = torch.rand(batch, 3, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1
+    return pixels, ids, mask
+
+
+def steps(ours, ref, pixels, ids, mask):
+    def ours_step():
+        out = ours(images=pixels, text_ids=ids, text_mask=mask)
+        clip_loss(out.image, out.text, out.logit_scale).backward()
+        ours.zero_grad(set_to_none=True)
+
+    def ref_step():
+        image, text = reference_embeddings(ref, pixels, ids, mask)
+        clip_loss(image, text, ref.logit_scale).backward()
+        ref.zero_grad(set_to_none=True)
+
+    return ours_step, ref_step
+
+
+def timed(fn, iters: int, outside_mode: bool = False) -> float:
+    ctx = torch.overrides._pop_mode_temporarily if outside_mode and torch._C._len_torch_function_stack() \
+        else contextlib.nullcontext
+    with ctx():
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - start) / iters
+
+
+def check_same_math(ours, ref, pixels, ids, mask) -> float:
+    with torch.no_grad(), torch.overrides._pop_mode_temporarily():
+        a, b = ours(images=pixels, text_ids=ids, text_mask=mask), reference_embeddings(ref, pixels, ids, mask)
+    return max((a.image - b[0]).abs().max().item(), (a.text - b[1]).abs().max().item())
+
+
+def compare(shape: str, batch: int, precision: str, groups, args) -> dict:
+    ours, ref, cfg = build_pair(shape, groups)
+    pixels, ids, mask = inputs(cfg, batch)
+    diff = check_same_math(ours, ref, pixels, ids, mask)
+    if precision == "bf16":  # bf16 weights and inputs on both sides (CPU autocast: see the module docstring)
+        ours, ref, pixels = ours.bfloat16(), ref.bfloat16(), pixels.bfloat16()
+    ours_step, ref_step = steps(ours, ref, pixels, ids, mask)
+    timed(ours_step, 1)
+    timed(ref_step, 1, outside_mode=True)  # warm-up
+    ratios, mode_costs, ours_t, ref_t = [], [], [], []
+    for _ in range(args.repeats):
+        t_ours = timed(ours_step, args.iters)
+        t_ref = timed(ref_step, args.iters, outside_mode=True)
+        t_bare = timed(ours_step, args.iters, outside_mode=True)
+        ratios.append(t_ref / t_ours)
+        mode_costs.append(t_ours / t_bare - 1)
+        ours_t.append(t_ours)
+        ref_t.append(t_ref)
+    return dict(shape=shape, precision=precision, batch=batch, max_abs_diff=diff,
+                ours_samples_s=batch / statistics.median(ours_t), ref_samples_s=batch / statistics.median(ref_t),
+                ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+                mode_cost=statistics.median(mode_costs))
+
+
+def single_process_groups():
+    from m2megatron.parallel import build_groups, cpu_compat, seed_everything
+    from m2megatron.parallel.layout import Layout
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    cpu_compat.apply()
+    groups = build_groups(Layout(world_size=1))
+    seed_everything(0, groups)
+    return groups
+
+
+# --- part 2: TP / PP scaling with communication share ---------------------------------------------
+
+
+class CommTimer:
+    """Wall time spent inside torch.distributed calls; async requests count until their wait() returns."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
+             "send", "recv", "barrier", "_all_gather_base", "_reduce_scatter_base")
+    ASYNC = ("isend", "irecv", "batch_isend_irecv")
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def _blocking(self, fn):
+        @functools.wraps(fn)
+        def timed_call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                work = fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+            return self._wrap_work(work) if kwargs.get("async_op") else work
+        return timed_call
+
+    def _wrap_work(self, work):
+        if work is None:
+            return None
+        if isinstance(work, list):
+            return [self._wrap_work(w) for w in work]
+        timer = self
+
+        class TimedWork:
+            def wait(self, *a, **k):
+                start = time.perf_counter()
+                try:
+                    return work.wait(*a, **k)
+                finally:
+                    timer.seconds += time.perf_counter() - start
+
+            def __getattr__(self, name):
+                return getattr(work, name)
+        return TimedWork()
+
+    def _async(self, fn):
+        @functools.wraps(fn)
+        def timed_call(*args, **kwargs):
+            start = time.perf_counter()
+            work = fn(*args, **kwargs)
+            self.seconds += time.perf_counter() - start
+            return self._wrap_work(work)
+        return timed_call
+
+    def install(self) -> None:
+        for name in self.NAMES:
+            if hasattr(dist, name):
+                setattr(dist, name, self._blocking(getattr(dist, name)))
+        for name in self.ASYNC:
+            setattr(dist, name, self._async(getattr(dist, name)))
+
+
+def scaling_worker(rank: int, world: int, port: int, layout: dict, args, out_path: str) -> None:
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=10))
+    from m2megatron.config import load_config
+    from m2megatron.parallel import build_groups, cpu_compat, seed_everything
+    from m2megatron.parallel.layout import Layout
+    from m2megatron.planning.measure import synthetic_microbatches
+    from m2megatron.train.model_setup import build_stage_modules, wrap_ddp
+    from m2megatron.train.optimizer import build_optimizer
+    from m2megatron.train.step import PipelineStep
+
+    cpu_compat.apply()
+    cfg = load_config(overrides=[f"--parallel.tensor_parallel={layout['tp']}",
+                                 f"--parallel.pipeline_parallel={layout['pp']}",
+                                 f"--train.micro_batch_size={layout['b']}",
+                                 f"--train.global_batch_size={args.scaling_batch}", "--model.vocab_size=4096"])
+    groups = build_groups(Layout(world_size=world, tensor_parallel=layout["tp"], pipeline_parallel=layout["pp"]))
+    seed_everything(0, groups)
+    chunks = wrap_ddp(build_stage_modules(cfg, groups), groups, distributed_optimizer=False)
+    optimizer = build_optimizer(chunks, cfg.optim, groups.collection)
+    step = PipelineStep(chunks, groups, cfg)
+    batches = synthetic_microbatches(cfg, cfg.num_microbatches(world))
+    timer = CommTimer()
+    timer.install()
+    times, comm = [], []
+    for i in range(args.scaling_steps + 1):
+        dist.barrier()
+        timer.seconds = 0.0
+        start = time.perf_counter()
+        for c in chunks:
+            c.zero_grad_buffer()
+        optimizer.zero_grad()
+        step(batches)
+        optimizer.step()
+        if i:  # the first step is a warm-up
+            times.append(time.perf_counter() - start)
+            comm.append(timer.seconds)
+    result = {"step_s": statistics.median(times), "comm_share": statistics.median(c / t for c, t in zip(comm, times))}
+    results = [None] * world
+    dist.all_gather_object(results, result)
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def run_layout(layout: dict, args) -> list[dict]:
+    world = layout["tp"] * layout["pp"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "r.json")
+        mp.start_processes(scaling_worker, args=(world, port, layout, args, path), nprocs=world, start_method="spawn")
+        return json.loads(Path(path).read_text())
+
+
+def scaling(args) -> list[dict]:
+    """TP1 on one process, then TP2 and PP2 on two (the tiny preset, a 4096-piece vocabulary)."""
+    layouts = [dict(name="TP1", tp=1, pp=1, b=8), dict(name="TP2", tp=2, pp=1, b=8),
+               dict(name="PP2", tp=1, pp=2, b=8)]
+    rows = []
+    for layout in layouts:
+        per_rank = run_layout(layout, args)
+        rows.append(dict(layout=layout["name"], ranks=len(per_rank), step_s=max(r["step_s"] for r in per_rank),
+                         comm_share=statistics.mean(r["comm_share"] for r in per_rank)))
+    base = rows[0]["step_s"]
+    for r in rows:
+        r["efficiency"] = base / (r["ranks"] * r["step_s"])
+    return rows
+
+
+# --- report -------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    batches = dict(item.split("=") for item in args.batch.split(","))
+    groups = single_process_groups()
+    started = time.perf_counter()
+    rows = [compare(shape, int(batches[shape]), precision, groups, args)
+            for shape in args.shapes.split(",") for precision in args.precisions.split(",")]
+    print(f"# forward+backward, {args.repeats} alternating repeats × {args.iters} steps; "
+          f"ratio = ours / reference in samples/s (median [min–max]); mode = cost of cpu_compat's TorchFunctionMode")
+    print(f"{'shape':<12} {'prec':<5} {'b':>3} {'ours/s':>8} {'ref/s':>8} {'ratio':>6} {'spread':>13} "
+          f"{'mode':>6} {'|Δemb| fp32':>11}")
+    for r in rows:
+        print(f"{r['shape']:<12} {r['precision']:<5} {r['batch']:>3} {r['ours_samples_s']:8.2f} "
+              f"{r['ref_samples_s']:8.2f} {r['ratio']:6.3f} [{r['ratio_min']:.3f}–{r['ratio_max']:.3f}] "
+              f"{r['mode_cost']:+6.1%} {r['max_abs_diff']:11.2e}")
+    scale_rows = []
+    if args.scaling:
+        dist.destroy_process_group()
+        scale_rows = scaling(args)
+        print(f"# scaling: tiny preset, global batch {args.scaling_batch}, microbatch 8, gloo on this machine")
+        print(f"{'layout':<6} {'ranks':>5} {'step s':>8} {'efficiency':>10} {'comm share':>10}")
+        for r in scale_rows:
+            print(f"{r['layout']:<6} {r['ranks']:>5} {r['step_s']:8.3f} {r['efficiency']:10.2f} "
+                  f"{r['comm_share']:10.1%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"throughput": rows, "scaling": scale_rows}, indent=2))
+    print(f"# total {time.perf_counter() - started:.0f} s")
+    last = [r for r in rows if r["precision"] == rows[0]["precision"]][-1]
+    summary = {f"ratio_{r['shape']}_{r['precision']}": f"{r['ratio']:.3f}" for r in rows}
+    summary.update({f"eff_{r['layout']}": f"{r['efficiency']:.2f}" for r in scale_rows})
+    print(" ".join(f"{k}={v}" for k, v in summary.items()) + f" ratio_vs_reference={last['ratio']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
