@@ -11,21 +11,6 @@ slices (resharding on load) and writes them, so per-rank memory is about one sha
 import argparse
 import logging
 import sys
-import time
-
-
-def _reshard(src, dst, tp, pp, builder, with_optimizer):
-    import torch.distributed as dist
-
-    from m2megatron.checkpoint.reshard import reshard
-    from m2megatron.parallel import Layout, build_groups
-
-    started = time.perf_counter()
-    groups = build_groups(Layout(world_size=dist.get_world_size(), tensor_parallel=tp, pipeline_parallel=pp))
-    out = reshard(src, dst, groups, builder=builder, with_optimizer=with_optimizer)
-    if dist.get_rank() == 0:
-        print(f"resharded to {out} (TP {tp} × PP {pp} × DP {groups.layout.data_parallel}) in "
-              f"{time.perf_counter() - started:.1f}s", flush=True)
 
 
 def main(argv=None) -> int:
@@ -40,8 +25,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from m2megatron.checkpoint.cli import run_on_ranks
+    from m2megatron.checkpoint.reshard import reshard_on_this_rank
 
-    run_on_ranks(args.world_size, _reshard, args.src, args.dst, args.tp, args.pp, args.builder,
+    run_on_ranks(args.world_size, reshard_on_this_rank, args.src, args.dst, args.tp, args.pp, args.builder,
                  not args.no_optimizer)
     return 0
 

@@ -149,7 +149,7 @@ def consolidate(path_or_root: str | Path, out_dir: str | Path, *, include_optimi
         for n, (key, tensor) in enumerate(read_full_tensors(ckpt_dir, index, batch_bytes), 1):
             tensor = fmt.tensor(key, tensor)
             if tensor.numel():
-                f.write(memoryview(tensor.contiguous().view(torch.uint8).numpy()))
+                f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
             done += tensor.numel() * tensor.element_size()
             if progress and (n == len(index) or n % 50 == 0):
                 progress(f"{n}/{len(index)} tensors, {done / 2**20:.0f}/{total / 2**20:.0f} MiB, "

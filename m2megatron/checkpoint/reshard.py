@@ -73,3 +73,19 @@ def reshard(src: str | Path, dst_root: str | Path, groups, *, builder: str = "m2
     return save_checkpoint(dst_root, loaded.step, chunks, opt, sched if meta["has_scheduler"] else None,
                            groups=groups, config=meta["config"], extra_state=extra, rank_state=rank_state,
                            keep_last=keep_last)
+
+
+def reshard_on_this_rank(src: str, dst: str, tp: int, pp: int, builder: str, with_optimizer: bool) -> None:
+    """Per-rank body of tools/reshard_checkpoint.py (module-level, so spawned ranks can import it)."""
+    import time
+
+    import torch.distributed as dist
+
+    from m2megatron.parallel import Layout, build_groups
+
+    started = time.perf_counter()
+    groups = build_groups(Layout(world_size=dist.get_world_size(), tensor_parallel=tp, pipeline_parallel=pp))
+    out = reshard(src, dst, groups, builder=builder, with_optimizer=with_optimizer)
+    if dist.get_rank() == 0:
+        print(f"resharded to {out} (TP {tp} × PP {pp} × DP {groups.layout.data_parallel}) in "
+              f"{time.perf_counter() - started:.1f}s", flush=True)
