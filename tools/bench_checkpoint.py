@@ -35,6 +35,7 @@ def _bench(out: str, preset: str, with_optimizer: bool, repeat: int, result_file
     from m2megatron.parallel import Layout, build_groups, seed_everything
 
     root = Path(out)
+    root.parent.mkdir(parents=True, exist_ok=True)
     groups = build_groups(Layout(world_size=1))
     seed_everything(0, groups)
     cfg = load_config(preset_name=preset)
