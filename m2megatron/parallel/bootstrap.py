@@ -119,9 +119,8 @@ def seed_everything(seed: int, groups: ParallelGroups) -> None:
 
 
 def shutdown() -> None:
-    from megatron.core import parallel_state
+    from m2megatron.parallel.groups import _release_owned_groups
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    _release_owned_groups()
     if dist.is_initialized():
         dist.destroy_process_group()

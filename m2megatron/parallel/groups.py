@@ -68,11 +68,27 @@ def new_loss_groups(layout: Layout, rank: int, timeout=None) -> dist.ProcessGrou
     return mine
 
 
+_OWNED_GROUPS: list[dist.ProcessGroup] = []
+"""Process groups created by the last `build_groups`: destroyed by the next one."""
+
+
+def _release_owned_groups() -> None:
+    """Destroy the previous layout's groups. Megatron's destroy_model_parallel only forgets them, and
+    every gloo group keeps its threads and sockets: a process that re-lays itself out many times (the
+    test pools do, once per test) would otherwise pile up thousands of threads."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    while _OWNED_GROUPS:
+        group = _OWNED_GROUPS.pop()
+        if group in dist.distributed_c10d._world.pg_map:
+            dist.destroy_process_group(group)
+
+
 def build_groups(layout: Layout, timeout=None) -> ParallelGroups:
     """Initialise Megatron-Core's model-parallel state for `layout` and collect the groups."""
     rank = dist.get_rank()
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    _release_owned_groups()
+    before = set(dist.distributed_c10d._world.pg_map)
     kwargs = {"distributed_timeout_minutes": max(1, int(timeout.total_seconds() // 60))} if timeout else {}
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor_parallel,
@@ -82,7 +98,7 @@ def build_groups(layout: Layout, timeout=None) -> ParallelGroups:
         **kwargs,
     )
     collection = ProcessGroupCollection.use_mpu_process_groups()
-    return ParallelGroups(
+    groups = ParallelGroups(
         layout=layout,
         rank=rank,
         tp=collection.tp,
@@ -91,3 +107,6 @@ def build_groups(layout: Layout, timeout=None) -> ParallelGroups:
         loss=new_loss_groups(layout, rank, timeout),
         collection=collection,
     )
+    default = dist.distributed_c10d._get_default_group()
+    _OWNED_GROUPS.extend(g for g in dist.distributed_c10d._world.pg_map if g not in before and g is not default)
+    return groups

@@ -93,3 +93,58 @@ def test_nonfinite_gradients_skip_the_update_and_stop_the_run(dist_pool, tmp_pat
     (message,) = dist_pool(1).run(_nan_fit, str(tmp_path / "nan"))
     assert message.startswith("stopped: train.max_nonfinite_steps: 3 consecutive steps")
     assert "unchanged=True" in message and "skipped=3" in message
+
+
+def _fit_preempted_at(run_dir: str, stop_after: int, overrides: list[str]) -> int:
+    """Train, but ask for a preemption after `stop_after` steps (as SIGUSR1 would); return the last step."""
+    from m2megatron.train.trainer import Trainer
+
+    cfg = load_config(overrides=SMALL + [f"--train.run_dir={run_dir}", "--train.eval_at_end=false"] + overrides)
+    trainer = Trainer(cfg, progress=False)
+    real = trainer.train_step
+
+    def step_then_maybe_preempt():
+        result = real()
+        if trainer.step + 1 == stop_after:
+            trainer.preemption.request("test")
+        return result
+
+    trainer.train_step = step_then_maybe_preempt
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def _final_params(run_dir: str, overrides: list[str]) -> dict:
+    from m2megatron.models.state import full_state_dict
+    from m2megatron.train.trainer import Trainer
+
+    cfg = load_config(overrides=SMALL + [f"--train.run_dir={run_dir}", "--train.eval_at_end=false"] + overrides)
+    trainer = Trainer(cfg, progress=False)  # resumes from the run's latest checkpoint
+    try:
+        return {k: v.clone() for m in trainer.modules for k, v in full_state_dict(m).items()}
+    finally:
+        trainer.close()
+
+
+def test_stop_and_resume_is_bit_identical_to_a_straight_run(dist_pool, tmp_path):
+    layout = ["--parallel.pipeline_parallel=2", "--train.train_steps=6", "--train.log_interval=1"]
+    pool = dist_pool(2)
+    pool.run(_fit, str(tmp_path / "straight"), layout + ["--train.eval_at_end=false"])
+    assert pool.run(_fit_preempted_at, str(tmp_path / "resumed"), 3, layout) == [3, 3]
+    assert (tmp_path / "resumed" / "PREEMPTED").is_file()
+    pool.run(_fit, str(tmp_path / "resumed"), layout + ["--train.eval_at_end=false"])
+
+    def losses(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+    straight, resumed = losses("straight"), losses("resumed")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert resumed == straight  # exact: same data position, RNG, optimizer and LR schedule
+    a = pool.run(_final_params, str(tmp_path / "straight"), layout)
+    b = pool.run(_final_params, str(tmp_path / "resumed"), layout)
+    for rank in range(2):
+        assert a[rank].keys() == b[rank].keys()
+        assert all(torch.equal(a[rank][k], b[rank][k]) for k in a[rank])
