@@ -13,7 +13,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from m2megatron.checkpoint.load import load_checkpoint
-from m2megatron.checkpoint.save import save_checkpoint
+from m2megatron.checkpoint.save import Checkpointer
 
 log = logging.getLogger("m2megatron.train")
 
@@ -23,6 +23,8 @@ class TrainCheckpointer:
         self.trainer = trainer
         cfg = trainer.cfg
         self.root = Path(cfg.checkpoint.save_dir or Path(cfg.train.run_dir) / "checkpoints")
+        self.writer = Checkpointer(self.root, trainer.groups, keep_last=cfg.checkpoint.keep_last,
+                                   async_save=cfg.checkpoint.async_save)
         self._last_saved: int | None = None
         self.last_path: Path | None = None
 
@@ -33,16 +35,23 @@ class TrainCheckpointer:
     def saved_at(self, step: int) -> bool:
         return self._last_saved == step
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int, *, wait: bool = False) -> Path:
+        """Checkpoint `step`; with checkpoint.async_save it is written in the background unless `wait`."""
         t = self.trainer
-        path = save_checkpoint(self.root, step, t.modules, t.optimizer, t.scheduler, groups=t.groups, config=t.cfg,
-                               extra_state={"skipped_steps": t.skipped_steps},
-                               rank_state={"loader": t.loader.state_dict()},
-                               keep_last=t.cfg.checkpoint.keep_last)
+        path = self.writer.save(step, t.modules, t.optimizer, t.scheduler, config=t.cfg,
+                                extra_state={"skipped_steps": t.skipped_steps},
+                                rank_state={"loader": t.loader.state_dict()})
+        if wait:
+            self.writer.wait()
         self._last_saved, self.last_path = step, path
         if dist.get_rank() == 0:
-            log.info("saved checkpoint %s", path)
+            log.info("%s checkpoint %s", "saved" if wait or not self.writer.async_save else "saving", path)
         return path
+
+    def poll(self) -> None:
+        """Publish background saves that have finished (collective; every rank, every step)."""
+        if self.writer.async_save:
+            self.writer.poll()
 
     def resume(self) -> int:
         """Load checkpoint.load ('auto': the latest under the save dir, if any); return the step reached."""
@@ -66,7 +75,9 @@ class TrainCheckpointer:
         return loaded.step
 
     def finalize(self) -> None:
-        """Wait for an async save in flight (nothing to do for synchronous saves)."""
+        """Wait for a background save in flight, so the run ends with its checkpoint visible."""
+        self.writer.wait()
+        self.writer.close()
 
 
 def _has_checkpoint(root: Path) -> bool:

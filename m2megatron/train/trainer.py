@@ -133,16 +133,21 @@ class Trainer:
                 writer.step()
                 if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.train_steps:
                     writer.write(self.step, self._log_record(result, meter.read()))
+                self.checkpointer.poll()
                 if self.checkpointer.due(self.step):
                     self.checkpointer.save(self.step)
                 if self.preemption.requested():
-                    path = self.checkpointer.last_path if self.checkpointer.saved_at(self.step) else \
-                        self.checkpointer.save(self.step)
+                    # The requeued job must find this step's checkpoint complete.
+                    if self.checkpointer.saved_at(self.step):
+                        self.checkpointer.finalize()
+                        path = self.checkpointer.last_path
+                    else:
+                        path = self.checkpointer.save(self.step, wait=True)
                     self.preemption.mark_preempted(step=self.step, checkpoint=str(path))
                     log.warning("preempted at step %d; checkpoint %s", self.step, path)
                     return self.step
             if not self.checkpointer.saved_at(self.step):
-                self.checkpointer.save(self.step)
+                self.checkpointer.save(self.step, wait=True)
         finally:
             writer.close()
         return self.step

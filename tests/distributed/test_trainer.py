@@ -81,7 +81,9 @@ def test_pipeline_training_logs_checkpoints_and_evaluates(dist_pool, tmp_path):
 def test_resume_continues_from_latest_checkpoint(dist_pool, tmp_path):
     run_dir = tmp_path / "run"
     dist_pool(2).run(_fit, str(run_dir), ["--parallel.pipeline_parallel=2", "--train.train_steps=4",
-                                          "--train.eval_at_end=false"])
+                                          "--train.eval_at_end=false", "--checkpoint.async_save=true",
+                                          "--checkpoint.save_interval=2"])
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) == ["iter_0000002", "iter_0000004"]
     dist_pool(2).run(_fit, str(run_dir), ["--parallel.pipeline_parallel=2", "--train.train_steps=6",
                                           "--train.eval_at_end=false"])
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
