@@ -59,6 +59,8 @@ def test_planned_peak_is_within_15_percent_of_measured(dist_pool, case):
     results = dist_pool(world).run(_measure_and_plan, overrides)
     for r in results:
         error = r["planned"] / r["measured"] - 1
+        print(f"{case} rank {r['rank']}: measured {r['measured'] / 2**20:.2f} MiB, planned {r['planned'] / 2**20:.2f} "
+              f"MiB ({error:+.1%}), activations {r['activation_share']:.0%} of planned")
         assert abs(error) <= TOLERANCE, (f"{case} rank {r['rank']}: planned {r['planned'] / 2**20:.2f} MiB, "
                                          f"measured {r['measured'] / 2**20:.2f} MiB ({error:+.1%})")
     assert max(r["activation_share"] for r in results) > 0.3, "the case does not exercise the activation model"
