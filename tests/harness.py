@@ -21,6 +21,9 @@ import torch.multiprocessing as mp
 STARTUP_TIMEOUT_S = 240
 RUN_TIMEOUT_S = 600
 COLLECTIVE_TIMEOUT_S = 120
+MAX_WORKER_THREADS = 300
+"""Each gloo process group holds threads; Megatron creates some groups it never frees (e.g. one per
+optimizer build), so a worker past this many threads is replaced after its run."""
 
 
 class DistributedTestError(AssertionError):
@@ -122,7 +125,19 @@ class DistributedPool:
             self._start()
         for inbox in self._inboxes:
             inbox.put((fn, args, kwargs))
-        return self._collect(timeout_s, what=f"run of {fn.__module__}.{fn.__qualname__}")
+        results = self._collect(timeout_s, what=f"run of {fn.__module__}.{fn.__qualname__}")
+        if self._max_threads() > MAX_WORKER_THREADS:
+            self.close()  # start afresh next time rather than let leaked gloo groups pile up
+        return results
+
+    def _max_threads(self) -> int:
+        counts = [0]
+        for proc in self._procs:
+            try:
+                counts.append(len(os.listdir(f"/proc/{proc.pid}/task")))
+            except OSError:
+                pass
+        return max(counts)
 
     def close(self) -> None:
         for inbox, proc in zip(self._inboxes, self._procs):
