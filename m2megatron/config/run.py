@@ -46,7 +46,7 @@ class RunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """Slurm launch settings (m2megatron.launch.submit); ignored by the trainer."""
 
-    def validate(self, world_size: int | None = None) -> "RunConfig":
+    def validate(self, world_size: int | None = None) -> RunConfig:
         """Raise ConfigError naming the first bad setting; return self for chaining."""
         self.model.validate()
         self.parallel.validate(world_size, self.model.num_attention_heads, self.model.num_layers)
