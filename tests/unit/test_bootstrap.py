@@ -48,7 +48,7 @@ def test_bootstrap_from_a_faked_slurm_environment_builds_the_groups():
                                        "--parallel.tensor_parallel=2"], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
     assert "rank 0/2: tp=0 dp=0 pp=0" in outs[0][0] and "all_reduce=2" in outs[0][0]
     assert "rank 1/2: tp=1 dp=0 pp=0" in outs[1][0]

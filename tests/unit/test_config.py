@@ -44,7 +44,8 @@ def test_m2_10b_inference_parameter_count_matches_spec():
 
 
 def test_released_presets_have_spec_sizes():
-    assert (PRESETS["m2-0.4b"].hidden_size, PRESETS["m2-0.4b"].num_layers, PRESETS["m2-0.4b"].embed_dim) == (768, 9, 768)
+    small = PRESETS["m2-0.4b"]
+    assert (small.hidden_size, small.num_layers, small.embed_dim) == (768, 9, 768)
     assert PRESETS["m2-10b"].num_attention_heads == 32 and PRESETS["m2-10b"].head_dim == 128
     assert PRESETS["m2-1b"].vision_position_table == 199
 
