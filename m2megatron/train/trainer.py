@@ -35,6 +35,7 @@ class NonFiniteError(RuntimeError):
 class Trainer:
     def __init__(self, cfg: RunConfig, *, groups=None, progress: bool = True):
         self.preemption = PreemptionHandler(cfg.train.run_dir).install()
+        self.progress = progress
         self.groups = groups or initialize(cfg.parallel)
         cfg.validate(world_size=dist.get_world_size())
         self.run_dir = Path(cfg.train.run_dir)
@@ -121,7 +122,7 @@ class Trainer:
     def fit(self) -> int:
         cfg = self.cfg
         writer = MetricsWriter(self.run_dir, enabled=self.is_logging_rank, tensorboard=cfg.train.tensorboard,
-                               total_steps=cfg.train.train_steps, start_step=self.step)
+                               total_steps=cfg.train.train_steps, start_step=self.step, progress=self.progress)
         meter = ThroughputMeter()
         samples_per_step = cfg.train.micro_batch_size * self.num_microbatches * self.groups.layout.data_parallel
         tokens_per_sample = cfg.model.num_image_tokens + cfg.model.max_text_len
