@@ -1,6 +1,6 @@
 """Benchmark of the contrastive loss against OpenCLIP's ClipLoss: peak memory, bytes sent, wall time.
 
-    OMP_NUM_THREADS=1 .venv/bin/python tools/bench_loss.py            # P = 8 gloo ranks, ~4 min on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python tools/bench_loss.py            # P = 8 gloo ranks, ~7 min on 2 cores
 
 Each of P gloo processes on this machine runs one loss step (forward + backward) per configuration:
 OpenCLIP's ClipLoss(local_loss=True, gather_with_grad=True) over the world, and ours for every loss
@@ -47,7 +47,7 @@ FP32 = 4
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", type=int, default=8, help="P, gloo processes (default 8)")
-    parser.add_argument("--batches", default="4096,16384", help="global batches N, comma-separated")
+    parser.add_argument("--batches", default="4096,16384,24576", help="global batches N, comma-separated")
     parser.add_argument("--dim", type=int, default=128, help="embedding dim d")
     parser.add_argument("--chunk", type=int, default=256, help="column tile of the chunked loss")
     parser.add_argument("--iters", type=int, default=2, help="timed rounds over all configurations")
