@@ -2,7 +2,8 @@
 
 The data position is per data-parallel rank (`rank_state`): after a resume at the same layout every
 rank continues exactly where it stopped. After a layout change the positions cannot be mapped rank
-by rank, so the loader restarts its epoch order at the saved step's sample count (logged).
+by rank, so every rank's loader starts its data order from the beginning (a warning is logged);
+the model, optimizer, schedule and step counter still resume.
 """
 
 from __future__ import annotations
