@@ -22,7 +22,8 @@ import torch.distributed as dist
 from m2megatron.config.base import ConfigError
 from m2megatron.config.parallel import ParallelConfig
 from m2megatron.parallel import cpu_compat
-from m2megatron.parallel.groups import ParallelGroups, build_groups
+from m2megatron.parallel.device import choose_device
+from m2megatron.parallel.groups import ParallelGroups, build_groups, process_device
 from m2megatron.parallel.layout import Layout
 
 
@@ -88,8 +89,7 @@ def init_process_group(cfg: ParallelConfig, env: LaunchEnv | None = None) -> Lau
     if dist.is_initialized():
         return env
     backend = pick_backend(cfg.backend)
-    if backend == "nccl":
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    choose_device(backend, env.local_rank)  # set_device before NCCL starts: each rank on its own GPU
     dist.init_process_group(
         backend=backend,
         init_method=f"tcp://{env.master_addr}:{env.master_port}",
@@ -100,14 +100,20 @@ def init_process_group(cfg: ParallelConfig, env: LaunchEnv | None = None) -> Lau
     return env
 
 
-def initialize(cfg: ParallelConfig, env: LaunchEnv | None = None) -> ParallelGroups:
-    """Process group, CPU workarounds (CPU only) and Megatron-Core model-parallel state."""
+def initialize(cfg: ParallelConfig, env: LaunchEnv | None = None, *,
+               device: torch.device | str | None = None) -> ParallelGroups:
+    """Process group, CPU workarounds (CPU only) and Megatron-Core model-parallel state.
+
+    The groups carry the runtime device: cuda:LOCAL_RANK under NCCL, else the CPU. `device` overrides it
+    (the tests' stand-in accelerator, or `meta` for a dry run).
+    """
     env = init_process_group(cfg, env)
+    device = torch.device(device) if device is not None else process_device()
     cpu_compat.apply()
     layout = Layout(world_size=dist.get_world_size(), tensor_parallel=cfg.tensor_parallel,
                     pipeline_parallel=cfg.pipeline_parallel, loss_group_size=cfg.loss_group_size,
                     virtual_pipeline=cfg.virtual_pipeline)
-    return build_groups(layout, timeout=datetime.timedelta(seconds=cfg.timeout_s))
+    return build_groups(layout, timeout=datetime.timedelta(seconds=cfg.timeout_s), device=device)
 
 
 def seed_everything(seed: int, groups: ParallelGroups) -> None:

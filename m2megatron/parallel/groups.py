@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -31,6 +32,9 @@ class ParallelGroups:
     """Contrastive-loss group: G consecutive DP ranks of this rank's DP group."""
     collection: ProcessGroupCollection = field(repr=False)
     """Megatron-Core's collection of the same groups, for its layers, DDP and optimizer."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """The runtime device (m2megatron.parallel.device): every tensor of the model, its batches and every
+    tensor handed to torch.distributed lives here."""
 
     @property
     def tp_rank(self) -> int:
@@ -68,6 +72,14 @@ def new_loss_groups(layout: Layout, rank: int, timeout=None) -> dist.ProcessGrou
     return mine
 
 
+def process_device() -> torch.device:
+    """The device the default process group's backend works on: the current CUDA device under NCCL (set by
+    bootstrap before the group started), else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 _OWNED_GROUPS: list[dist.ProcessGroup] = []
 """Process groups created by the last `build_groups`: destroyed by the next one."""
 
@@ -84,8 +96,11 @@ def _release_owned_groups() -> None:
             dist.destroy_process_group(group)
 
 
-def build_groups(layout: Layout, timeout=None) -> ParallelGroups:
-    """Initialise Megatron-Core's model-parallel state for `layout` and collect the groups."""
+def build_groups(layout: Layout, timeout=None, device: torch.device | str | None = None) -> ParallelGroups:
+    """Initialise Megatron-Core's model-parallel state for `layout` and collect the groups.
+
+    `device` is the runtime device the groups carry (default: `process_device()`).
+    """
     rank = dist.get_rank()
     _release_owned_groups()
     before = set(dist.distributed_c10d._world.pg_map)
@@ -106,6 +121,7 @@ def build_groups(layout: Layout, timeout=None) -> ParallelGroups:
         dp=collection.dp,
         loss=new_loss_groups(layout, rank, timeout),
         collection=collection,
+        device=torch.device(device) if device is not None else process_device(),
     )
     default = dist.distributed_c10d._get_default_group()
     _OWNED_GROUPS.extend(g for g in dist.distributed_c10d._world.pg_map if g not in before and g is not default)
