@@ -5,18 +5,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from m2megatron.config.base import ConfigError
+from m2megatron.config.base import ConfigError, InputError
 
-
-class UserError(ValueError):
-    """Bad input from the user (a file, a checkpoint, a flag); printed as one line by `run_main`."""
+UserError = InputError
+"""Bad input from the user (a file, a checkpoint, a flag); printed as one line by `run_main`."""
 
 
 def run_main(main: Callable[[], int | None]) -> None:
-    """Run `main`, turning ConfigError/UserError into 'error: …' and exit status 2."""
+    """Run `main`, turning ConfigError/InputError (CheckpointError included) into 'error: …' and exit status 2."""
     try:
         code = main()
-    except (ConfigError, UserError) as exc:
+    except (ConfigError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)

@@ -73,44 +73,47 @@ def load_images(paths: list[str], size: int) -> torch.Tensor:
 
 
 def build_model(args):
-    """(model, cfg) on one process, weights from --checkpoint."""
+    """(stage modules, groups, model config) of the whole model on one process, weights from --checkpoint."""
     from m2megatron.checkpoint.files import load_any
-    from m2megatron.config import ParallelConfig
-    from m2megatron.models import M2Encoder, load_full_state_dict
+    from m2megatron.config import ParallelConfig, RunConfig
+    from m2megatron.models import load_full_state_dict
     from m2megatron.parallel import initialize, seed_everything
+    from m2megatron.runtime import build_stages
 
     cfg, full, _ = load_any(args.checkpoint, num_heads=args.num_heads, preset=args.preset)
     groups = initialize(ParallelConfig(tensor_parallel=1, pipeline_parallel=1))
     seed_everything(0, groups)
-    model = M2Encoder(cfg, groups).eval()
-    load_full_state_dict(model, full)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu"), cfg
-
-
-def _batched(fn, *tensors, batch: int) -> torch.Tensor:
-    n, device = tensors[0].shape[0], "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.cat([fn(*(t[i:i + batch].to(device) for t in tensors)).float().cpu() for i in range(0, n, batch)])
+    modules = build_stages(RunConfig(model=cfg), groups, training=False, init=False).modules
+    for module in modules:
+        load_full_state_dict(module, full)
+    return modules, groups, cfg
 
 
 def encode(args) -> dict:
+    """Embeddings through the stage runtime's schedule (the eval feature extractor on one process)."""
+    from m2megatron.eval.batches import image_features, text_features
+    from m2megatron.eval.features import ReplicaEncoder
+
     if not args.images and not args.texts_file:
         raise UserError("nothing to encode: give --images and/or --texts-file")
     texts = read_texts(args.texts_file) if args.texts_file else []
     if texts and not args.sp_model:
         raise UserError("--sp-model: needed to tokenize --texts-file")
-    model, cfg = build_model(args)
+    modules, groups, cfg = build_model(args)
+    encoder = ReplicaEncoder(modules, groups)
     result = {"image_embeddings": [], "text_embeddings": [], "text_ids": [],
-              "logit_scale": float(model.logit_scale.item())}
-    with torch.no_grad():
-        if args.images:
-            pixels = load_images(args.images, cfg.image_size)
-            result["image_embeddings"] = _batched(model.encode_image, pixels, batch=args.batch_size).tolist()
-        if texts:
-            from m2megatron.data.tokenizer import Tokenizer
+              "logit_scale": float(modules[-1].logit_scale.item())}
+    if args.images:
+        pixels = load_images(args.images, cfg.image_size)
+        feats, _ = image_features(encoder, pixels, batch_size=args.batch_size, groups=groups)
+        result["image_embeddings"] = feats.cpu().tolist()
+    if texts:
+        from m2megatron.data.tokenizer import Tokenizer
 
-            ids, mask = Tokenizer(args.sp_model, max_length=cfg.max_text_len).encode(texts)
-            result["text_embeddings"] = _batched(model.encode_text, ids, mask, batch=args.batch_size).tolist()
-            result["text_ids"] = ids.tolist()
+        tokenizer = Tokenizer(args.sp_model, max_length=cfg.max_text_len)
+        feats, _ = text_features(encoder, texts, tokenizer, batch_size=args.batch_size, groups=groups)
+        result["text_embeddings"] = feats.cpu().tolist()
+        result["text_ids"] = tokenizer.encode(texts)[0].tolist()
     return result
 
 

@@ -36,14 +36,12 @@ import json
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.reference_model
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -95,14 +93,17 @@ def reference_embeddings(ref, pixels, ids, mask):
 
 def build_pair(shape: str, groups):
     from m2megatron.checkpoint.reference_format import infer_model_config, reference_to_ours
-    from m2megatron.models import M2Encoder, load_full_state_dict
-    from tests.reference_model import ReferenceM2, randomize_
+    from m2megatron.checkpoint.reference_model import ReferenceM2, randomize_
+    from m2megatron.config import RunConfig
+    from m2megatron.models import load_full_state_dict
+    from m2megatron.runtime import build_stages
 
     ref = ReferenceM2(**SHAPES[shape]).train()
     randomize_(ref, seed=0)
     cfg = infer_model_config(ref.state_dict(), preset=PRESET_OF[shape])
     full, _ = reference_to_ours(ref.state_dict(), cfg)
-    ours = M2Encoder(cfg, groups).train()
+    (ours,) = build_stages(RunConfig(model=cfg), groups, training=False, init=False).modules
+    ours.train()
     load_full_state_dict(ours, full)
     return ours, ref, cfg
 
@@ -253,9 +254,7 @@ def scaling_worker(rank: int, world: int, port: int, layout: dict, args, out_pat
     from m2megatron.parallel import build_groups, cpu_compat, seed_everything
     from m2megatron.parallel.layout import Layout
     from m2megatron.planning.measure import synthetic_microbatches
-    from m2megatron.train.model_setup import build_stage_modules, wrap_ddp
-    from m2megatron.train.optimizer import build_optimizer
-    from m2megatron.train.step import PipelineStep
+    from m2megatron.runtime import ContrastiveStep, build_stages
 
     cpu_compat.apply()
     cfg = load_config(overrides=[f"--parallel.tensor_parallel={layout['tp']}",
@@ -264,9 +263,8 @@ def scaling_worker(rank: int, world: int, port: int, layout: dict, args, out_pat
                                  f"--train.global_batch_size={args.scaling_batch}", "--model.vocab_size=4096"])
     groups = build_groups(Layout(world_size=world, tensor_parallel=layout["tp"], pipeline_parallel=layout["pp"]))
     seed_everything(0, groups)
-    chunks = wrap_ddp(build_stage_modules(cfg, groups), groups, distributed_optimizer=False)
-    optimizer = build_optimizer(chunks, cfg.optim, groups.collection)
-    step = PipelineStep(chunks, groups, cfg)
+    stages = build_stages(cfg, groups)
+    chunks, optimizer, step = stages.chunks, stages.optimizer, ContrastiveStep(stages)
     batches = synthetic_microbatches(cfg, cfg.num_microbatches(world))
     timer = CommTimer()
     timer.install()

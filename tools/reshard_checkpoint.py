@@ -2,7 +2,7 @@
 """Reshard a checkpoint offline: load it at a new TP/PP/DP layout and save it there.
 
 Runs on --world-size local gloo ranks that it spawns itself, or under torchrun (then --world-size must
-match). Every rank rebuilds the model from the saved config (--builder m2; 'toy' for tests), loads its
+match). Every rank rebuilds the model from the saved config (the stage runtime), loads its
 slices (resharding on load) and writes them, so per-rank memory is about one shard of model+optimizer.
 
   python tools/reshard_checkpoint.py runs/a/checkpoints runs/b/checkpoints --world-size 4 --tp 2 --pp 2
@@ -20,15 +20,13 @@ def main(argv=None) -> int:
     p.add_argument("--world-size", type=int, required=True, help="ranks of the target layout")
     p.add_argument("--tp", type=int, default=1, help="target tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size")
-    p.add_argument("--builder", default="m2", choices=["m2", "toy"], help="how to rebuild the model")
     p.add_argument("--no-optimizer", action="store_true", help="write model weights (and counters) only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from m2megatron.checkpoint.cli import run_on_ranks
     from m2megatron.checkpoint.reshard import reshard_on_this_rank
 
-    run_on_ranks(args.world_size, reshard_on_this_rank, args.src, args.dst, args.tp, args.pp, args.builder,
-                 not args.no_optimizer)
+    run_on_ranks(args.world_size, reshard_on_this_rank, args.src, args.dst, args.tp, args.pp, not args.no_optimizer)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the checkpoint tools: running a function on N local gloo ranks (or under torchrun)."""
+"""Shared pieces of the checkpoint tools: running a function on N local gloo ranks (or under torchrun / srun)."""
 
 from __future__ import annotations
 
@@ -37,27 +37,30 @@ def _apply_cpu_compat() -> None:
 
 
 def run_on_ranks(world_size: int, fn, *args) -> None:
-    """Run fn(*args) on every rank: in this process under torchrun, else on `world_size` spawned gloo ranks.
+    """Run fn(*args) on every rank: in this process under torchrun or srun (NCCL on a GPU host, each rank on
+    its own GPU), else on `world_size` spawned local gloo ranks.
 
     The calling script needs an `if __name__ == "__main__":` guard (spawn re-imports it).
     """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    from m2megatron.parallel.bootstrap import read_launch_env
+
+    env = read_launch_env()
+    if env.source != "single":
         import torch.distributed as dist
 
-        if int(os.environ["WORLD_SIZE"]) != world_size:
-            raise SystemExit(f"--world-size {world_size} but torchrun started {os.environ['WORLD_SIZE']} ranks")
-        dist.init_process_group("gloo" if not _cuda() else "nccl")
+        from m2megatron.config.parallel import ParallelConfig
+        from m2megatron.parallel.bootstrap import init_process_group
+
+        if env.world_size != world_size:
+            raise SystemExit(f"--world-size {world_size} but the launcher started {env.world_size} ranks")
+        init_process_group(ParallelConfig(timeout_s=1800), env)  # set_device before NCCL starts
         _apply_cpu_compat()
-        fn(*args)
-        dist.destroy_process_group()
+        try:
+            fn(*args)
+        finally:
+            dist.destroy_process_group()
         return
     import torch.multiprocessing as mp
 
     mp.start_processes(_rank_main, args=(world_size, _free_port(), fn, args), nprocs=world_size,
                        start_method="spawn")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

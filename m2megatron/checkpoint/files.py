@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from m2megatron.checkpoint.reference_format import infer_model_config, reference_to_ours
-from m2megatron.cli import UserError
+from m2megatron.checkpoint.safety import CheckpointError
 from m2megatron.config.base import update_dataclass
 from m2megatron.config.model import ModelConfig
 
@@ -28,24 +28,24 @@ _DS_PREFIX = "_forward_module."
 
 
 def torch_load_weights(path: str | Path) -> object:
-    """`torch.load(weights_only=True)` on CPU; pickled code → UserError naming the file."""
+    """`torch.load(weights_only=True)` on CPU; pickled code → CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UserError(f"{path}: refusing to load, the file needs pickled code beyond plain tensors "
+        raise CheckpointError(f"{path}: refusing to load, the file needs pickled code beyond plain tensors "
                         f"(torch.load weights_only=True failed: {str(exc).splitlines()[0]})") from None
     except (RuntimeError, EOFError) as exc:
-        raise UserError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0]})") from None
 
 
 def unwrap_reference(obj: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The reference loader's unwrapping (SPEC.md §2.2): `state_dict` / `module` / `model` wrappers, the
     `_forward_module.` prefix, and `visual_tokenizer*` keys dropped. Non-tensor entries are an error."""
     if not isinstance(obj, dict):
-        raise UserError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
+        raise CheckpointError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
     for key in _WRAPPERS:
         if isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -56,7 +56,7 @@ def unwrap_reference(obj: object, source: str = "checkpoint") -> dict[str, torch
         if "visual_tokenizer" in key:
             continue
         if not isinstance(value, torch.Tensor):
-            raise UserError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise CheckpointError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
         out[key] = value
     return out
 
@@ -91,7 +91,8 @@ def load_consolidated(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
-            raise UserError(f"{path}: not an m2megatron consolidated file (metadata format={meta.get('format')!r})")
+            raise CheckpointError(f"{path}: not an m2megatron consolidated file "
+                                  f"(metadata format={meta.get('format')!r})")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     cfg = update_dataclass(ModelConfig(), json.loads(meta["model_config"]), prefix="model")
     full = {k: v for k, v in tensors.items() if not k.startswith(UNUSED_PREFIX)}
@@ -118,19 +119,19 @@ def load_any(path: str | Path, *, num_heads: int | None = None, preset: str | No
     """
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path}: a directory; distributed checkpoints must be consolidated to one "
+        raise CheckpointError(f"{path}: a directory; distributed checkpoints must be consolidated to one "
                         f".safetensors file first")
     if is_consolidated(path):
         cfg, full, unused = load_consolidated(path)
         if num_heads and num_heads != cfg.num_attention_heads:
-            raise UserError(f"--num-heads {num_heads}: {path} was saved with {cfg.num_attention_heads} heads")
+            raise CheckpointError(f"--num-heads {num_heads}: {path} was saved with {cfg.num_attention_heads} heads")
         return cfg, full, unused
     ref = read_reference_checkpoint(path)
     try:
         cfg = infer_model_config(ref, num_heads=num_heads, preset=preset)
         full, unused = reference_to_ours(ref, cfg)
     except ValueError as exc:
-        raise UserError(f"{path}: {exc}") from None
+        raise CheckpointError(f"{path}: {exc}") from None
     return cfg, full, unused
 
 
@@ -143,7 +144,7 @@ def import_reference(src: str | Path, dst: str | Path, *, num_heads: int | None 
                      preset: str | None = None) -> ModelConfig:
     """Released checkpoint → consolidated file. Returns the inferred model config."""
     if Path(src).suffix == ".safetensors" and is_consolidated(src):
-        raise UserError(f"{src}: already an m2megatron consolidated file")
+        raise CheckpointError(f"{src}: already an m2megatron consolidated file")
     cfg, full, unused = load_any(src, num_heads=num_heads, preset=preset)
     save_consolidated(dst, full, cfg, unused)
     return cfg
@@ -158,9 +159,9 @@ def export_reference(src: str | Path, dst: str | Path, *, wrap: str = "none") ->
     from m2megatron.checkpoint.reference_format import ours_to_reference
 
     if wrap not in WRAPS:
-        raise UserError(f"--wrap: {wrap!r} is not one of {list(WRAPS)}")
+        raise CheckpointError(f"--wrap: {wrap!r} is not one of {list(WRAPS)}")
     if not is_consolidated(src):
-        raise UserError(f"{src}: not an m2megatron consolidated .safetensors file")
+        raise CheckpointError(f"{src}: not an m2megatron consolidated .safetensors file")
     cfg, full, unused = load_consolidated(src)
     ref = ours_to_reference(full, cfg, unused)
     if wrap == "module":

@@ -23,12 +23,14 @@ from pathlib import Path
 import torch
 from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 
+from m2megatron.config.base import InputError
+
 COMMON_FILE = "common.pt"
 DCP_METADATA_FILE = ".metadata"
 _CRC_CHUNK = 16 << 20
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot or must not be loaded; the message names the file or setting."""
 
 

@@ -20,7 +20,7 @@ from megatron.core.optimizer import ChainedOptimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.utils import unwrap_model
 
-from m2megatron.train import rng
+from m2megatron.parallel import rng
 
 RNG_KEY = "m2.rank_state.rng"
 USER_KEY = "m2.rank_state.user"

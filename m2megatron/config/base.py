@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A bad setting. The message starts with the dotted name of the setting that is wrong."""
 
 
+class InputError(ValueError):
+    """Bad input from the user: a file, a checkpoint or a flag. The message names it. Entry points print it
+    as one line (m2megatron.cli.run_main); library packages raise it (or a subclass) instead of a CLI type."""
+
+
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Map each dataclass field of `cls` to its attribute docstring ('' when missing)."""

@@ -54,6 +54,8 @@ class RunConfig:
             part.validate()
         if self.loss.accumulation_steps > 1 and self.parallel.virtual_pipeline:
             raise ConfigError("loss.accumulation_steps: not supported together with parallel.virtual_pipeline")
+        if world_size is not None:
+            self._check_interleaved_microbatches(world_size)
         if world_size is not None and self.train.global_batch_size is not None:
             dp = self.parallel.data_parallel(world_size)
             per_step = self.train.micro_batch_size * dp
@@ -67,6 +69,19 @@ class RunConfig:
                     "train.global_batch_size: microbatches per step must be a multiple of loss.accumulation_steps"
                 )
         return self
+
+    def _check_interleaved_microbatches(self, world_size: int) -> None:
+        """The interleaved schedule runs microbatches in groups of PP: a step needs a whole number of them."""
+        vp, pp = self.parallel.virtual_pipeline, self.parallel.pipeline_parallel
+        if not vp or world_size % (self.parallel.tensor_parallel * pp):
+            return
+        num = self.num_microbatches(world_size)
+        if num % pp:
+            per_group = self.train.micro_batch_size * self.parallel.data_parallel(world_size) * pp
+            raise ConfigError(
+                f"train.global_batch_size: the interleaved pipeline (parallel.virtual_pipeline={vp}) runs "
+                f"microbatches in groups of parallel.pipeline_parallel={pp}, but a step has {num} per rank; "
+                f"set train.global_batch_size to a multiple of micro_batch_size×DP×PP = {per_group}")
 
     def num_microbatches(self, world_size: int) -> int:
         """Microbatches per optimizer step on each data-parallel rank."""

@@ -1,5 +1,7 @@
 """Model inputs for feature extraction: `make_batch(indices, first_stage) -> Batch` callables.
 
+They return host tensors (or DALI's device tensors); the stage runtime moves them to the runtime device.
+
 Images may be given as file paths, encoded bytes, uint8 HWC arrays, PIL images, or one float tensor
 [N, 3, H, W] that is already preprocessed ((x − 0.5)/0.5 at the model's image size). Paths and bytes
 are decoded with the data package's decoder (PIL by default: the reference's bicubic squash, no crop);
@@ -29,23 +31,23 @@ def prepare_texts(texts: Sequence[str], reference_preprocessing: bool) -> list[s
 class TextBatches:
     """Token ids and masks of `texts`; stages after the first only need the mask."""
 
-    def __init__(self, texts: Sequence[str], tokenizer, device: torch.device | str = "cpu"):
-        self.texts, self.tokenizer, self.device = list(texts), tokenizer, torch.device(device)
+    def __init__(self, texts: Sequence[str], tokenizer):
+        self.texts, self.tokenizer = list(texts), tokenizer
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def __call__(self, indices: Sequence[int], first_stage: bool) -> Batch:
         ids, mask = self.tokenizer.encode([self.texts[i] for i in indices])
-        return {"text_ids": ids.to(self.device) if first_stage else None, "text_mask": mask.to(self.device)}
+        return {"text_ids": ids if first_stage else None, "text_mask": mask}
 
 
 class ImageBatches:
     """Preprocessed pixels [b, 3, S, S] of `images` (see the module docstring for the accepted kinds)."""
 
     def __init__(self, images, image_size: int, *, where: Sequence[str] | None = None, decoder: str = "pil",
-                 num_workers: int = 1, max_batch: int = 256, device: torch.device | str = "cpu"):
-        self.images, self.size, self.device = images, image_size, torch.device(device)
+                 num_workers: int = 1, max_batch: int = 256):
+        self.images, self.size = images, image_size
         self.max_batch = max_batch
         self.where = where
         self._decoder_kind, self._num_workers = decoder, num_workers
@@ -99,16 +101,11 @@ class ImageBatches:
             pixels = self._decode(indices)
         else:
             pixels = torch.from_numpy(np.stack([self._convert(self.images[i]) for i in indices]))
-        return {"images": pixels.to(self.device, torch.float32)}
+        return {"images": pixels.float()}
 
     def close(self) -> None:
         if self._decoder is not None:
             self._decoder.close()
-
-
-def model_device(model) -> torch.device:
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def image_features(encoder: ReplicaEncoder, images, *, batch_size: int, groups, decoder: str = "pil",
@@ -116,7 +113,7 @@ def image_features(encoder: ReplicaEncoder, images, *, batch_size: int, groups, 
     """([N, E] features of `images` on every rank, images/s): decode/squash, then `extract_features`."""
     cfg = encoder.model.cfg
     pixels = ImageBatches(images, cfg.image_size, where=where, decoder=decoder, num_workers=num_workers,
-                          max_batch=batch_size, device=model_device(encoder.model))
+                          max_batch=batch_size)
     try:
         return extract_features(encoder, "image", len(images), pixels, batch_size=batch_size,
                                 embed_dim=cfg.embed_dim, groups=groups)
@@ -127,6 +124,6 @@ def image_features(encoder: ReplicaEncoder, images, *, batch_size: int, groups, 
 def text_features(encoder: ReplicaEncoder, texts: Sequence[str], tokenizer, *, batch_size: int,
                   groups) -> tuple[torch.Tensor, float]:
     """([N, E] features of `texts` on every rank, texts/s)."""
-    batches = TextBatches(texts, tokenizer, model_device(encoder.model))
+    batches = TextBatches(texts, tokenizer)
     return extract_features(encoder, "text", len(texts), batches, batch_size=batch_size,
                             embed_dim=encoder.model.cfg.embed_dim, groups=groups)

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from m2megatron.runtime.schedule import run_schedule
+
 log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor | None]
@@ -34,79 +36,74 @@ def shard_bounds(num_items: int, num_shards: int, shard: int) -> tuple[int, int]
 
 
 def _dp(groups) -> tuple[int, int]:
-    """(DP size, DP rank), (1, 0) without process groups."""
-    return (1, 0) if groups is None else (groups.layout.data_parallel, groups.dp_rank)
+    """(DP size, DP rank)."""
+    return groups.layout.data_parallel, groups.dp_rank
 
 
 class ReplicaEncoder:
-    """Runs batches through the stage modules of one model replica; every TP/PP rank of it calls `encode`.
+    """Runs batches through the stage chunks of one model replica; every TP/PP rank of it calls `encode`.
 
-    model_chunks: this rank's M2Encoder stage module(s) (one chunk per rank; virtual pipeline stages are
-    not supported for eval). groups: the ParallelGroups, or None for a single process.
+    model_chunks: this rank's M2Encoder stage module(s): one per virtual pipeline stage, in chunk order
+    (m2megatron.runtime.Stages.modules or .chunks). groups: the ParallelGroups of the job (their device is
+    where the batches go and where features are gathered).
     """
 
-    def __init__(self, model_chunks, groups=None):
-        chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-        if len(chunks) != 1:
-            raise ValueError(f"eval: expects one model chunk per rank, got {len(chunks)} "
-                             "(virtual pipeline stages are not supported for eval)")
-        self.model = chunks[0]
+    def __init__(self, model_chunks, groups):
+        if groups is None:
+            raise ValueError("eval: needs the job's process groups (m2megatron.parallel.initialize)")
+        self.chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+        self.model = _unwrap(self.chunks[0])
         self.groups = groups
-        self.pipeline = 1 if groups is None else groups.layout.pipeline_parallel
+        self.pipeline = groups.layout.pipeline_parallel
+        self.virtual = groups.layout.virtual_pipeline
+
+    @property
+    def device(self) -> torch.device:
+        return self.groups.device
 
     @property
     def is_last_stage(self) -> bool:
-        return self.groups is None or self.groups.is_last_stage
+        return self.groups.is_last_stage
 
     @property
     def is_first_stage(self) -> bool:
-        return self.groups is None or self.groups.is_first_stage
+        return self.groups.is_first_stage
+
+    @property
+    def batch_multiple(self) -> int:
+        """The interleaved schedule runs whole groups of PP microbatches; others any number."""
+        return self.pipeline if self.virtual else 1
 
     @torch.no_grad()
     def encode(self, kind: str, batches: Iterator[Batch], num_batches: int, batch_size: int) -> list[torch.Tensor]:
-        """Embeddings [b, E] per batch on the last stage ([] elsewhere).
+        """Embeddings [b, E] (fp32, on the device) per batch on the last stage ([] elsewhere).
 
-        With PP > 1 every batch must have exactly `batch_size` rows (the pipeline's receive buffers).
+        Every batch must have exactly `batch_size` rows (the pipeline's receive buffers), and
+        `num_batches` must be a multiple of `batch_multiple`.
         """
         if num_batches == 0:
             return []
-        was_training = self.model.training
-        self.model.eval()
+        modules = [_unwrap(c) for c in self.chunks]
+        was_training = [m.training for m in modules]
+        for m in modules:
+            m.eval()
         try:
-            if self.pipeline == 1:
-                return [self._output(kind, self._forward(self.model, b)) for b in batches]
-            return self._encode_pipelined(kind, batches, num_batches, batch_size)
+            seq = self.model.cfg.max_text_len if kind == "text" else self.model.cfg.num_image_tokens
+            outputs = run_schedule(self.chunks, self.groups, batches, lambda batch, out: _output(kind, out),
+                                   forward_only=True, collect=True, seq_length=seq, num_microbatches=num_batches,
+                                   micro_batch_size=batch_size)
+            return list(outputs) if self.is_last_stage else []
         finally:
-            self.model.train(was_training)
+            for m, mode in zip(modules, was_training):
+                m.train(mode)
 
-    @staticmethod
-    def _forward(model, batch: Batch):
-        return model(images=batch.get("images"), text_ids=batch.get("text_ids"), text_mask=batch.get("text_mask"))
 
-    @staticmethod
-    def _output(kind: str, out) -> torch.Tensor:
-        return (out.image if kind == "image" else out.text).float()
+def _unwrap(chunk):
+    return chunk.module if hasattr(chunk, "module") else chunk
 
-    def _encode_pipelined(self, kind: str, batches: Iterator[Batch], num_batches: int,
-                          batch_size: int) -> list[torch.Tensor]:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
-        config = self.model.config
-        if config.pipeline_dtype is None:
-            config.pipeline_dtype = config.params_dtype  # activations travel in the parameter dtype
-        seq = self.model.cfg.max_text_len if kind == "text" else self.model.cfg.num_image_tokens
-
-        def forward_step(data_iterator, model):
-            out = self._forward(model, next(data_iterator))
-            return out, lambda output, non_loss_data=True: self._output(kind, output)
-
-        fb = get_forward_backward_func(pp_size=self.pipeline)
-        stored = fb(forward_step_func=forward_step, data_iterator=batches, model=[self.model],
-                    num_microbatches=num_batches, seq_length=seq, micro_batch_size=batch_size, forward_only=True,
-                    collect_non_loss_data=True, p2p_communicator=P2PCommunicator(self.groups.pp, config),
-                    pg_collection=self.groups.collection)
-        return list(stored) if self.is_last_stage else []
+def _output(kind: str, out) -> torch.Tensor:
+    return (out.image if kind == "image" else out.text).float()
 
 
 def _gather_dp(local: torch.Tensor, num_items: int, groups) -> torch.Tensor:
@@ -115,7 +112,7 @@ def _gather_dp(local: torch.Tensor, num_items: int, groups) -> torch.Tensor:
     if dp_size == 1:
         return local
     per = math.ceil(num_items / dp_size)
-    padded = torch.zeros(per, local.shape[1], dtype=local.dtype)
+    padded = torch.zeros(per, local.shape[1], dtype=local.dtype, device=groups.device)
     padded[: local.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in range(dp_size)]
     dist.all_gather(parts, padded, group=groups.dp)
@@ -124,10 +121,10 @@ def _gather_dp(local: torch.Tensor, num_items: int, groups) -> torch.Tensor:
 
 
 def _broadcast_from_last_stage(feats: torch.Tensor | None, groups, dim: int, num_items: int) -> torch.Tensor:
-    if groups is None or groups.layout.pipeline_parallel == 1:
+    if groups.layout.pipeline_parallel == 1:
         return feats
     if feats is None:
-        feats = torch.empty(num_items, dim)
+        feats = torch.empty(num_items, dim, device=groups.device)
     layout = groups.layout
     src = layout.rank(groups.tp_rank, groups.dp_rank, layout.pipeline_parallel - 1)
     dist.broadcast(feats, src=src, group=groups.pp)
@@ -147,21 +144,24 @@ def extract_features(encoder: ReplicaEncoder, kind: str, num_items: int,
     dp_size, dp_rank = _dp(groups)
     start, end = shard_bounds(num_items, dp_size, dp_rank)
     tic = time.perf_counter()
-    pad = encoder.pipeline > 1  # pipeline microbatches need equal shapes; the padding rows are dropped below
+    # Pipeline microbatches share one shape: the last batch is padded with repeats of an item, and the
+    # interleaved schedule gets whole groups of batches; padding rows and batches are dropped below.
     spans = [(lo, min(end, lo + batch_size)) for lo in range(start, end, batch_size)]
     counts = [hi - lo for lo, hi in spans]
+    if spans:
+        spans += [spans[-1]] * (-len(spans) % encoder.batch_multiple)
 
     def batches() -> Iterator[Batch]:
         for lo, hi in spans:
             idx = list(range(lo, hi))
-            if pad:
-                idx += [idx[-1]] * (batch_size - len(idx))
+            idx += [idx[-1]] * (batch_size - len(idx))
             yield make_batch(idx, encoder.is_first_stage)
 
     outputs = encoder.encode(kind, batches(), len(spans), batch_size)
     feats = None
     if encoder.is_last_stage:
-        local = torch.cat([o[:n] for o, n in zip(outputs, counts)]) if outputs else torch.zeros(0, embed_dim)
+        local = torch.cat([o[:n] for o, n in zip(outputs, counts)]) if counts else \
+            torch.zeros(0, embed_dim, device=encoder.device)
         if local.shape[1] != embed_dim:
             raise ValueError(f"eval: the model returned {local.shape[1]}-dim features, expected {embed_dim}")
         feats = _gather_dp(local, num_items, groups)

@@ -44,15 +44,11 @@ def common_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def build_stage(cfg: RunConfig, groups):
-    """This rank's M2Encoder pipeline stage (the whole model at PP=1), on GPU when there is one."""
-    from m2megatron.models import M2Encoder, default_layer_ranges
+def build_stage(cfg: RunConfig, groups) -> list:
+    """This rank's stage modules (one per virtual stage), on the runtime device, weights not yet loaded."""
+    from m2megatron.runtime import build_stages
 
-    pp = 1 if groups is None else groups.layout.pipeline_parallel
-    stage = 0 if groups is None else groups.pp_rank
-    model = M2Encoder(cfg.model, groups.collection if groups is not None else None, pre_process=stage == 0,
-                      post_process=stage == pp - 1, layer_range=default_layer_ranges(cfg.model.num_layers, pp)[stage])
-    return model.cuda() if torch.cuda.is_available() else model
+    return build_stages(cfg, groups, training=False, init=False).modules
 
 
 def _detect_format(path: Path) -> str:
@@ -90,18 +86,20 @@ def resolve_weights(cfg: RunConfig, checkpoint: str | None, fmt: str) -> tuple[R
     return dataclasses.replace(cfg, model=model), fmt, full
 
 
-def load_weights(model, cfg: RunConfig, groups, checkpoint: str | None, fmt: str, full: dict | None) -> None:
-    """Fill this rank's stage: seeded init (none), a full state dict (single files), or our checkpoint."""
+def load_weights(modules: list, cfg: RunConfig, groups, checkpoint: str | None, fmt: str, full: dict | None) -> None:
+    """Fill this rank's stages: seeded init (none), a full state dict (single files), or our checkpoint."""
     from m2megatron.models import init_weights, load_full_state_dict
 
     if fmt == "none":
-        init_weights(model, cfg.train.seed)
+        for module in modules:
+            init_weights(module, cfg.train.seed)
     elif full is not None:
-        load_full_state_dict(model, full)
+        for module in modules:
+            load_full_state_dict(module, full)
     else:
         from m2megatron.checkpoint import load_checkpoint
 
-        load_checkpoint(checkpoint, [model], groups=groups, config=cfg, restore_rng=False)
+        load_checkpoint(checkpoint, modules, groups=groups, config=cfg, restore_rng=False)
 
 
 def resolve_tokenizer(cfg: RunConfig, explicit: str | None):
@@ -132,7 +130,8 @@ class Session:
     args: argparse.Namespace
     cfg: RunConfig
     groups: object
-    model: torch.nn.Module
+    model: list
+    """This rank's stage modules (one per virtual stage)."""
     tokenizer: object
     bad: BadInputs
     out_dir: Path

@@ -20,6 +20,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
     make_sharded_tensors_for_checkpoint,
@@ -74,17 +75,24 @@ class M2Encoder(MegatronModule):
         pre_process: this stage embeds the inputs (first stage).
         post_process: this stage holds the final LNs, VL block and heads (last stage).
         layer_range: [start, end) of the tower layers on this stage; default all of them.
-        params_dtype: parameter dtype (fp32 by default).
-        config_overrides: extra Megatron TransformerConfig fields (recompute, p2p flags, ...).
+        config: the run's Megatron TransformerConfig (m2megatron.runtime builds it once for all stages);
+            None builds one from `cfg` with `params_dtype` and `config_overrides` (tests, single modules).
+        params_dtype: parameter dtype (fp32 by default) when `config` is None.
+        config_overrides: extra Megatron TransformerConfig fields when `config` is None.
     """
 
-    def __init__(self, cfg: ModelConfig, groups, *, pre_process: bool = True, post_process: bool = True,
-                 layer_range: tuple[int, int] | None = None, params_dtype: torch.dtype = torch.float32,
-                 **config_overrides):
+    def __init__(self, cfg: ModelConfig, groups, *, config: TransformerConfig | None = None,
+                 pre_process: bool = True, post_process: bool = True, layer_range: tuple[int, int] | None = None,
+                 params_dtype: torch.dtype = torch.float32, **config_overrides):
         pg = _collection(groups)
-        if _on_meta_device():  # no init, and no explicit device= that would escape the meta context
-            config_overrides = {**config_overrides, "perform_initialization": False, "use_cpu_initialization": True}
-        config = transformer_config(cfg, tp_size=get_pg_size(pg.tp), params_dtype=params_dtype, **config_overrides)
+        if config is None:
+            if _on_meta_device():  # no init, and no explicit device= that would escape the meta context
+                config_overrides = {**config_overrides, "perform_initialization": False,
+                                    "use_cpu_initialization": True}
+            config = transformer_config(cfg, tp_size=get_pg_size(pg.tp), params_dtype=params_dtype,
+                                        **config_overrides)
+        elif config_overrides:
+            raise TypeError("M2Encoder: pass either a config or config overrides, not both")
         super().__init__(config=config)
         start, end = layer_range if layer_range is not None else (0, cfg.num_layers)
         if not 0 <= start <= end <= cfg.num_layers:

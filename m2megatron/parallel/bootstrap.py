@@ -109,7 +109,7 @@ def initialize(cfg: ParallelConfig, env: LaunchEnv | None = None, *,
     """
     env = init_process_group(cfg, env)
     device = torch.device(device) if device is not None else process_device()
-    cpu_compat.apply()
+    cpu_compat.apply(device)
     layout = Layout(world_size=dist.get_world_size(), tensor_parallel=cfg.tensor_parallel,
                     pipeline_parallel=cfg.pipeline_parallel, loss_group_size=cfg.loss_group_size,
                     virtual_pipeline=cfg.virtual_pipeline)

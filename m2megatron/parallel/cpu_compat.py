@@ -1,18 +1,19 @@
 """The only place where Megatron-Core (0.16.1) is patched, so that it runs on CPU with gloo.
 
 Megatron-Core assumes CUDA in a few hundred places. None of the patches below changes numerics; each
-one redirects a CUDA-only call to its CPU equivalent. `apply()` installs them once per process, and
-only when CUDA is unavailable: on a GPU host nothing here runs. Each patch has a test
+one redirects a CUDA-only call to the runtime device, which on a machine without CUDA is the CPU (or,
+in tests, a stand-in accelerator such as `meta`: m2megatron.parallel.device). `apply()` installs them
+once per process, and only when CUDA is unavailable: on a GPU host nothing here runs. Each patch has a test
 (tests/unit/test_cpu_compat.py) that shows the original failure still exists in the pinned version,
 so an upgrade tells us when a patch can go. Measurements: ../shared/notes/megatron_core_cpu.md §3.
 
-- W1 `torch.cuda.current_device()` → "cpu": Megatron allocates buffers with
+- W1 `torch.cuda.current_device()` → the runtime device ("cpu"): Megatron allocates buffers with
   `device=torch.cuda.current_device()` (global memory buffer of attention, TP gathers, p2p receive
   buffers, DDP grad buffers, checkpoint finalisation).
 - W2 CPU RNG tracker: `model_parallel_cuda_manual_seed` and the tracker's `fork()` (called by
   attention even with dropout 0, and by activation recompute) read and write the CUDA generator.
   We keep the tracked states as CPU generator states instead.
-- W3 a TorchFunctionMode that rewrites `device="cuda"` in factory calls to CPU and makes
+- W3 a TorchFunctionMode that rewrites `device="cuda"` in factory calls to the runtime device and makes
   `Tensor.cuda()` a no-op (pipeline schedules' token counter, optimizer constants, clip_grads,
   tensor_parallel.broadcast_data). Torch-function modes are not active inside autograd backward,
   which is why W8 is a direct patch.
@@ -38,6 +39,8 @@ from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger(__name__)
 _APPLIED = False
+_TARGET = "cpu"
+"""The device type that stands for CUDA (W1, W3): the runtime device of this process."""
 _FACTORY_FUNCTIONS = {
     torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, torch.arange, torch.rand,
     torch.randn, torch.randint, torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
@@ -60,13 +63,13 @@ class _CpuDeviceMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func in _FACTORY_FUNCTIONS and _is_cuda(kwargs.get("device")):
-            kwargs["device"] = "cpu"
+            kwargs["device"] = _TARGET
         elif func is torch.Tensor.cuda:
-            return args[0]
+            return args[0] if args[0].device.type == _TARGET else args[0].to(_TARGET)
         elif func is torch.Tensor.to and args and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], "cpu", *args[2:])
+            args = (args[0], _TARGET, *args[2:])
         elif func is torch.Tensor.to and _is_cuda(kwargs.get("device")):
-            kwargs["device"] = "cpu"
+            kwargs["device"] = _TARGET
         elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = self._TYPE_NAMES.get(args[0].dtype)
             if name is not None:
@@ -159,14 +162,18 @@ def _lift_mode_in_transformer_layers(mode: _CpuDeviceMode) -> None:
     TransformerLayer.forward = forward
 
 
-def apply() -> bool:
-    """Install every workaround once, if CUDA is unavailable. Returns True if they are active."""
-    global _APPLIED
-    if _APPLIED:
-        return True
+def apply(device: torch.device | str | None = None) -> bool:
+    """Install every workaround once, if CUDA is unavailable; `device` is what stands for CUDA (the runtime
+    device: the CPU, or a test's stand-in accelerator). Returns True if they are active."""
+    global _APPLIED, _TARGET
     if torch.cuda.is_available():
         return False
-    torch.cuda.current_device = lambda: "cpu"  # W1
+    from m2megatron.parallel.device import host_device
+
+    _TARGET = torch.device(device if device is not None else host_device()).type
+    if _APPLIED:
+        return True
+    torch.cuda.current_device = lambda: _TARGET  # W1
     torch.cuda.synchronize = lambda *a, **k: None  # W4
     _patch_rng_tracker()  # W2
     _patch_masks()  # W8

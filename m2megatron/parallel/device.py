@@ -13,6 +13,20 @@ from __future__ import annotations
 
 import torch
 
+_STAND_IN: torch.device | None = None
+
+
+def use_stand_in_accelerator(device: torch.device | str | None) -> None:
+    """Tests only: on a host without CUDA, make `device` (e.g. `meta`) this process's runtime device, so that
+    anything left on the CPU by accident cannot silently mix with it. None switches back to the CPU."""
+    global _STAND_IN
+    _STAND_IN = torch.device(device) if device is not None else None
+
+
+def host_device() -> torch.device:
+    """The runtime device of a process without NCCL: the CPU, or the tests' stand-in accelerator."""
+    return _STAND_IN if _STAND_IN is not None else torch.device("cpu")
+
 
 def choose_device(backend: str, local_rank: int) -> torch.device:
     """cuda:LOCAL_RANK for NCCL (after set_device), else the CPU."""
@@ -20,7 +34,7 @@ def choose_device(backend: str, local_rank: int) -> torch.device:
         index = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
-    return torch.device("cpu")
+    return host_device()
 
 
 def is_accelerator(device: torch.device) -> bool:

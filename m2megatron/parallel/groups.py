@@ -13,6 +13,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from m2megatron.parallel.device import host_device
 from m2megatron.parallel.layout import Layout
 
 
@@ -74,10 +75,10 @@ def new_loss_groups(layout: Layout, rank: int, timeout=None) -> dist.ProcessGrou
 
 def process_device() -> torch.device:
     """The device the default process group's backend works on: the current CUDA device under NCCL (set by
-    bootstrap before the group started), else the CPU."""
+    bootstrap before the group started), else the CPU (or the tests' stand-in accelerator)."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return host_device()
 
 
 _OWNED_GROUPS: list[dist.ProcessGroup] = []

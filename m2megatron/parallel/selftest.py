@@ -17,7 +17,7 @@ def main() -> int:
     cfg = load_config(overrides=sys.argv[1:])
     groups = initialize(cfg.parallel)
     cfg.validate(world_size=dist.get_world_size())
-    total = torch.tensor([1.0])
+    total = torch.ones(1, device=groups.device)
     dist.all_reduce(total)
     print(f"rank {groups.rank}/{dist.get_world_size()}: tp={groups.tp_rank} dp={groups.dp_rank} "
           f"pp={groups.pp_rank} loss_group_rank={groups.loss_rank} all_reduce={int(total.item())}", flush=True)

@@ -23,7 +23,7 @@ from m2megatron.planning.communication import (
     tensor_parallel_sent_bytes,
 )
 from m2megatron.planning.memory import PlanInput, peak_rank
-from m2megatron.train.flops import forward_flops_per_sample
+from m2megatron.planning.flops import forward_flops_per_sample
 
 GIB = 2 ** 30
 GPUS = {"h100": 80e9, "h200": 141e9}
@@ -39,7 +39,7 @@ class Cluster:
     gpus_per_node: int = 8
     """GPUs sharing NVLink."""
     peak_tflops: float = 989.0
-    """Dense bf16 peak per GPU (PEAK_TFLOPS of m2megatron.train.flops; 1979 for FP8)."""
+    """Dense bf16 peak per GPU (PEAK_TFLOPS of m2megatron.planning.flops; 1979 for FP8)."""
     mfu: float = 0.4
     """Assumed fraction of the peak reached by the executed FLOPs."""
     nvlink_gbs: float = 450.0

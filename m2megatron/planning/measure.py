@@ -1,6 +1,6 @@
 """Measure one rank's peak live tensor bytes over a real training step (the planner's ground truth on CPU).
 
-Builds this rank's stages, Megatron DDP and optimizer exactly as the trainer does, inside a
+Builds this rank's stages, Megatron DDP and optimizer through the stage runtime, as the trainer does, inside a
 `LiveTensorBytes` tracker, runs one warm-up step (Adam allocates its state on the first step), then
 measures the peak of a second step. Call on every rank of an initialised layout.
 """
@@ -29,16 +29,12 @@ def synthetic_microbatches(cfg: RunConfig, num_microbatches: int, seed: int = 0)
 
 def measure_step_peak(cfg: RunConfig, groups, num_microbatches: int) -> dict[str, int]:
     """{'peak': peak live bytes during step 2, 'static': live bytes before it} for this rank."""
-    from m2megatron.train.model_setup import build_stage_modules, wrap_ddp
-    from m2megatron.train.optimizer import build_optimizer
-    from m2megatron.train.step import PipelineStep
+    from m2megatron.runtime import ContrastiveStep, build_stages
 
     with LiveTensorBytes() as tracker:
-        modules = build_stage_modules(cfg, groups)
-        chunks = wrap_ddp(modules, groups, distributed_optimizer=cfg.parallel.distributed_optimizer)
-        optimizer = build_optimizer(chunks, cfg.optim, groups.collection,
-                                    distributed=cfg.parallel.distributed_optimizer)
-        step = PipelineStep(chunks, groups, cfg)
+        stages = build_stages(cfg, groups)
+        chunks, optimizer = stages.chunks, stages.optimizer
+        step = ContrastiveStep(stages)
         batches = synthetic_microbatches(cfg, num_microbatches)
         result = {}
         for i in range(2):

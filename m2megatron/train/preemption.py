@@ -59,6 +59,8 @@ class PreemptionHandler:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.signals = tuple(signals)
         self.group = group
+        self.device = None
+        """Device of the agreement flag (the runtime device); None: derived from the group's backend."""
         self.check_interval = check_interval
         self.reason: str | None = None
         """What this rank saw first: a signal name, 'request file' or a programmatic reason."""
@@ -113,7 +115,7 @@ class PreemptionHandler:
         self._calls += 1
         if self._calls % self.check_interval:
             return False
-        self._agreed = _any_rank(self.local_flag, self.group)
+        self._agreed = _any_rank(self.local_flag, self.group, self.device)
         if self._agreed and self.reason is None:
             self.reason = "another rank"
         return self._agreed
@@ -157,16 +159,15 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _any_rank(flag: bool, group: Any) -> bool:
+def _any_rank(flag: bool, group: Any, device: Any = None) -> bool:
     """all_reduce(MAX) of a boolean over `group`; the flag itself when not distributed."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return flag
-    device = "cpu"
-    if dist.get_backend(group) == "nccl":
-        device = f"cuda:{torch.cuda.current_device()}"
+    if device is None:
+        device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend(group) == "nccl" else "cpu"
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value.item())

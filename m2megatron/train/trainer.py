@@ -17,11 +17,11 @@ import torch.distributed as dist
 from m2megatron.config.run import RunConfig
 from m2megatron.data.build import build_train_loader, resolve_tokenizer
 from m2megatron.parallel import initialize, seed_everything
-from m2megatron.train import flops
+from m2megatron.planning import flops
 from m2megatron.train.checkpointing import TrainCheckpointer
 from m2megatron.train.metrics import MetricsWriter, ThroughputMeter
 from m2megatron.train.model_setup import build_stage_modules, wrap_ddp
-from m2megatron.train.optimizer import build_optimizer, build_scheduler
+from m2megatron.runtime.optimizer import build_optimizer, build_scheduler
 from m2megatron.train.preemption import PreemptionHandler
 from m2megatron.train.step import PipelineStep
 
@@ -37,6 +37,8 @@ class Trainer:
         self.preemption = PreemptionHandler(cfg.train.run_dir).install()
         self.progress = progress
         self.groups = groups or initialize(cfg.parallel)
+        self.device = self.groups.device
+        self.preemption.device = self.device
         cfg.validate(world_size=dist.get_world_size())
         self.run_dir = Path(cfg.train.run_dir)
         self.is_logging_rank = dist.get_rank() == 0
@@ -44,16 +46,14 @@ class Trainer:
         seed_everything(self.cfg.train.seed, self.groups)
         if self.is_logging_rank:
             self.cfg.save(self.run_dir)
-        self.modules = build_stage_modules(self.cfg, self.groups)
-        self.chunks = wrap_ddp(self.modules, self.groups, distributed_optimizer=self.cfg.parallel.distributed_optimizer)
-        self.optimizer = build_optimizer(self.chunks, self.cfg.optim, self.groups.collection,
-                                         distributed=self.cfg.parallel.distributed_optimizer)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.train_steps)
+        self.stages = build_stages(self.cfg, self.groups)
+        self.modules, self.chunks = self.stages.modules, self.stages.chunks
+        self.optimizer, self.scheduler = self.stages.optimizer, self.stages.scheduler
         self.loader = build_train_loader(self.cfg.data, tokenizer=self.tokenizer, image_size=self.cfg.model.image_size,
                                          micro_batch_size=self.cfg.train.micro_batch_size,
                                          dp_rank=self.groups.dp_rank, dp_size=self.groups.layout.data_parallel,
                                          seed=self.cfg.train.seed)
-        self.step_fn = PipelineStep(self.chunks, self.groups, self.cfg)
+        self.step_fn = ContrastiveStep(self.stages)
         self.num_microbatches = self.cfg.num_microbatches(dist.get_world_size())
         self.checkpointer = TrainCheckpointer(self)
         self.step = self.checkpointer.resume()
@@ -87,15 +87,14 @@ class Trainer:
         return batches
 
     def _all_finite(self, loss: torch.Tensor | None) -> bool:
-        """Agree over all ranks whether this step's loss and every gradient are finite."""
-        bad = loss is not None and not bool(torch.isfinite(loss).all())
+        """Agree over all ranks whether this step's loss and every gradient are finite (one host sync)."""
+        bad = torch.zeros((), device=self.device)
+        if loss is not None:
+            bad = bad + (~torch.isfinite(loss)).any()
         for chunk in self.chunks:
-            for param in chunk.module.parameters():
-                grad = getattr(param, "main_grad", None)
-                if grad is not None and not bool(torch.isfinite(grad).all()):
-                    bad = True
-                    break
-        flag = torch.tensor([1.0 if bad else 0.0])
+            for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+                bad = bad + (~torch.isfinite(buffer.grad_data)).any()
+        flag = bad.clamp(max=1.0).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0.0
 
@@ -156,7 +155,9 @@ class Trainer:
     def _log_record(self, result: dict, speed: dict) -> dict:
         """Bring the loss to the logging rank and assemble the record."""
         loss = result["loss"]
-        value = torch.tensor([float(loss) if loss is not None else 0.0, 1.0 if loss is not None else 0.0])
+        value = torch.zeros(2, device=self.device)
+        if loss is not None:
+            value[0], value[1] = torch.as_tensor(loss, device=self.device).float(), 1.0
         if self.groups.is_last_stage:
             value[0] = value[0] / self.groups.layout.data_parallel
         dist.all_reduce(value)  # last-stage ranks hold the loss; mean over DP, TP copies counted once below
@@ -185,10 +186,10 @@ class Trainer:
 
     def _logit_scale(self) -> float:
         """exp of the learnable log scale, as the loss uses it (from the last stage)."""
-        value = torch.tensor([0.0, 0.0])
+        value = torch.zeros(2, device=self.device)
         for module in self.modules:
             if module.post_process:
-                value += torch.tensor([module.logit_scale.detach().float().item(), 1.0])
+                value[0], value[1] = module.logit_scale.detach().float(), 1.0
         dist.all_reduce(value)
         return math.exp(value[0].item() / max(value[1].item(), 1.0))
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from m2megatron.checkpoint import load_checkpoint, save_checkpoint
 from m2megatron.checkpoint.atomic import CRASH_ENV, CRASH_POINTS, LATEST, complete_checkpoints, resolve
-from m2megatron.checkpoint.toy import build_toy
+from tests.checkpoint_toy import build_toy
 from m2megatron.parallel import Layout, build_groups
 
 pytestmark = pytest.mark.distributed

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from m2megatron.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from m2megatron.checkpoint.atomic import resolve
 from m2megatron.checkpoint.safety import describe_files
-from m2megatron.checkpoint.toy import build_toy
+from tests.checkpoint_toy import build_toy
 from m2megatron.config import load_config
 from m2megatron.parallel import Layout, build_groups
 

@@ -1,6 +1,6 @@
 """Resume is exact, and checkpoints reshard on load (model and optimizer), on a small Megatron stand-in model.
 
-The stand-in (m2megatron.checkpoint.toy) has tensor-parallel linears, a TransformerBlock and a replicated
+The stand-in (tests.checkpoint_toy) has tensor-parallel linears, a TransformerBlock and a replicated
 head, DDP-wrapped and trained with Megatron's optimizer and LR schedule like the trainer does.
 """
 
@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from m2megatron.checkpoint import Checkpointer, CheckpointError, load_checkpoint, save_checkpoint
 from m2megatron.checkpoint.consolidate import read_full_tensors, sharded_region, tensor_index
-from m2megatron.checkpoint.toy import build_toy, train_toy
+from tests.checkpoint_toy import build_toy, train_toy
 from m2megatron.parallel import Layout, build_groups
 
 pytestmark = pytest.mark.distributed

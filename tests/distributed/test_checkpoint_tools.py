@@ -12,8 +12,8 @@ import torch.distributed as dist
 from m2megatron.checkpoint import manifest, save_checkpoint
 from m2megatron.checkpoint.atomic import resolve
 from m2megatron.checkpoint.consolidate import read_full_tensors, sharded_region, tensor_index
-from m2megatron.checkpoint.toy import build_toy, train_toy
 from m2megatron.parallel import Layout, build_groups
+from tests.checkpoint_toy import build_toy, train_toy
 
 pytestmark = pytest.mark.distributed
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
@@ -89,10 +89,13 @@ def test_consolidate_then_load_back_at_another_layout(dist_pool, saved, tmp_path
     assert all(n > 0 for n in checked)
 
 
-def test_reshard_tool_writes_the_target_layout_with_identical_tensors(saved, tmp_path):
+def test_reshard_writes_the_target_layout_with_identical_tensors(saved, tmp_path):
+    from m2megatron.checkpoint.cli import run_on_ranks
+    from m2megatron.checkpoint.reshard import reshard_on_this_rank
+    from tests.checkpoint_toy import build_toy_from_config
+
     out = tmp_path / "resharded"
-    assert _tool("reshard_checkpoint").main([str(saved), str(out), "--world-size", "2", "--tp", "1", "--pp", "2",
-                                             "--builder", "toy"]) == 0
+    run_on_ranks(2, reshard_on_this_rank, str(saved), str(out), 1, 2, True, build_toy_from_config)
     new = resolve(out)
     meta = manifest.read(new)
     assert meta["layout"]["pipeline_parallel"] == 2 and meta["step"] == 2
@@ -104,15 +107,16 @@ def test_reshard_tool_writes_the_target_layout_with_identical_tensors(saved, tmp
 
 
 def _save_m2(root):
-    from m2megatron.checkpoint.reshard import build_m2_from_config
     from m2megatron.config import load_config
     from m2megatron.parallel import seed_everything
+    from m2megatron.runtime import build_stages
 
     mp.current_process()._config["daemon"] = False
     groups = build_groups(Layout(world_size=dist.get_world_size(), tensor_parallel=2))
     seed_everything(3, groups)
     cfg = load_config(preset_name="tiny", overrides={"model": {"vocab_size": 1000}})
-    chunks, opt, sched = build_m2_from_config(cfg.to_dict(), groups)
+    stages = build_stages(cfg, groups)
+    chunks, opt, sched = stages.chunks, stages.optimizer, stages.scheduler
     save_checkpoint(root, 1, chunks, opt, sched, groups=groups, config=cfg)
     from m2megatron.models import full_state_dict
 

@@ -38,7 +38,7 @@ def _run(tp: int, pp: int, sp_path: str):
     model_cfg, images, captions = _eval_set()
     groups = build_groups(Layout(world_size=dist.get_world_size(), tensor_parallel=tp, pipeline_parallel=pp))
     seed_everything(1, groups)
-    model = build_stage(RunConfig(model=model_cfg), groups)
+    (model,) = build_stage(RunConfig(model=model_cfg), groups)
     init_weights(model, seed=3)
     tokenizer = Tokenizer(sp_path, model_cfg.max_text_len)
     texts = [c for cs in captions for c in cs]

@@ -15,9 +15,7 @@ import torch.distributed as dist
 from m2megatron.config import load_config
 from m2megatron.models.state import full_state_dict
 from m2megatron.parallel import initialize, seed_everything
-from m2megatron.train.model_setup import build_stage_modules, wrap_ddp
-from m2megatron.train.optimizer import build_optimizer
-from m2megatron.train.step import PipelineStep
+from m2megatron.runtime import ContrastiveStep, build_stages
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -55,10 +53,9 @@ def _train(overrides: list[str], num_micro: int = 1) -> dict:
     cfg = load_config(overrides=SIZES + overrides)
     groups = initialize(cfg.parallel)
     seed_everything(cfg.train.seed, groups)
-    modules = build_stage_modules(cfg, groups)
-    chunks = wrap_ddp(modules, groups, distributed_optimizer=False)
-    optimizer = build_optimizer(chunks, cfg.optim, groups.collection)
-    step = PipelineStep(chunks, groups, cfg)
+    stages = build_stages(cfg, groups)
+    modules, chunks, optimizer = stages.modules, stages.chunks, stages.optimizer
+    step = ContrastiveStep(stages)
     losses = []
     for batch in _global_batches(cfg, STEPS):
         for chunk in chunks:

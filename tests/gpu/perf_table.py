@@ -4,7 +4,7 @@
 
 - MFU of the m2-1b shape, forward+backward with the contrastive loss, microbatch --batch, one GPU:
   local spec bf16, te spec bf16, te spec FP8 (delayed scaling). MFU = train FLOPs per sample
-  (m2megatron.train.flops) × samples/s over the device's dense peak for that precision.
+  (m2megatron.planning.flops) × samples/s over the device's dense peak for that precision.
 - DALI `mixed` (nvJPEG) decoding + bicubic squash to 224: images/s on photo-like 500×375 JPEGs.
 Prints a table and a last key=value line; writes the rows as JSON with --out.
 """
@@ -48,7 +48,7 @@ def _batch(cfg, b: int):
 def mfu_row(groups, variant: str, batch: int, iters: int) -> dict:
     from m2megatron.config import preset
     from m2megatron.models import M2Encoder, init_weights
-    from m2megatron.train.flops import peak_tflops, train_flops_per_sample
+    from m2megatron.planning.flops import peak_tflops, train_flops_per_sample
 
     spec, fp8 = VARIANTS[variant]
     cfg = dataclasses.replace(preset("m2-1b"), layer_spec=spec, fp8=fp8)

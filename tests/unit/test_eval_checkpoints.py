@@ -24,7 +24,7 @@ def _write_checkpoints(tmp_path):
     groups = initialize(ParallelConfig(backend="gloo"))
     try:
         seed_everything(1, groups)
-        model = build_stage(cfg, groups)
+        (model,) = build_stage(cfg, groups)
         init_weights(model, cfg.train.seed)  # what --checkpoint-format none evaluates
         full = full_state_dict(model)
     finally:

@@ -45,7 +45,7 @@ def test_tiny_model_evaluates_1000_images_and_5000_captions_quickly(sp_model):
     groups = initialize(ParallelConfig(backend="gloo"))
     try:
         seed_everything(1, groups)
-        model = build_stage(cfg, groups)
+        (model,) = build_stage(cfg, groups)
         init_weights(model, seed=2)
         metrics = evaluate_retrieval(model, groups, images, captions, tokenizer=Tokenizer(sp_model, 52),
                                      batch_size=128)

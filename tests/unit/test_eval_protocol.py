@@ -39,9 +39,18 @@ class FakeM2(torch.nn.Module):
 
     def __init__(self, image_table: torch.Tensor, text_table: dict[tuple[int, ...], torch.Tensor]):
         super().__init__()
+        from megatron.core.enums import ModelType
+        from megatron.core.model_parallel_config import ModelParallelConfig
+
         self.cfg = SimpleNamespace(image_size=SIDE, embed_dim=DIM, max_text_len=52, num_image_tokens=2)
+        self.config = ModelParallelConfig()  # what Megatron's schedule reads off a model
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process = self.post_process = True
         self.anchor = torch.nn.Parameter(torch.zeros(()))
         self.image_table, self.text_table = image_table, text_table
+
+    def set_input_tensor(self, tensor) -> None:
+        """One stage: nothing arrives from a previous one."""
 
     def forward(self, images=None, text_ids=None, text_mask=None):
         if images is not None:
@@ -84,7 +93,7 @@ def _fake_model(records, tokenizer: Tokenizer, seed: int):
 def _run_launcher(monkeypatch, tmp_path, argv, model):
     from m2megatron.eval import launcher, retrieval
 
-    monkeypatch.setattr(launcher, "build_stage", lambda cfg, groups: model)
+    monkeypatch.setattr(launcher, "build_stage", lambda cfg, groups: [model])
     monkeypatch.setattr(launcher, "load_weights", lambda *a, **k: "fake")
     monkeypatch.setattr(sys, "argv", ["m2megatron.eval.retrieval", *argv])
     assert retrieval.main() == 0

@@ -74,7 +74,7 @@ def build_toy(groups, *, hidden: int = 32, layers: int = 4, optimizer: str = "ad
 
     from m2megatron.config.optim import OptimConfig
     from m2megatron.parallel import seed_everything
-    from m2megatron.train.optimizer import build_optimizer, build_scheduler
+    from m2megatron.runtime.optimizer import build_optimizer, build_scheduler
 
     layout = groups.layout
     seed_everything(seed, groups)
@@ -117,3 +117,8 @@ def train_toy(chunks, optimizer, scheduler, groups, first_step: int, num_steps: 
         dist.all_reduce(global_loss, group=groups.dp)
         losses.append(global_loss.item() / groups.layout.data_parallel)
     return losses
+
+
+def build_toy_from_config(config: dict, groups):
+    """The reshard builder for toy checkpoints (their saved config holds the toy's sizes under 'toy')."""
+    return build_toy(groups, **dict((config or {}).get("toy") or {}))

@@ -1,0 +1,86 @@
+"""The one Megatron-Core TransformerConfig of a run, built once and never changed by us afterwards.
+
+It joins the model's layer settings (m2megatron.models.transformer_config) with the runtime's: pipeline
+dtype and p2p flags, virtual stages, recompute, initialization (we initialize by name ourselves), and the
+hooks Megatron's schedules call (finalize_model_grads, the DDP no-sync / grad-sync / param-sync hooks).
+
+The DDP hooks belong to wrappers that can only be built after the config exists (DDP takes it), so the
+config holds small forwarding callables of a `ChunkSyncHooks`, which the builder attaches to the DDP
+chunks once they exist.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from m2megatron.config.run import RunConfig
+from m2megatron.models.transformer_config import transformer_config
+from m2megatron.parallel.groups import ParallelGroups
+
+
+class ChunkSyncHooks:
+    """Forwards Megatron's schedule hooks to the DDP chunk they belong to (attached after wrapping)."""
+
+    def __init__(self) -> None:
+        self.chunks: list = []
+
+    def attach(self, chunks: list) -> None:
+        self.chunks = list(chunks)
+
+    def no_sync(self, index: int):
+        return self.chunks[index].no_sync()
+
+    def start_grad_sync(self, index: int, *args, **kwargs):
+        return self.chunks[index].start_grad_sync(*args, **kwargs)
+
+    def start_param_sync(self, index: int, *args, **kwargs):
+        return self.chunks[index].start_param_sync(*args, **kwargs)
+
+    def funcs(self, name: str, num_chunks: int):
+        """One forwarding callable per chunk: a list with virtual stages, the callable itself without."""
+        funcs = [functools.partial(getattr(self, name), i) for i in range(num_chunks)]
+        return funcs if num_chunks > 1 else funcs[0]
+
+
+def pipeline_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype of the activations sent between stages: the parameter dtype (fp32 with autocast)."""
+    return torch.float32
+
+
+def runtime_overrides(cfg: RunConfig, groups: ParallelGroups, hooks: ChunkSyncHooks | None) -> dict:
+    """TransformerConfig fields set by the runtime rather than by the model's sizes."""
+    layout = groups.layout
+    vp = layout.virtual_pipeline
+    num_chunks = vp or 1
+    overrides: dict = {
+        # Every parameter is initialized by name afterwards (models.state.init_weights): Megatron's own
+        # init would be wasted work, and on the meta device impossible.
+        "perform_initialization": False,
+        "use_cpu_initialization": groups.device.type != "cuda",
+        "pipeline_dtype": pipeline_dtype(cfg),
+        # Batched p2p with PP=2 and virtual stages matches send/recv crosswise on gloo (pitfalls.md).
+        "batch_p2p_comm": vp is None,
+        "batch_p2p_sync": False,
+        "virtual_pipeline_model_parallel_size": vp,
+        # Our config says PP=1 (stages are ours), so Megatron's default group size would be 1.
+        "microbatch_group_size_per_vp_stage": layout.pipeline_parallel if vp else None,
+        "finalize_model_grads_func": finalize_model_grads,
+    }
+    if hooks is not None:
+        overrides["no_sync_func"] = hooks.funcs("no_sync", num_chunks)
+    if cfg.train.recompute:
+        overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if cfg.train.bf16:
+        overrides.update(enable_autocast=True, autocast_dtype=torch.bfloat16)
+    return overrides
+
+
+def build_transformer_config(cfg: RunConfig, groups: ParallelGroups,
+                             hooks: ChunkSyncHooks | None = None) -> TransformerConfig:
+    """The run's TransformerConfig for this rank's stage chunks (shared by all of them)."""
+    return transformer_config(cfg.model, tp_size=groups.layout.tensor_parallel, params_dtype=torch.float32,
+                              **runtime_overrides(cfg, groups, hooks))
