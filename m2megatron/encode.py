@@ -89,31 +89,41 @@ def build_model(args):
     return modules, groups, cfg
 
 
-def encode(args) -> dict:
-    """Embeddings through the stage runtime's schedule (the eval feature extractor on one process)."""
-    from m2megatron.eval.batches import image_features, text_features
+def encode_images(modules, groups, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """[n, E] embeddings (host) of preprocessed pixels, through the stage runtime's schedule."""
+    from m2megatron.eval.batches import image_features
     from m2megatron.eval.features import ReplicaEncoder
 
+    feats, _ = image_features(ReplicaEncoder(modules, groups), pixels, batch_size=batch_size, groups=groups)
+    return feats.cpu()
+
+
+def encode_texts(modules, groups, texts: list[str], sp_model: str, cfg, batch_size: int):
+    """([n, E] embeddings (host), [n, L] token ids) of raw texts (reference tokenization, no eval preprocessing)."""
+    from m2megatron.data.tokenizer import Tokenizer
+    from m2megatron.eval.batches import text_features
+    from m2megatron.eval.features import ReplicaEncoder
+
+    tokenizer = Tokenizer(sp_model, max_length=cfg.max_text_len)
+    feats, _ = text_features(ReplicaEncoder(modules, groups), texts, tokenizer, batch_size=batch_size, groups=groups)
+    return feats.cpu(), tokenizer.encode(texts)[0]
+
+
+def encode(args) -> dict:
     if not args.images and not args.texts_file:
         raise UserError("nothing to encode: give --images and/or --texts-file")
     texts = read_texts(args.texts_file) if args.texts_file else []
     if texts and not args.sp_model:
         raise UserError("--sp-model: needed to tokenize --texts-file")
     modules, groups, cfg = build_model(args)
-    encoder = ReplicaEncoder(modules, groups)
     result = {"image_embeddings": [], "text_embeddings": [], "text_ids": [],
               "logit_scale": float(modules[-1].logit_scale.item())}
     if args.images:
         pixels = load_images(args.images, cfg.image_size)
-        feats, _ = image_features(encoder, pixels, batch_size=args.batch_size, groups=groups)
-        result["image_embeddings"] = feats.cpu().tolist()
+        result["image_embeddings"] = encode_images(modules, groups, pixels, args.batch_size).tolist()
     if texts:
-        from m2megatron.data.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer(args.sp_model, max_length=cfg.max_text_len)
-        feats, _ = text_features(encoder, texts, tokenizer, batch_size=args.batch_size, groups=groups)
-        result["text_embeddings"] = feats.cpu().tolist()
-        result["text_ids"] = tokenizer.encode(texts)[0].tolist()
+        feats, ids = encode_texts(modules, groups, texts, args.sp_model, cfg, args.batch_size)
+        result["text_embeddings"], result["text_ids"] = feats.tolist(), ids.tolist()
     return result
 
 

@@ -118,7 +118,7 @@ def _ranks_chunked(queries: torch.Tensor, items: torch.Tensor, positives: torch.
         if columns is not None:
             sim = sim[:, columns]  # [q, T]: copies of one string are exactly tied
         ranks.append(best_rank(sim, positives[start:start + step]))
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=queries.device)
 
 
 def _percent(hits: torch.Tensor) -> float:
@@ -143,8 +143,10 @@ def retrieval_metrics(image_feats: torch.Tensor, unique_text_feats: torch.Tensor
     """
     img = _check_features("image", image_feats, index.num_images)
     txt = _check_features("text", unique_text_feats, len(index.unique_texts))
-    i2t_rank = _ranks_chunked(img, txt, index.i2t_positives(), columns=index.text_unique)  # [I]
-    t2i_rank = _ranks_chunked(txt, img, index.t2i_positives())[index.text_unique]  # [T], per flat query
+    device = img.device  # the ground truth joins the features on their device (the GPU in a GPU job)
+    text_unique = index.text_unique.to(device)
+    i2t_rank = _ranks_chunked(img, txt, index.i2t_positives().to(device), columns=text_unique)  # [I]
+    t2i_rank = _ranks_chunked(txt, img, index.t2i_positives().to(device))[text_unique]  # [T], per flat query
     out: dict[str, float] = {}
     for direction, rank in (("i2t", i2t_rank), ("t2i", t2i_rank)):
         for k in RECALL_KS:
@@ -162,5 +164,5 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
         raise ValueError("zero-shot: no images to score")
     if not torch.isfinite(logits).all():
         raise ValueError("zero-shot: scores contain NaN or Inf; refusing to compute accuracy")
-    rank = best_rank(logits.float(), labels.long()[:, None])
+    rank = best_rank(logits.float(), labels.long().to(logits.device)[:, None])
     return {f"top{k}": _percent(rank < k) for k in ks}

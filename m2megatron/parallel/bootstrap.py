@@ -89,13 +89,15 @@ def init_process_group(cfg: ParallelConfig, env: LaunchEnv | None = None) -> Lau
     if dist.is_initialized():
         return env
     backend = pick_backend(cfg.backend)
-    choose_device(backend, env.local_rank)  # set_device before NCCL starts: each rank on its own GPU
+    device = choose_device(backend, env.local_rank)  # set_device before NCCL starts: each rank on its own GPU
     dist.init_process_group(
         backend=backend,
         init_method=f"tcp://{env.master_addr}:{env.master_port}",
         rank=env.rank,
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=cfg.timeout_s),
+        # Binds NCCL to this rank's GPU (barriers and object collectives use it, no device guessing).
+        device_id=device if device.type == "cuda" else None,
     )
     return env
 

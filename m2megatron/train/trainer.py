@@ -18,12 +18,10 @@ from m2megatron.config.run import RunConfig
 from m2megatron.data.build import build_train_loader, resolve_tokenizer
 from m2megatron.parallel import initialize, seed_everything
 from m2megatron.planning import flops
+from m2megatron.runtime import ContrastiveStep, build_stages
 from m2megatron.train.checkpointing import TrainCheckpointer
 from m2megatron.train.metrics import MetricsWriter, ThroughputMeter
-from m2megatron.train.model_setup import build_stage_modules, wrap_ddp
-from m2megatron.runtime.optimizer import build_optimizer, build_scheduler
 from m2megatron.train.preemption import PreemptionHandler
-from m2megatron.train.step import PipelineStep
 
 log = logging.getLogger("m2megatron.train")
 
