@@ -62,6 +62,7 @@ def transformer_config(cfg: ModelConfig, *, tp_size: int = 1, params_dtype: torc
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         gradient_accumulation_fusion=False,
+        cuda_graph_scope=[],  # no CUDA graphs; 0.16.1's default "full" only triggers its own deprecation warning
         **fp8,
     )
     kwargs.update(overrides)

@@ -14,7 +14,7 @@ from m2megatron.models import (
     merge_tp_shards,
     shard_full_state_dict,
 )
-from m2megatron.models.meta import build_on_meta, per_rank_parameter_counts
+from m2megatron.runtime.shapes import build_on_meta, per_rank_parameter_counts
 from tests.reference_model import sample_inputs, single_groups
 
 pytestmark = pytest.mark.unit

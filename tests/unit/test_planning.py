@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("pre,post,layer_range", [(True, True, None), (True, False, (0, 1)), (False, True, (1, 2))])
 def test_parameter_count_per_rank_equals_the_model_built_on_meta(tp, pre, post, layer_range):
-    from m2megatron.models.meta import build_on_meta
+    from m2megatron.runtime.shapes import build_on_meta
 
     cfg = preset("tiny")
     model = build_on_meta(cfg, tp_size=tp, pre_process=pre, post_process=post, layer_range=layer_range)

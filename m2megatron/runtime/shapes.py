@@ -1,7 +1,8 @@
-"""Build the model on the meta device (no memory, no collectives) to count per-rank parameters.
+"""Build a stage on the meta device (no memory, no collectives) to count per-rank parameters.
 
 A stand-in process group answers `size()` / `rank()`, which is all Megatron-Core's layers ask for while
-they are constructed without initialization, so any TP size can be inspected from one process.
+they are constructed without initialization, so any TP size can be inspected from one process, without
+a world of that size. The stage is built by the runtime's one stage builder.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import torch.distributed as dist
 from m2megatron.config.model import ModelConfig, count_parameters
 from m2megatron.models.embeddings import padded_vocab_size
 from m2megatron.models.m2_encoder import M2Encoder
+from m2megatron.models.transformer_config import transformer_config
+from m2megatron.runtime.build import build_stage_module
+from m2megatron.runtime.stages import StageSpec
 
 
 class _ShapeOnlyGroup:
@@ -36,14 +40,17 @@ class _ShapeOnlyCollection:
     cp: _ShapeOnlyGroup
 
 
-def build_on_meta(cfg: ModelConfig, *, tp_size: int = 1, tp_rank: int = 0, **stage_kwargs) -> M2Encoder:
-    """An uninitialized M2Encoder on the meta device as TP rank `tp_rank` of `tp_size` would hold it."""
+def build_on_meta(cfg: ModelConfig, *, tp_size: int = 1, tp_rank: int = 0, pre_process: bool = True,
+                  post_process: bool = True, layer_range: tuple[int, int] | None = None) -> M2Encoder:
+    """An uninitialized stage on the meta device as TP rank `tp_rank` of `tp_size` would hold it."""
     if not dist.is_initialized():  # Megatron treats every group as size 1 without a default group
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     groups = _ShapeOnlyCollection(tp=_ShapeOnlyGroup(tp_size, tp_rank), pp=_ShapeOnlyGroup(1, 0),
                                   cp=_ShapeOnlyGroup(1, 0))
-    with torch.device("meta"):
-        return M2Encoder(cfg, groups, **stage_kwargs)
+    config = transformer_config(cfg, tp_size=tp_size, perform_initialization=False, use_cpu_initialization=True)
+    spec = StageSpec(stage=0, pre_process=pre_process, post_process=post_process,
+                     layer_range=layer_range or (0, cfg.num_layers))
+    return build_stage_module(cfg, config, groups, spec, torch.device("meta"))
 
 
 def per_rank_parameter_counts(cfg: ModelConfig, tp_size: int) -> dict:
