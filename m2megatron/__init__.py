@@ -1,3 +1,6 @@
 """m2megatron: M2-Encoder bilingual image–text encoders on Megatron-Core."""
 
+from m2megatron import benign_warnings as _benign_warnings
+
 __version__ = "0.1.0"
+_benign_warnings.install()

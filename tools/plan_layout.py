@@ -18,8 +18,8 @@ import warnings
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
 from m2megatron.config.model import preset  # noqa: E402
-from m2megatron.planning.layouts import GPUS, Cluster, largest_microbatch_per_layout, plan_layouts  # noqa: E402
 from m2megatron.planning.flops import PEAK_TFLOPS  # noqa: E402
+from m2megatron.planning.layouts import GPUS, Cluster, largest_microbatch_per_layout, plan_layouts  # noqa: E402
 
 GIB, GB = 2 ** 30, 1e9
 

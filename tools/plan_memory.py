@@ -17,8 +17,8 @@ import warnings
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
 from m2megatron.config.model import preset  # noqa: E402
-from m2megatron.planning.memory import CATEGORIES, PlanInput, plan_memory  # noqa: E402
 from m2megatron.planning.flops import forward_flops_per_sample, train_flops_per_sample  # noqa: E402
+from m2megatron.planning.memory import CATEGORIES, PlanInput, plan_memory  # noqa: E402
 
 GIB = 2 ** 30
 

@@ -15,8 +15,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from m2megatron.cli import UserError
 from m2megatron.config import RunConfig, load_config
 from m2megatron.eval.inputs import BadInputs

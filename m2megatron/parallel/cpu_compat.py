@@ -173,6 +173,9 @@ def apply(device: torch.device | str | None = None) -> bool:
     _TARGET = torch.device(device if device is not None else host_device()).type
     if _APPLIED:
         return True
+    from m2megatron import benign_warnings
+
+    benign_warnings.install_cpu_host()
     torch.cuda.current_device = lambda: _TARGET  # W1
     torch.cuda.synchronize = lambda *a, **k: None  # W4
     _patch_rng_tracker()  # W2

@@ -11,6 +11,8 @@ mix with (tests/standin.py).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 _STAND_IN: torch.device | None = None
@@ -31,6 +33,9 @@ def host_device() -> torch.device:
 def choose_device(backend: str, local_rank: int) -> torch.device:
     """cuda:LOCAL_RANK for NCCL (after set_device), else the CPU."""
     if backend == "nccl":
+        # Megatron's TP/SP communication overlap needs kernels queued in issue order (Megatron-LM's launch
+        # scripts set it too); it must be set before the CUDA context exists. A user's own value wins.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         index = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return torch.device("cuda", index)

@@ -22,8 +22,8 @@ from m2megatron.planning.communication import (
     pipeline_sent_bytes,
     tensor_parallel_sent_bytes,
 )
-from m2megatron.planning.memory import PlanInput, peak_rank
 from m2megatron.planning.flops import forward_flops_per_sample
+from m2megatron.planning.memory import PlanInput, peak_rank
 
 GIB = 2 ** 30
 GPUS = {"h100": 80e9, "h200": 141e9}

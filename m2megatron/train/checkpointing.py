@@ -44,9 +44,7 @@ class TrainCheckpointer:
                                 rank_state={"loader": t.loader.state_dict()})
         if wait:
             self.writer.wait()
-        self._last_saved, self.last_path = step, path
-        if dist.get_rank() == 0:
-            log.info("%s checkpoint %s", "saved" if wait or not self.writer.async_save else "saving", path)
+        self._last_saved, self.last_path = step, path  # the writer logs where and how long
         return path
 
     def poll(self) -> None:

@@ -54,9 +54,13 @@ class MetricsWriter:
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         if progress:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
+            # disable=None: no bar when stderr is not a terminal (Slurm logs); log lines go around the bar.
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                             dynamic_ncols=True, leave=True)
+                             dynamic_ncols=True, leave=True, disable=None)
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
 
     def step(self, n: int = 1) -> None:
         if self._bar is not None:
@@ -82,6 +86,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         if self._bar is not None:
+            self._redirect.__exit__(None, None, None)
             self._bar.close()
         if self._tb is not None:
             self._tb.close()

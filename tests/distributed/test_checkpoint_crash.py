@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 from m2megatron.checkpoint import load_checkpoint, save_checkpoint
 from m2megatron.checkpoint.atomic import CRASH_ENV, CRASH_POINTS, LATEST, complete_checkpoints, resolve
-from tests.checkpoint_toy import build_toy
 from m2megatron.parallel import Layout, build_groups
+from tests.checkpoint_toy import build_toy
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]

@@ -13,9 +13,9 @@ import torch.distributed as dist
 from m2megatron.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from m2megatron.checkpoint.atomic import resolve
 from m2megatron.checkpoint.safety import describe_files
-from tests.checkpoint_toy import build_toy
 from m2megatron.config import load_config
 from m2megatron.parallel import Layout, build_groups
+from tests.checkpoint_toy import build_toy
 
 pytestmark = pytest.mark.distributed
 

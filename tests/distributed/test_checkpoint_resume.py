@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 from m2megatron.checkpoint import Checkpointer, CheckpointError, load_checkpoint, save_checkpoint
 from m2megatron.checkpoint.consolidate import read_full_tensors, sharded_region, tensor_index
-from tests.checkpoint_toy import build_toy, train_toy
 from m2megatron.parallel import Layout, build_groups
+from tests.checkpoint_toy import build_toy, train_toy
 
 pytestmark = pytest.mark.distributed
 
