@@ -150,3 +150,13 @@ def test_stop_and_resume_is_bit_identical_to_a_straight_run(dist_pool, tmp_path)
     for rank in range(2):
         assert a[rank].keys() == b[rank].keys()
         assert all(torch.equal(a[rank][k], b[rank][k]) for k in a[rank])
+
+
+def test_interleaved_pipeline_trains_saves_and_evaluates_at_the_end(dist_pool, tmp_path):
+    # PP2 × VP2: eval runs through the same schedule driver, padding to whole microbatch groups.
+    layout = ["--parallel.pipeline_parallel=2", "--parallel.virtual_pipeline=2", "--model.num_layers=4",
+              "--train.global_batch_size=16", "--train.train_steps=2", "--train.tensorboard=false"]
+    results = dist_pool(2).run(_fit, str(tmp_path / "vp"), layout)
+    assert results[0]["step"] == 2 and results[0]["num_images"] == 32
+    assert results[0] == results[1]  # every rank gets the same metrics
+    assert (tmp_path / "vp" / "checkpoints" / "latest").exists()

@@ -82,6 +82,10 @@ def test_resolved_config_is_written_and_reloads(tmp_path):
     (["--model.num_attention_heads=5"], 1, "model.num_attention_heads: 5 does not divide model.hidden_size=64"),
     (["--train.global_batch_size=30"], 4, "train.global_batch_size: 30 is not a multiple"),
     (["--optim.min_lr=1"], 1, "optim.min_lr"),
+    (["--parallel.pipeline_parallel=2", "--parallel.virtual_pipeline=2", "--model.num_layers=4"], 2,
+     "train.global_batch_size: the interleaved pipeline (parallel.virtual_pipeline=2) runs microbatches in groups"),
+    (["--parallel.pipeline_parallel=2", "--parallel.virtual_pipeline=2", "--model.num_layers=4",
+      "--train.global_batch_size=128"], 2, None),
 ])
 def test_impossible_settings_name_themselves(overrides, world, needle):
     cfg = load_config(overrides=overrides)
