@@ -28,6 +28,14 @@ class OptimConfig:
     """Adam epsilon."""
     clip_grad: float = 1.0
     """Global gradient-norm clip; 0 disables clipping."""
+    initial_loss_scale: float = 2.0 ** 32
+    """train.precision=fp16: the dynamic loss scale to start from."""
+    min_loss_scale: float = 1.0
+    """train.precision=fp16: the smallest loss scale dynamic scaling may reach."""
+    loss_scale_window: int = 1000
+    """train.precision=fp16: steps without overflow before the loss scale grows."""
+    hysteresis: int = 2
+    """train.precision=fp16: overflowing steps tolerated before the loss scale shrinks."""
 
     def validate(self) -> None:
         if self.lr <= 0:

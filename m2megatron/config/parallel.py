@@ -25,6 +25,19 @@ class ParallelConfig:
     """Shard optimizer state over the data-parallel group (Megatron-Core DistributedOptimizer, Adam only)."""
     timeout_s: int = 600
     """Timeout of process-group creation and of every collective, so a rank failing alone cannot hang the job."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism with TP > 1: LayerNorms, dropout and residuals run on 1/TP of the tokens of
+    each segment (image and text segments are padded to a multiple of TP, the padding masked)."""
+    overlap_grad_reduce: bool = False
+    """Reduce gradients bucket by bucket while backward still runs (Megatron DDP's overlap_grad_reduce)."""
+    overlap_param_gather: bool = False
+    """With the distributed optimizer: all-gather updated parameters bucket by bucket during the next forward."""
+    bucket_size_mb: float | None = None
+    """DDP bucket size in MiB of gradients; None: Megatron's default (40 M elements, at least 1 M × DP)."""
+    first_stage_layers: int | None = None
+    """Tower layers on the first pipeline stage (it also holds the embeddings); None splits evenly."""
+    last_stage_layers: int | None = None
+    """Tower layers on the last pipeline stage (it also holds the VL block and the heads); None splits evenly."""
 
     def validate(self, world_size: int | None = None, num_attention_heads: int | None = None,
                  num_layers: int | None = None) -> None:

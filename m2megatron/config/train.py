@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from m2megatron.config.base import ConfigError
 
@@ -20,10 +21,19 @@ class TrainConfig:
     loss.accumulation_steps."""
     seed: int = 1234
     """Seed of initialisation, data order and dropout."""
-    bf16: bool = False
-    """bf16 autocast of the forward on GPU (fp32 parameters, gradients and optimizer); no effect on CPU."""
-    recompute: bool = False
-    """Full activation recompute of every transformer layer."""
+    precision: Literal["fp32", "bf16", "fp16", "bf16-autocast"] = "fp32"
+    """Numerics as Megatron does them. fp32: everything fp32 (the CPU default). bf16 / fp16: parameters and
+    the stage-to-stage activations in that dtype, fp32 main gradients in DDP and an optimizer with fp32 main
+    weights (fp16 adds dynamic loss scaling, optim.*loss_scale*). bf16-autocast: fp32 parameters, gradients
+    and activations between stages, the forward under torch.autocast(bf16)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute: selective recomputes core attention only (Megatron's selective); full recomputes
+    whole layers (train.recompute_method, train.recompute_num_layers)."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """Full recompute: uniform checkpoints groups of recompute_num_layers layers over the whole stack; block
+    recomputes the first recompute_num_layers layers of each stage's stack and keeps the others."""
+    recompute_num_layers: int = 1
+    """Full recompute: layers per checkpointed group (uniform) or layers recomputed per stage stack (block)."""
     log_interval: int = 10
     """Steps between log lines, metrics.jsonl records and TensorBoard points."""
     tensorboard: bool = True
@@ -34,6 +44,6 @@ class TrainConfig:
     """Run zero-shot retrieval on the held-out set when training finishes and write results.json."""
 
     def validate(self) -> None:
-        for name in ("train_steps", "micro_batch_size", "log_interval"):
+        for name in ("train_steps", "micro_batch_size", "log_interval", "recompute_num_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")

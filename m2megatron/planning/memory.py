@@ -85,8 +85,8 @@ class PlanInput:
         return cls(model=cfg.model, tp=par.tensor_parallel, pp=par.pipeline_parallel,
                    dp=par.data_parallel(world_size), vp=par.virtual_pipeline, micro_batch=cfg.train.micro_batch_size,
                    num_microbatches=cfg.num_microbatches(world_size),
-                   precision="fp8" if cfg.model.fp8 != "none" else "bf16" if cfg.train.bf16 else "fp32",
-                   recompute=cfg.train.recompute, distributed_optimizer=par.distributed_optimizer,
+                   precision="fp8" if cfg.model.fp8 != "none" else "bf16" if cfg.train.precision != "fp32" else "fp32",
+                   recompute=cfg.train.recompute == "full", distributed_optimizer=par.distributed_optimizer,
                    optimizer=cfg.optim.optimizer, loss_group_size=par.loss_group_size,
                    accumulation=cfg.loss.accumulation_steps, chunk=cfg.loss.chunk_size, **extra)
 

@@ -72,9 +72,13 @@ def runtime_overrides(cfg: RunConfig, groups: ParallelGroups, hooks: ChunkSyncHo
     }
     if hooks is not None:
         overrides["no_sync_func"] = hooks.funcs("no_sync", num_chunks)
-    if cfg.train.recompute:
-        overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if cfg.train.bf16:
+    train = cfg.train
+    if train.recompute == "full":
+        overrides.update(recompute_granularity="full", recompute_method=train.recompute_method,
+                         recompute_num_layers=train.recompute_num_layers)
+    elif train.recompute == "selective":
+        overrides.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if train.precision == "bf16-autocast":
         overrides.update(enable_autocast=True, autocast_dtype=torch.bfloat16)
     return overrides
 

@@ -171,7 +171,7 @@ class Trainer:
             "tokens_per_s": speed["tokens_per_s"],
             "skipped_steps": float(self.skipped_steps),
         }
-        train_flops = flops.train_flops_per_sample(self.cfg.model, self.cfg.train.recompute)
+        train_flops = flops.train_flops_per_sample(self.cfg.model, self.cfg.train.recompute == "full")
         achieved = train_flops * speed["samples_per_s"] / 1e12
         record["model_tflops"] = achieved
         if torch.cuda.is_available():

@@ -41,7 +41,7 @@ def _measure_and_plan(overrides: list[str]) -> dict:
 
 CASES = {
     "tp1_b16": (1, ["--train.micro_batch_size=16"]),
-    "tp1_b16_recompute": (1, ["--train.micro_batch_size=16", "--train.recompute=true"]),
+    "tp1_b16_recompute": (1, ["--train.micro_batch_size=16", "--train.recompute=full"]),
     "tp2_b16": (2, ["--train.micro_batch_size=16", "--parallel.tensor_parallel=2"]),
     "pp2_1f1b_m4": (2, ["--train.micro_batch_size=8", "--parallel.pipeline_parallel=2",
                         "--train.global_batch_size=32"]),

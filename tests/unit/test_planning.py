@@ -104,7 +104,7 @@ def test_plan_input_from_run_config_reads_the_trainer_settings():
     from m2megatron.config import load_config
 
     cfg = load_config(overrides=["--parallel.pipeline_parallel=2", "--train.micro_batch_size=4",
-                                 "--train.global_batch_size=32", "--train.recompute=true"])
+                                 "--train.global_batch_size=32", "--train.recompute=full"])
     plan = PlanInput.from_run_config(cfg, world_size=4)
     assert (plan.pp, plan.dp, plan.micro_batch, plan.num_microbatches, plan.recompute) == (2, 2, 4, 4, True)
     assert dataclasses.replace(plan, precision="fp32").precision == "fp32"
