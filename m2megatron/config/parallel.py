@@ -44,6 +44,11 @@ class ParallelConfig:
         for name in ("tensor_parallel", "pipeline_parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.overlap_param_gather and not self.distributed_optimizer:
+            raise ConfigError("parallel.overlap_param_gather: needs parallel.distributed_optimizer=true (only the "
+                              "distributed optimizer all-gathers parameters)")
+        if self.bucket_size_mb is not None and self.bucket_size_mb <= 0:
+            raise ConfigError(f"parallel.bucket_size_mb: must be positive or null, got {self.bucket_size_mb}")
         tp, pp = self.tensor_parallel, self.pipeline_parallel
         if num_attention_heads is not None and num_attention_heads % tp:
             raise ConfigError(

@@ -5,12 +5,14 @@
 
 The order is fixed: one TransformerConfig (runtime.megatron_config) → every stage module constructed
 directly on `groups.device` (a `torch.device` context, so no tensor of ours or Megatron's is left on
-the host) → deterministic init by parameter name (skipped on `meta`, which holds no data) → a check
-that every parameter and buffer is on the device → Megatron DDP → Megatron's optimizer.
+the host) → parameters in the run's dtype (train.precision) → deterministic init by parameter name
+(skipped on `meta`, which holds no data) → a check that every parameter and buffer is on the device →
+Megatron DDP (fp32 main gradients, optional overlap) → Megatron's (mixed-precision) optimizer.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +24,12 @@ from m2megatron.config.run import RunConfig
 from m2megatron.models.m2_encoder import M2Encoder
 from m2megatron.models.state import init_weights
 from m2megatron.parallel.groups import ParallelGroups
-from m2megatron.runtime.megatron_config import ChunkSyncHooks, build_transformer_config
+from m2megatron.runtime.megatron_config import (
+    ChunkSyncHooks,
+    aligned_param_gather,
+    build_transformer_config,
+    params_dtype,
+)
 from m2megatron.runtime.optimizer import build_optimizer, build_scheduler
 from m2megatron.runtime.stages import StageSpec, stage_specs
 
@@ -68,6 +75,19 @@ class Stages:
         for module in self.modules:
             module.train(mode)
 
+    @contextlib.contextmanager
+    def params_in_sync(self):
+        """The parameters all-gathered now. With overlap_param_gather the distributed optimizer's updated
+        shards are gathered lazily by the next forward; eval and checkpoints need them complete."""
+        hooked = [c for c in self.chunks if getattr(c, "use_forward_hook", False)]
+        for chunk in hooked:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for chunk in hooked:
+                chunk.enable_forward_pre_hook()
+
 
 def build_stage_module(model_cfg: ModelConfig, config: TransformerConfig, pg_collection, spec: StageSpec,
                        device: torch.device) -> M2Encoder:
@@ -78,7 +98,28 @@ def build_stage_module(model_cfg: ModelConfig, config: TransformerConfig, pg_col
     # Megatron's finalize_model_grads asks every stage whether embeddings are tied; ours never are.
     module.share_embeddings_and_output_weights = False
     module.stage = spec
+    cast_parameters(module, config.params_dtype)
     return module
+
+
+KEEP_FP32 = ("logit_scale",)
+"""Parameters that stay fp32 whatever the precision: the learnable log temperature, whose bf16 rounding
+(1/64 at ln(1/0.07)) would quantize the softmax scale by 1.6%. Megatron's mixed-precision optimizer steps
+fp32 parameters as they are."""
+
+
+def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Floating parameters and buffers in `dtype` (torch's LayerNorm inside Megatron's WrappedTorchNorm is
+    always created in fp32), except KEEP_FP32."""
+    if dtype == torch.float32:
+        return
+    for name, param in module.named_parameters():
+        if param.is_floating_point() and param.dtype != dtype and name.rsplit(".", 1)[-1] not in KEEP_FP32:
+            param.data = param.data.to(dtype)
+    for sub in module.modules():
+        for key, buf in sub._buffers.items():
+            if buf is not None and buf.is_floating_point():
+                sub._buffers[key] = buf.to(dtype)
 
 
 def check_placement(modules: list[torch.nn.Module], device: torch.device) -> None:
@@ -108,21 +149,30 @@ def build_stages(cfg: RunConfig, groups: ParallelGroups, *, training: bool = Tru
     check_placement(modules, groups.device)
     stages = Stages(cfg=cfg, groups=groups, config=config, specs=specs, modules=modules, chunks=list(modules))
     if training:
-        stages.chunks = wrap_ddp(modules, groups, distributed_optimizer=cfg.parallel.distributed_optimizer)
-        hooks.attach(stages.chunks)
-        stages.hooks = hooks
+        stages.chunks = wrap_ddp(modules, groups, ddp_config(cfg))
         stages.optimizer = build_optimizer(stages.chunks, cfg.optim, groups.collection,
-                                           distributed=cfg.parallel.distributed_optimizer)
+                                           distributed=cfg.parallel.distributed_optimizer,
+                                           params_dtype=params_dtype(cfg))
+        hooks.attach(stages.chunks, stages.optimizer)
+        stages.hooks = hooks
         stages.scheduler = build_scheduler(stages.optimizer, cfg.optim, cfg.train.train_steps)
     return stages
 
 
-def wrap_ddp(modules: list[M2Encoder], groups: ParallelGroups, *, distributed_optimizer: bool) -> list:
-    """Megatron DDP per chunk: contiguous fp32 grad buffers, reduced over the DP group after backward."""
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=distributed_optimizer)
+def ddp_config(cfg: RunConfig) -> DistributedDataParallelConfig:
+    """Megatron DDP: fp32 main gradients whatever the parameter dtype, optional overlap, bucket size."""
+    par = cfg.parallel
+    bucket = None if par.bucket_size_mb is None else max(1, int(par.bucket_size_mb * 2**20 / 4))  # fp32 grads
+    return DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
+                                         overlap_param_gather=par.overlap_param_gather,
+                                         align_param_gather=aligned_param_gather(cfg),
+                                         use_distributed_optimizer=par.distributed_optimizer, bucket_size=bucket)
+
+
+def wrap_ddp(modules: list[M2Encoder], groups: ParallelGroups, config: DistributedDataParallelConfig) -> list:
+    """Megatron DDP per chunk; chunks after the first form one bucket (Megatron-LM's choice for VP)."""
     return [
-        DistributedDataParallel(config=m.config, ddp_config=ddp_config, module=m,
+        DistributedDataParallel(config=m.config, ddp_config=config, module=m,
                                 disable_bucketing=i > 0, pg_collection=groups.collection)
         for i, m in enumerate(modules)
     ]

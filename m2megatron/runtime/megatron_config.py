@@ -21,15 +21,24 @@ from m2megatron.config.run import RunConfig
 from m2megatron.models.transformer_config import transformer_config
 from m2megatron.parallel.groups import ParallelGroups
 
+PARAMS_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                "bf16-autocast": torch.float32}
+"""train.precision → the dtype of the parameters and of the activations between stages."""
+
 
 class ChunkSyncHooks:
-    """Forwards Megatron's schedule hooks to the DDP chunk they belong to (attached after wrapping)."""
+    """Forwards Megatron's schedule hooks to the DDP chunk (or optimizer) they belong to, attached after wrapping."""
 
     def __init__(self) -> None:
         self.chunks: list = []
+        self.optimizer = None
 
-    def attach(self, chunks: list) -> None:
-        self.chunks = list(chunks)
+    def attach(self, chunks: list, optimizer=None) -> None:
+        self.chunks, self.optimizer = list(chunks), optimizer
+
+    def scale_loss(self, loss):
+        """fp16: the dynamic loss scale applied before backward (Megatron's grad_scale_func)."""
+        return self.optimizer.scale_loss(loss)
 
     def no_sync(self, index: int):
         return self.chunks[index].no_sync()
@@ -46,9 +55,9 @@ class ChunkSyncHooks:
         return funcs if num_chunks > 1 else funcs[0]
 
 
-def pipeline_dtype(cfg: RunConfig) -> torch.dtype:
-    """The dtype of the activations sent between stages: the parameter dtype (fp32 with autocast)."""
-    return torch.float32
+def params_dtype(cfg: RunConfig) -> torch.dtype:
+    """Parameter dtype, which is also the dtype of the activations sent between stages (fp32 with autocast)."""
+    return PARAMS_DTYPE[cfg.train.precision]
 
 
 def runtime_overrides(cfg: RunConfig, groups: ParallelGroups, hooks: ChunkSyncHooks | None) -> dict:
@@ -61,7 +70,7 @@ def runtime_overrides(cfg: RunConfig, groups: ParallelGroups, hooks: ChunkSyncHo
         # init would be wasted work, and on the meta device impossible.
         "perform_initialization": False,
         "use_cpu_initialization": groups.device.type != "cuda",
-        "pipeline_dtype": pipeline_dtype(cfg),
+        "pipeline_dtype": params_dtype(cfg),
         # Batched p2p with PP=2 and virtual stages matches send/recv crosswise on gloo (pitfalls.md).
         "batch_p2p_comm": vp is None,
         "batch_p2p_sync": False,
@@ -70,8 +79,14 @@ def runtime_overrides(cfg: RunConfig, groups: ParallelGroups, hooks: ChunkSyncHo
         "microbatch_group_size_per_vp_stage": layout.pipeline_parallel if vp else None,
         "finalize_model_grads_func": finalize_model_grads,
     }
-    if hooks is not None:
+    par = cfg.parallel
+    if hooks is not None and par.overlap_grad_reduce:  # as Megatron-LM's training loop wires them
         overrides["no_sync_func"] = hooks.funcs("no_sync", num_chunks)
+        overrides["grad_sync_func"] = hooks.funcs("start_grad_sync", num_chunks)
+    if hooks is not None and par.overlap_param_gather and aligned_param_gather(cfg):
+        overrides["param_sync_func"] = hooks.funcs("start_param_sync", num_chunks)
+    if hooks is not None and cfg.train.precision == "fp16":
+        overrides["grad_scale_func"] = hooks.scale_loss
     train = cfg.train
     if train.recompute == "full":
         overrides.update(recompute_granularity="full", recompute_method=train.recompute_method,
@@ -83,8 +98,14 @@ def runtime_overrides(cfg: RunConfig, groups: ParallelGroups, hooks: ChunkSyncHo
     return overrides
 
 
+def aligned_param_gather(cfg: RunConfig) -> bool:
+    """With virtual stages the interleaved schedule dispatches each chunk's parameter all-gather itself
+    (Megatron's align_param_gather); otherwise the forward pre-hooks do."""
+    return cfg.parallel.overlap_param_gather and cfg.parallel.virtual_pipeline is not None
+
+
 def build_transformer_config(cfg: RunConfig, groups: ParallelGroups,
                              hooks: ChunkSyncHooks | None = None) -> TransformerConfig:
     """The run's TransformerConfig for this rank's stage chunks (shared by all of them)."""
-    return transformer_config(cfg.model, tp_size=groups.layout.tensor_parallel, params_dtype=torch.float32,
+    return transformer_config(cfg.model, tp_size=groups.layout.tensor_parallel, params_dtype=params_dtype(cfg),
                               **runtime_overrides(cfg, groups, hooks))

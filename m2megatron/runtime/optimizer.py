@@ -20,8 +20,11 @@ def no_weight_decay(param: torch.nn.Parameter, name: str) -> bool:
     return param.ndim <= 1 or name.endswith(".bias") or any(p in name for p in _NO_DECAY_NAME_PARTS)
 
 
-def megatron_optimizer_config(cfg: OptimConfig, *, distributed: bool) -> OptimizerConfig:
-    """fp32 parameters and optimizer state: bf16 runs use autocast for the forward only."""
+def megatron_optimizer_config(cfg: OptimConfig, *, distributed: bool,
+                              params_dtype: torch.dtype = torch.float32) -> OptimizerConfig:
+    """Megatron's optimizer config. bf16 / fp16 parameters get Megatron's mixed-precision optimizer: fp32 main
+    weights (sharded over DP with the distributed optimizer) stepped from the fp32 main gradients, then copied
+    back; fp16 adds dynamic loss scaling."""
     return OptimizerConfig(
         optimizer=cfg.optimizer,
         lr=cfg.lr,
@@ -32,19 +35,26 @@ def megatron_optimizer_config(cfg: OptimConfig, *, distributed: bool) -> Optimiz
         adam_eps=cfg.adam_eps,
         sgd_momentum=0.0,
         clip_grad=cfg.clip_grad,
-        params_dtype=torch.float32,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        initial_loss_scale=cfg.initial_loss_scale,
+        min_loss_scale=cfg.min_loss_scale,
+        loss_scale_window=cfg.loss_scale_window,
+        hysteresis=cfg.hysteresis,
         use_distributed_optimizer=distributed,
     )
 
 
-def build_optimizer(model_chunks: list, cfg: OptimConfig, pg_collection, *, distributed: bool = False):
+def build_optimizer(model_chunks: list, cfg: OptimConfig, pg_collection, *, distributed: bool = False,
+                    params_dtype: torch.dtype = torch.float32):
     """A MegatronOptimizer over all chunks' parameters, weight decay off where it should be."""
     overrides = {
         ParamKey(with_name_predicate=ParamWithNamePredicate(name="m2_no_weight_decay", fn=no_weight_decay)):
             {"wd_mult": 0.0}
     }
     return get_megatron_optimizer(
-        megatron_optimizer_config(cfg, distributed=distributed),
+        megatron_optimizer_config(cfg, distributed=distributed, params_dtype=params_dtype),
         model_chunks,
         config_overrides=overrides,
         use_gloo_process_groups=False,

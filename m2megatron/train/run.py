@@ -38,8 +38,9 @@ def evaluate_held_out(trainer: Trainer) -> dict:
     images, captions = synthetic_eval_set(trainer.cfg)
     for module in trainer.modules:
         module.eval()
-    results = evaluate_retrieval(trainer.modules, trainer.groups, images, captions, tokenizer=trainer.tokenizer,
-                                 batch_size=trainer.cfg.eval.batch_size)
+    with trainer.stages.params_in_sync():
+        results = evaluate_retrieval(trainer.modules, trainer.groups, images, captions, tokenizer=trainer.tokenizer,
+                                     batch_size=trainer.cfg.eval.batch_size)
     return {**results, "num_images": len(images), "step": trainer.step}
 
 

@@ -85,33 +85,45 @@ class Trainer:
         return batches
 
     def _all_finite(self, loss: torch.Tensor | None) -> bool:
-        """Agree over all ranks whether this step's loss and every gradient are finite (one host sync)."""
+        """Agree over all ranks whether this step's loss and every gradient are finite (one host sync).
+
+        fp16 gradients are loss-scaled: an overflow there is the dynamic loss scaler's business (Megatron's
+        optimizer skips the update and lowers the scale), so only the loss is checked.
+        """
         bad = torch.zeros((), device=self.device)
         if loss is not None:
             bad = bad + (~torch.isfinite(loss)).any()
-        for chunk in self.chunks:
-            for buffer in chunk.buffers + chunk.expert_parallel_buffers:
-                bad = bad + (~torch.isfinite(buffer.grad_data)).any()
+        if self.cfg.train.precision != "fp16":
+            for chunk in self.chunks:
+                for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+                    bad = bad + (~torch.isfinite(buffer.grad_data)).any()
         flag = bad.clamp(max=1.0).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0.0
 
+    def _skip(self, why: str) -> dict:
+        self.nonfinite_in_row += 1
+        self.skipped_steps += 1
+        log.warning("step %d: %s, update skipped (%d in a row)", self.step + 1, why, self.nonfinite_in_row)
+        if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
+            raise NonFiniteError(f"train.max_nonfinite_steps: {self.nonfinite_in_row} consecutive steps "
+                                 f"had a NaN/Inf loss or gradient; stopping")
+        return {"loss": float("nan"), "grad_norm": float("nan"), "skipped": 1.0}
+
     def train_step(self) -> dict:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad()  # with overlap_param_gather this also dispatches the first all-gather
         loss = self.step_fn(self._next_microbatches())
         if not self._all_finite(loss):
-            self.nonfinite_in_row += 1
+            return self._skip("non-finite loss or gradient")
+        updated, grad_norm, _ = self.optimizer.step()
+        if not updated:  # fp16: the scaled gradients overflowed; the loss scale went down
             self.skipped_steps += 1
-            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                        self.step + 1, self.nonfinite_in_row)
-            if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
-                raise NonFiniteError(f"train.max_nonfinite_steps: {self.nonfinite_in_row} consecutive steps "
-                                     "had a NaN/Inf loss or gradient; stopping")
-            return {"loss": float("nan"), "grad_norm": float("nan"), "skipped": 1.0}
+            log.info("step %d: fp16 gradient overflow, loss scale now %g", self.step + 1,
+                     self.optimizer.get_loss_scale().item())
+            return {"loss": loss, "grad_norm": float("nan"), "skipped": 1.0}
         self.nonfinite_in_row = 0
-        _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         return {"loss": loss, "grad_norm": grad_norm, "skipped": 0.0}
 
@@ -133,19 +145,22 @@ class Trainer:
                     writer.write(self.step, self._log_record(result, meter.read()))
                 self.checkpointer.poll()
                 if self.checkpointer.due(self.step):
-                    self.checkpointer.save(self.step)
+                    with self.stages.params_in_sync():
+                        self.checkpointer.save(self.step)
                 if self.preemption.requested():
                     # The requeued job must find this step's checkpoint complete.
                     if self.checkpointer.saved_at(self.step):
                         self.checkpointer.finalize()
                         path = self.checkpointer.last_path
                     else:
-                        path = self.checkpointer.save(self.step, wait=True)
+                        with self.stages.params_in_sync():
+                            path = self.checkpointer.save(self.step, wait=True)
                     self.preemption.mark_preempted(step=self.step, checkpoint=str(path))
                     log.warning("preempted at step %d; checkpoint %s", self.step, path)
                     return self.step
             if not self.checkpointer.saved_at(self.step):
-                self.checkpointer.save(self.step, wait=True)
+                with self.stages.params_in_sync():
+                    self.checkpointer.save(self.step, wait=True)
         finally:
             writer.close()
         return self.step
@@ -171,6 +186,8 @@ class Trainer:
             "tokens_per_s": speed["tokens_per_s"],
             "skipped_steps": float(self.skipped_steps),
         }
+        if self.cfg.train.precision == "fp16":
+            record["loss_scale"] = float(self.optimizer.get_loss_scale().item())
         train_flops = flops.train_flops_per_sample(self.cfg.model, self.cfg.train.recompute == "full")
         achieved = train_flops * speed["samples_per_s"] / 1e12
         record["model_tflops"] = achieved

@@ -130,11 +130,16 @@ def _final_params(run_dir: str, overrides: list[str]) -> dict:
         trainer.close()
 
 
-def test_stop_and_resume_is_bit_identical_to_a_straight_run(dist_pool, tmp_path):
-    layout = ["--parallel.pipeline_parallel=2", "--train.train_steps=6", "--train.log_interval=1"]
-    pool = dist_pool(2)
+@pytest.mark.parametrize("world,layout", [
+    (2, ["--parallel.pipeline_parallel=2"]),
+    # Megatron mixed precision: bf16 weights, fp32 main grads, the distributed optimizer's fp32 main weights.
+    (4, ["--parallel.pipeline_parallel=2", "--train.precision=bf16", "--parallel.distributed_optimizer=true"]),
+], ids=["pp2-fp32", "dp2-pp2-bf16-distopt"])
+def test_stop_and_resume_is_bit_identical_to_a_straight_run(dist_pool, tmp_path, world, layout):
+    layout = layout + ["--train.train_steps=6", "--train.log_interval=1"]
+    pool = dist_pool(world)
     pool.run(_fit, str(tmp_path / "straight"), layout + ["--train.eval_at_end=false"])
-    assert pool.run(_fit_preempted_at, str(tmp_path / "resumed"), 3, layout) == [3, 3]
+    assert pool.run(_fit_preempted_at, str(tmp_path / "resumed"), 3, layout) == [3] * world
     assert (tmp_path / "resumed" / "PREEMPTED").is_file()
     pool.run(_fit, str(tmp_path / "resumed"), layout + ["--train.eval_at_end=false"])
 
@@ -147,7 +152,7 @@ def test_stop_and_resume_is_bit_identical_to_a_straight_run(dist_pool, tmp_path)
     assert resumed == straight  # exact: same data position, RNG, optimizer and LR schedule
     a = pool.run(_final_params, str(tmp_path / "straight"), layout)
     b = pool.run(_final_params, str(tmp_path / "resumed"), layout)
-    for rank in range(2):
+    for rank in range(world):
         assert a[rank].keys() == b[rank].keys()
         assert all(torch.equal(a[rank][k], b[rank][k]) for k in a[rank])
 
