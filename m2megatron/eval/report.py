@@ -163,7 +163,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, (loss_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (loss_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     loss = report["loss"]
     loss_ax.plot(loss["steps"], loss["values"], color="black", linewidth=1)
     loss_ax.set(title="training loss", xlabel="step", ylabel="loss")
