@@ -140,3 +140,15 @@ def test_launchers_fit_the_layout_to_the_launch_unless_it_is_given():
     with pytest.raises(ConfigError, match=r"world size 1 is not divisible .* 2×2 \(given on the command line\); "
                                           r"launch a multiple of 4 ranks"):
         fit_layout(cfg, 1, {"tensor_parallel"})
+
+
+def test_the_eval_package_imports_its_launchers_lazily():
+    """`python -m m2megatron.eval.retrieval` imports the package first; an eager import of the launcher
+    module there made runpy warn that the module is already in sys.modules."""
+    import subprocess
+    import sys
+
+    code = ("import sys, m2megatron.eval as e; assert 'm2megatron.eval.retrieval' not in sys.modules; "
+            "assert callable(e.evaluate_retrieval) and 'm2megatron.eval.retrieval' in sys.modules")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
