@@ -10,9 +10,12 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test venv test-venv lint gpu-check clean
 
+# clip-benchmark (ImageNet-1k names and templates for the eval launchers) goes in without its declared
+# dependencies: they pull torchvision, which would replace the CPU torch build.
 $(VENV)/.stamp-base: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps clip-benchmark==1.6.2
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $@
 

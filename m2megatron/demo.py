@@ -1,7 +1,8 @@
 """The README's main job: train the tiny model on synthetic bilingual scenes with TP=2 × PP=2 on 4 CPU
-ranks (torchrun), then evaluate zero-shot retrieval on held-out scenes. Prints R@1 in both directions;
-the last line names the run directory, which holds results.json, metrics.jsonl, TensorBoard events,
-checkpoints and the resolved config.
+ranks (torchrun), then evaluate zero-shot retrieval on held-out scenes. Prints R@1 in both directions
+and writes the run report (report.md / report.json / report.png, m2megatron.eval.report); the last line
+names the run directory, which also holds results.json, metrics.jsonl, TensorBoard events, checkpoints
+and the resolved config.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 from m2megatron.cli import run_main
+from m2megatron.eval.report import write_report
 from m2megatron.train.run import format_results
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -32,9 +34,12 @@ def main() -> int:
     code = subprocess.call(cmd, env=env)
     if code != 0:
         return code
-    results = json.loads((Path(args.run_dir) / "results.json").read_text())
-    print(format_results(results))
-    print(f"loss curve: {Path(args.run_dir) / 'metrics.jsonl'}; TensorBoard: {Path(args.run_dir) / 'tensorboard'}")
+    run_dir = Path(args.run_dir)
+    if (run_dir / "results.json").is_file():  # absent with --train.eval_at_end=false
+        print(format_results(json.loads((run_dir / "results.json").read_text())))
+    print(f"loss curve: {run_dir / 'metrics.jsonl'}; TensorBoard: {run_dir / 'tensorboard'}")
+    paths = write_report(run_dir)
+    print(f"run report: {paths['markdown']} (table: {paths['json'].name}, plot: {paths['plot'].name})")
     print(f"run directory: {Path(args.run_dir).resolve()}")
     return 0
 

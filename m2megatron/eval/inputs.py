@@ -166,3 +166,18 @@ def read_image_folder(root: str | Path) -> tuple[list[str], list[Sample]]:
     if not items:
         raise ValueError(f"zero-shot: image folder {root} holds no images")
     return folders, [Sample(image=path, where=path, label=label) for path, label in items]
+
+
+def synthetic_held_out(*, seed: int, image_size: int, language: str,
+                       num_samples: int) -> tuple[list, list[list[str]]]:
+    """(uint8 [S, S, 3] images, one-caption lists) of the held-out synthetic set: the first `num_samples`
+    scenes of the eval split, all distinct (so every caption has one right image) and never drawn by
+    training; with language 'both' each image's caption is English or Chinese as the split draws it."""
+    from m2megatron.data.synthetic import NUM_SCENES, SyntheticScenes
+
+    if not 0 < num_samples <= NUM_SCENES:
+        raise ValueError(f"data.synthetic_eval_samples: must be in [1, {NUM_SCENES}] (distinct scenes), "
+                         f"got {num_samples}")
+    scenes = SyntheticScenes(seed=seed, image_size=image_size, language=language, split="eval")
+    samples = [scenes[i] for i in range(num_samples)]
+    return [s.image for s in samples], [[s.caption] for s in samples]

@@ -1,8 +1,8 @@
-"""Zero-shot prompts: templates (English ImageNet set and our Chinese set) and class-name files.
+"""Zero-shot prompts: templates and class-name files.
 
-Template files hold one template per line with `{}` where the class name goes. `en` is the usual
-80-template English ImageNet set, `zh` a Chinese set written for this project; any other value is a
-path to such a file.
+Templates hold one `{}` (or CLIP_benchmark's `{c}`) where the class name goes. The built-in sets `en`
+and `zh` are clip-benchmark's ImageNet-1k templates (80 each, read from the installed package at run
+time, see m2megatron/eval/imagenet.py); any other value is a file with one template per line.
 
 Class-name files:
 - `.txt`: one class per line in label order, or `folder<TAB>name` lines that name image sub-folders;
@@ -15,22 +15,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-TEMPLATE_DIR = Path(__file__).parent / "templates"
-BUILTIN_TEMPLATES = {"en": TEMPLATE_DIR / "en_imagenet.txt", "zh": TEMPLATE_DIR / "zh_imagenet.txt"}
+BUILTIN_TEMPLATES = ("en", "zh")
+
+
+def check_templates(templates: list[str], source: str) -> list[str]:
+    """Templates with their slot as '{}'; each needs exactly one '{}' or '{c}' (ValueError naming `source`)."""
+    out = []
+    for number, template in enumerate(templates, start=1):
+        if template.count("{}") + template.count("{c}") != 1:
+            raise ValueError(f"zero-shot: {source}: template {number} {template!r} needs exactly one '{{}}' or '{{c}}'")
+        out.append(template.replace("{c}", "{}"))
+    if not out:
+        raise ValueError(f"zero-shot: {source} holds no templates")
+    return out
 
 
 def load_templates(name_or_path: str) -> list[str]:
-    """Templates of a built-in set ('en', 'zh') or a file; each must contain exactly one '{}'."""
-    path = BUILTIN_TEMPLATES.get(name_or_path, Path(name_or_path))
+    """Templates of a built-in set ('en', 'zh': clip-benchmark's ImageNet-1k sets) or of a file."""
+    if name_or_path in BUILTIN_TEMPLATES:
+        from m2megatron.eval.imagenet import package_templates
+
+        return check_templates(package_templates(name_or_path), f"clip-benchmark's {name_or_path} templates")
+    path = Path(name_or_path)
     if not path.is_file():
         raise ValueError(f"zero-shot: template file {path} does not exist (built-in sets: en, zh)")
-    templates = [t.strip() for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
-    for number, template in enumerate(templates, start=1):
-        if template.count("{}") != 1:
-            raise ValueError(f"zero-shot: {path}: template {number} {template!r} needs exactly one '{{}}'")
-    if not templates:
-        raise ValueError(f"zero-shot: template file {path} is empty")
-    return templates
+    return check_templates([t.strip() for t in path.read_text(encoding="utf-8").splitlines() if t.strip()], str(path))
 
 
 def _read_mapping(path: Path) -> list[str] | dict[str, str]:

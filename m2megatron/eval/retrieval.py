@@ -1,10 +1,12 @@
 """Image–text retrieval: R@1/5/10 both ways and MR, as the reference protocol (SPEC.md §6.1).
 
     python -m m2megatron.eval.retrieval --checkpoint CKPT --captions coco-cn_test.jsonl --image-root DIR \\
-        [--shards 'val-{000..009}.tar'] [--tokenizer sp.model] [--config recipe.yaml] [--preset m2-0.4b] \\
-        [--out DIR] [--name coco-cn] [--eval.batch_size=128] [--parallel.tensor_parallel=2 ...]
+        [--shards 'val-{000..009}.tar' | --wds DIR [--split test]] [--tokenizer sp.model] [--config recipe.yaml] \\
+        [--preset m2-0.4b] [--out DIR] [--name coco-cn] [--eval.batch_size=128] [--parallel.tensor_parallel=2 ...]
 
-Without --captions/--shards it evaluates the held-out synthetic set of the config (data.synthetic_*).
+Without --captions/--shards/--wds it evaluates the held-out synthetic set of the config (data.synthetic_*).
+When the config's layout does not fit the launch (e.g. plain python on a TP2×PP2 run) it evaluates
+data-parallel only; an explicit --parallel.* is kept.
 Runs under plain python, torchrun or srun (one task per rank); see docs/EVAL.md.
 
 In-process (e.g. at the end of training), every rank of the job calls
@@ -62,51 +64,47 @@ def evaluate_retrieval(model_chunks, groups, images, captions: Sequence[Sequence
                             num_workers=num_workers)["metrics"]
 
 
-def _read_dataset(args, cfg, bad):
-    """(name, images, captions, where) of the chosen eval set."""
-    from m2megatron.eval.inputs import read_caption_jsonl, read_caption_shards
-    from m2megatron.eval.launcher import synthetic_eval_set
+def set_from_args(args):
+    """The EvalSet the command line names: --captions, --shards, --wds, or the synthetic held-out set."""
+    from m2megatron.eval.sets import EvalSet, set_name
 
-    if args.captions and args.shards:
-        raise ValueError("retrieval: give --captions (with --image-root) or --shards, not both")
+    given = [flag for flag, value in (("--captions", args.captions), ("--shards", args.shards), ("--wds", args.wds))
+             if value]
+    if len(given) > 1:
+        raise ValueError(f"retrieval: give one of --captions, --shards, --wds, not {' and '.join(given)}")
+    if args.image_root and not args.captions:
+        raise ValueError("retrieval: --image-root goes with --captions")
     if args.captions:
-        if not args.image_root:
-            raise ValueError("retrieval: --captions needs --image-root (the folder the image paths are relative to)")
-        samples = read_caption_jsonl(args.captions, args.image_root, bad)
-        name = args.name or _stem(args.captions)
-    elif args.shards:
-        samples = read_caption_shards(args.shards, bad)
-        name = args.name or "shards"
-    else:
-        images, captions = synthetic_eval_set(cfg)
-        return args.name or "synthetic", images, captions, None
-    return name, [s.image for s in samples], [list(s.captions) for s in samples], [s.where for s in samples]
-
-
-def _stem(path: str) -> str:
-    from pathlib import Path
-
-    return Path(path).name.removesuffix(".jsonl")
+        return EvalSet(name=args.name or set_name(args.captions), kind="jsonl", source=(args.captions,),
+                       image_root=args.image_root)
+    if args.shards:
+        return EvalSet(name=args.name or set_name(args.shards[0]), kind="caption_shards", source=tuple(args.shards))
+    if args.wds:
+        return EvalSet(name=args.name or set_name(args.wds), kind="benchmark_wds", source=(args.wds,),
+                       split=args.split)
+    return EvalSet(name=args.name or "synthetic", kind="synthetic")
 
 
 def main() -> int:
     from m2megatron.eval import launcher
+    from m2megatron.eval.sets import read_set, score_set
 
     parser = launcher.common_parser("python -m m2megatron.eval.retrieval", __doc__)
     parser.add_argument("--captions", help="caption jsonl in the reference format ({'image': path, 'caption': [..]})")
-    parser.add_argument("--image-root", help="folder the jsonl image paths are relative to")
+    parser.add_argument("--image-root", help="folder the jsonl image paths are relative to (default: the jsonl's)")
     parser.add_argument("--shards", nargs="+", help="webdataset shards (globs, {000..009} ranges) instead of jsonl")
+    parser.add_argument("--wds", help="a CLIP_benchmark webdataset retrieval folder (dataset_type.txt: retrieval)")
+    parser.add_argument("--split", default="test", help="the split sub-folder of --wds (default: test)")
     with launcher.session(parser) as s:
-        name, images, captions, where = _read_dataset(s.args, s.cfg, s.bad)
-        report = retrieval_report(s.model, s.groups, images, captions, tokenizer=s.tokenizer,
-                                  batch_size=s.cfg.eval.batch_size,
-                                  reference_text_preprocessing=s.cfg.eval.reference_text_preprocessing,
-                                  decoder=s.cfg.eval.decoder, num_workers=s.cfg.eval.num_workers, where=where)
-        s.write("retrieval", name, report)
+        spec = set_from_args(s.args)
+        data = read_set(spec, s.cfg, s.bad)
+        if data.task != "retrieval":
+            raise ValueError(f"retrieval: {spec.source[0]} is a classification set; use m2megatron.eval.zeroshot")
+        s.write("retrieval", spec.name, score_set(s.model_chunks, s.groups, s.cfg, s.tokenizer, data))
     return 0
 
 
 if __name__ == "__main__":
-    from m2megatron.cli import run_main
+    from m2megatron.eval.cli import run
 
-    run_main(main)
+    run(main)

@@ -1,18 +1,21 @@
 """Zero-shot classification: top-1 / top-5 accuracy with prompt templates in English or Chinese.
 
-    python -m m2megatron.eval.zeroshot --checkpoint CKPT --images DIR/ --classes classes.json \\
-        [--shards 'val-{000..049}.tar'] [--eval.templates=zh] [--tokenizer sp.model] [--config recipe.yaml] \\
-        [--out DIR] [--name imagenet-cn] [--parallel.tensor_parallel=2 ...]
+    python -m m2megatron.eval.zeroshot --checkpoint CKPT --dataset imagenet-1k --lang zh --data /data/imagenet/val
+    python -m m2megatron.eval.zeroshot --checkpoint CKPT --images DIR/ [--classes classes.json] \\
+        [--shards 'val-{000..049}.tar' --classes F | --wds DIR] [--eval.templates=zh] [--tokenizer sp.model] \\
+        [--config recipe.yaml] [--out DIR] [--name NAME] [--parallel.tensor_parallel=2 ...]
 
 Each class's embedding is the mean of its L2-normalized prompt embeddings over all templates,
 normalized again; an image's prediction is the class with the largest dot product (ties: lower index).
 --images is a folder with one sub-folder per class (sorted names = labels); --shards are webdataset
-tars with <key>.jpg and <key>.cls. See docs/EVAL.md for the class-file formats.
+tars with <key>.jpg and <key>.cls; --wds is CLIP_benchmark's webdataset format; --dataset imagenet-1k
+reads ImageNet's val folder with clip-benchmark's class names and templates. See docs/EVAL.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -64,47 +67,66 @@ def evaluate_zeroshot(model_chunks, groups, images, labels: Sequence[int], class
                            reference_text_preprocessing=reference_text_preprocessing)["metrics"]
 
 
-def _read_dataset(args, bad):
-    from m2megatron.eval.inputs import read_image_folder, read_label_shards
-    from m2megatron.eval.prompts import load_class_names
+def set_from_args(args, templates: str):
+    """The EvalSet the command line names: --dataset imagenet-1k --data, --images, --shards or --wds."""
+    from m2megatron.eval.prompts import BUILTIN_TEMPLATES
+    from m2megatron.eval.sets import EvalSet, set_name
 
-    if bool(args.images) == bool(args.shards):
-        raise ValueError("zero-shot: give exactly one of --images (class sub-folders) or --shards")
+    given = [flag for flag, value in (("--dataset", args.dataset), ("--images", args.images),
+                                      ("--shards", args.shards), ("--wds", args.wds)) if value]
+    if len(given) != 1:
+        raise ValueError("zero-shot: give exactly one of --dataset imagenet-1k --data DIR, --images DIR, --shards, "
+                         f"--wds DIR (got {', '.join(given) or 'none'})")
+    if args.dataset:
+        if not args.data:
+            raise ValueError("zero-shot: --dataset imagenet-1k needs --data DIR (the ImageNet val folder)")
+        if args.classes:
+            raise ValueError("zero-shot: --dataset imagenet-1k brings its class names; drop --classes")
+        return EvalSet(name=args.name or f"imagenet-1k-{args.lang}", kind="imagenet", source=(args.data,),
+                       lang=args.lang, labels=args.labels)
+    if args.data or args.labels:
+        raise ValueError("zero-shot: --data and --labels go with --dataset imagenet-1k")
+    tag = templates if templates in BUILTIN_TEMPLATES else Path(templates).stem
     if args.images:
-        folders, samples = read_image_folder(args.images)
-    else:
-        folders, samples = None, read_label_shards(args.shards, bad)
-    num_labels = max(s.label for s in samples) + 1
-    names = load_class_names(args.classes, folders=folders, num_labels=num_labels)
-    return samples, names
+        return EvalSet(name=args.name or f"{set_name(args.images)}-{tag}", kind="folder", source=(args.images,),
+                       classes=args.classes)
+    if args.shards:
+        return EvalSet(name=args.name or f"{set_name(args.shards[0])}-{tag}", kind="label_shards",
+                       source=tuple(args.shards), classes=args.classes)
+    return EvalSet(name=args.name or set_name(args.wds), kind="benchmark_wds", source=(args.wds,),
+                   classes=args.classes, split=args.split)
 
 
 def main() -> int:
-    from pathlib import Path
-
     from m2megatron.eval import launcher
-    from m2megatron.eval.prompts import BUILTIN_TEMPLATES, load_templates
+    from m2megatron.eval.sets import read_set, score_set
 
     parser = launcher.common_parser("python -m m2megatron.eval.zeroshot", __doc__)
+    parser.add_argument("--dataset", choices=["imagenet-1k"], help="a built-in dataset: class names and templates "
+                                                                   "from the installed clip-benchmark package")
+    parser.add_argument("--data", help="with --dataset: the ImageNet val folder (synset sub-folders, or the flat "
+                                       "ILSVRC layout with --labels)")
+    parser.add_argument("--labels", help="with --dataset and a flat folder: '<image file> <label>' lines or "
+                                         "LOC_val_solution.csv")
+    parser.add_argument("--lang", choices=["en", "zh"], default="en",
+                        help="with --dataset: the language of the class names and templates (default: en)")
     parser.add_argument("--images", help="image folder with one sub-folder per class")
     parser.add_argument("--shards", nargs="+", help="webdataset shards with <key>.jpg and <key>.cls")
-    parser.add_argument("--classes", required=True, help="class-name file (.txt or .json)")
+    parser.add_argument("--wds", help="a CLIP_benchmark webdataset classification folder (classnames.txt and "
+                                      "zeroshot_classification_templates.txt beside the shards)")
+    parser.add_argument("--split", default="test", help="the split sub-folder of --wds (default: test)")
+    parser.add_argument("--classes", help="class-name file (.txt or .json); --images without it uses the "
+                                          "sub-folder names")
     with launcher.session(parser) as s:
-        samples, names = _read_dataset(s.args, s.bad)
-        templates = load_templates(s.cfg.eval.templates)
-        report = zeroshot_report(s.model, s.groups, [x.image for x in samples], [x.label for x in samples], names,
-                                 templates, tokenizer=s.tokenizer, batch_size=s.cfg.eval.batch_size,
-                                 reference_text_preprocessing=s.cfg.eval.reference_text_preprocessing,
-                                 decoder=s.cfg.eval.decoder, num_workers=s.cfg.eval.num_workers,
-                                 where=[x.where for x in samples])
-        report["templates"] = s.cfg.eval.templates
-        tag = s.cfg.eval.templates if s.cfg.eval.templates in BUILTIN_TEMPLATES else Path(s.cfg.eval.templates).stem
-        default = Path(s.args.images).name if s.args.images else "shards"
-        s.write("zeroshot", s.args.name or f"{default}-{tag}", report)
+        spec = set_from_args(s.args, s.cfg.eval.templates)
+        data = read_set(spec, s.cfg, s.bad)
+        if data.task != "zeroshot":
+            raise ValueError(f"zero-shot: {spec.source[0]} is a retrieval set; use m2megatron.eval.retrieval")
+        s.write("zeroshot", spec.name, score_set(s.model_chunks, s.groups, s.cfg, s.tokenizer, data))
     return 0
 
 
 if __name__ == "__main__":
-    from m2megatron.cli import run_main
+    from m2megatron.eval.cli import run
 
-    run_main(main)
+    run(main)

@@ -30,7 +30,7 @@ def _run(tp: int, pp: int, sp_path: str):
     from m2megatron.data.tokenizer import Tokenizer
     from m2megatron.eval.batches import text_features
     from m2megatron.eval.features import ReplicaEncoder
-    from m2megatron.eval.launcher import build_stage
+    from m2megatron.eval.launcher import build_eval_model
     from m2megatron.eval.retrieval import evaluate_retrieval
     from m2megatron.models import init_weights
     from m2megatron.parallel import Layout, build_groups, seed_everything
@@ -38,7 +38,7 @@ def _run(tp: int, pp: int, sp_path: str):
     model_cfg, images, captions = _eval_set()
     groups = build_groups(Layout(world_size=dist.get_world_size(), tensor_parallel=tp, pipeline_parallel=pp))
     seed_everything(1, groups)
-    (model,) = build_stage(RunConfig(model=model_cfg), groups)
+    _, (model,) = build_eval_model(RunConfig(model=model_cfg), groups, None, "none")
     init_weights(model, seed=3)
     tokenizer = Tokenizer(sp_path, model_cfg.max_text_len)
     texts = [c for cs in captions for c in cs]

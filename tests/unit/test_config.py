@@ -53,8 +53,10 @@ def test_released_presets_have_spec_sizes():
 def test_overrides_parse_nested_typed_values():
     assert parse_overrides(["--parallel.tensor_parallel=2", "--train.precision", "bf16", "--data.shards=a,b"]) == {
         "parallel": {"tensor_parallel": 2}, "train": {"precision": "bf16"}, "data": {"shards": "a,b"}}
-    cfg = load_config(overrides=["--parallel.tensor_parallel=2", "--data.shards=a.tar,b.tar", "--train.tensorboard=no"])
-    assert cfg.parallel.tensor_parallel == 2 and cfg.data.shards == ["a.tar", "b.tar"] and cfg.train.tensorboard is False
+    cfg = load_config(overrides=["--parallel.tensor_parallel=2", "--data.shards=a.tar,b.tar",
+                                 "--train.tensorboard=no"])
+    assert cfg.parallel.tensor_parallel == 2 and cfg.data.shards == ["a.tar", "b.tar"]
+    assert cfg.train.tensorboard is False
 
 
 def test_recipe_then_overrides_then_preset_order(tmp_path):

@@ -9,8 +9,7 @@ import pytest
 
 from m2megatron.config.data import DataConfig
 from m2megatron.data.build import build_train_loader, resolve_tokenizer
-from m2megatron.data.eval_sets import load_image_folder, load_retrieval_jsonl
-from m2megatron.data.formats import ShardError, expand_shards, read_jsonl
+from m2megatron.data.formats import ShardError, expand_shards, read_jsonl, scan_image_folder
 from m2megatron.data.shard_writer import encode_jpeg
 from m2megatron.data.synthetic import SyntheticScenes
 
@@ -38,19 +37,6 @@ def test_reference_jsonl_files_parse(reference_dir):
     assert items[0].image.startswith("coco_dataset/train2014/")
 
 
-def test_retrieval_jsonl_set(jsonl_set):
-    rs = load_retrieval_jsonl(jsonl_set / "set.jsonl", image_size=32)
-    assert rs.num_images == 7 and len(rs.captions) == 10
-    assert rs.caption_image == [0, 1, 1, 2, 3, 3, 4, 5, 5, 6]
-    assert rs.captions[0].endswith('"q"') and rs.captions[0] == rs.captions[0].lower()
-    imgs = rs.images([0, 5])
-    assert imgs.shape == (2, 3, 32, 32)
-    with pytest.raises(ShardError, match="missing.jpg"):
-        rs.images([6])
-    raw = load_retrieval_jsonl(jsonl_set / "set.jsonl", image_size=32, preprocess_text=False)
-    assert raw.captions[0] != rs.captions[0]
-
-
 def test_jsonl_training_source_skips_missing_images(jsonl_set, tmp_path):
     tok = resolve_tokenizer(DataConfig(), max_length=16, cache_dir=tmp_path)
     cfg = DataConfig(source="jsonl", jsonl=str(jsonl_set / "set.jsonl"), decoder="pil", prefetch=0)
@@ -61,18 +47,17 @@ def test_jsonl_training_source_skips_missing_images(jsonl_set, tmp_path):
     assert loader.skipped().get("missing_image", 0) >= 1
 
 
-def test_image_folder(tmp_path):
+def test_image_folder_scan(tmp_path):
     scenes = SyntheticScenes(seed=0, image_size=24)
     for cls, n in (("dog", 2), ("cat", 3)):
         (tmp_path / cls).mkdir()
         for i in range(n):
             (tmp_path / cls / f"{i}.jpg").write_bytes(encode_jpeg(scenes[i].image))
     (tmp_path / "cat" / "notes.txt").write_text("not an image")
-    ds = load_image_folder(tmp_path, image_size=16)
-    assert ds.classes == ["cat", "dog"] and ds.labels == [0, 0, 0, 1, 1]
-    assert ds.images(range(5)).shape == (5, 3, 16, 16)
+    classes, items = scan_image_folder(tmp_path)
+    assert classes == ["cat", "dog"] and [label for _, label in items] == [0, 0, 0, 1, 1]
     with pytest.raises(ShardError, match="no class subfolders"):
-        load_image_folder(tmp_path / "dog", image_size=16)
+        scan_image_folder(tmp_path / "dog")
 
 
 def test_expand_shards(tmp_path):

@@ -16,16 +16,15 @@ def _write_checkpoints(tmp_path):
     from m2megatron.checkpoint.files import save_consolidated
     from m2megatron.checkpoint.reference_format import ours_to_reference
     from m2megatron.config import ParallelConfig, RunConfig
-    from m2megatron.eval.launcher import build_stage
-    from m2megatron.models import full_state_dict, init_weights
+    from m2megatron.eval.launcher import build_eval_model
+    from m2megatron.models import full_state_dict
     from m2megatron.parallel import initialize, seed_everything, shutdown
 
     cfg = RunConfig()
     groups = initialize(ParallelConfig(backend="gloo"))
     try:
         seed_everything(1, groups)
-        (model,) = build_stage(cfg, groups)
-        init_weights(model, cfg.train.seed)  # what --checkpoint-format none evaluates
+        _, (model,) = build_eval_model(cfg, groups, None, "none")  # seeded: what --checkpoint-format none evaluates
         full = full_state_dict(model)
     finally:
         shutdown()

@@ -30,7 +30,7 @@ def test_tiny_model_evaluates_1000_images_and_5000_captions_quickly(sp_model):
     from m2megatron.config import ParallelConfig, RunConfig
     from m2megatron.data.synthetic import SyntheticScenes, caption
     from m2megatron.data.tokenizer import Tokenizer
-    from m2megatron.eval.launcher import build_stage
+    from m2megatron.eval.launcher import build_eval_model
     from m2megatron.eval.retrieval import evaluate_retrieval
     from m2megatron.models import init_weights
     from m2megatron.parallel import initialize, seed_everything, shutdown
@@ -45,7 +45,7 @@ def test_tiny_model_evaluates_1000_images_and_5000_captions_quickly(sp_model):
     groups = initialize(ParallelConfig(backend="gloo"))
     try:
         seed_everything(1, groups)
-        (model,) = build_stage(cfg, groups)
+        _, (model,) = build_eval_model(cfg, groups, None, "none")
         init_weights(model, seed=2)
         metrics = evaluate_retrieval(model, groups, images, captions, tokenizer=Tokenizer(sp_model, 52),
                                      batch_size=128)

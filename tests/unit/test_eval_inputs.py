@@ -120,10 +120,46 @@ def test_image_folder_and_class_files(tmp_path):
         load_class_names(tmp_path / "three.txt", num_labels=5)
 
 
-def test_builtin_templates_and_bad_template_files(tmp_path):
+def test_builtin_templates_come_from_clip_benchmark_and_bad_template_files_are_errors(tmp_path):
     en, zh = load_templates("en"), load_templates("zh")
     assert len(en) == 80 and "a photo of a {}." in en
-    assert len(zh) >= 30 and all("{}" in t for t in zh)
-    (tmp_path / "t.txt").write_text("a {} photo\nno placeholder\n")
-    with pytest.raises(ValueError, match="template 2"):
+    assert len(zh) == 80 and zh[0] == "{}的照片。" and all(t.count("{}") == 1 for t in zh)
+    (tmp_path / "t.txt").write_text("a {} photo\nCLIP_benchmark's {c} slot\nno placeholder\n")
+    with pytest.raises(ValueError, match="template 3"):
         load_templates(str(tmp_path / "t.txt"))
+    (tmp_path / "ok.txt").write_text("a {} photo\na {c} drawing\n")
+    assert load_templates(str(tmp_path / "ok.txt")) == ["a {} photo", "a {} drawing"]
+
+
+def test_synthetic_held_out_set_is_distinct_scenes_never_drawn_by_training():
+    import numpy as np
+
+    from m2megatron.config.data import DataConfig
+    from m2megatron.data.synthetic import NUM_SCENES, SyntheticScenes
+    from m2megatron.eval.inputs import synthetic_held_out
+
+    images, captions = synthetic_held_out(seed=3, image_size=32, language="both", num_samples=256)
+    scenes = SyntheticScenes(seed=3, image_size=32, split="eval")
+    assert len({scenes.scene(i) for i in range(256)}) == 256
+    assert len(images) == 256 and images[0].shape == (32, 32, 3) and images[0].dtype == np.uint8
+    assert all(len(c) == 1 for c in captions) and {scenes[i].lang for i in range(256)} == {"en", "zh"}
+    train = SyntheticScenes(seed=3, image_size=32)
+    assert not any(np.array_equal(train[i].image, images[0]) for i in range(50))
+    with pytest.raises(ValueError, match="distinct"):
+        synthetic_held_out(seed=3, image_size=32, language="both", num_samples=NUM_SCENES + 1)
+    with pytest.raises(ValueError):
+        DataConfig(synthetic_eval_samples=NUM_SCENES + 1).validate()
+
+
+def test_jsonl_set_defaults_its_image_root_to_the_jsonl_folder_and_keeps_raw_captions(tmp_path):
+    from m2megatron.config import RunConfig
+    from m2megatron.eval.batches import prepare_texts
+    from m2megatron.eval.sets import EvalSet, read_set
+
+    _png(tmp_path / "imgs" / "a.jpg")
+    record = {"image": "imgs/a.jpg", "caption": ["A \u201cQuoted\u201d Cat"]}
+    (tmp_path / "set.jsonl").write_text(json.dumps(record) + "\n")
+    data = read_set(EvalSet(name="set", kind="jsonl", source=(str(tmp_path / "set.jsonl"),)), RunConfig(), BadInputs())
+    assert data.task == "retrieval" and data.images == [str(tmp_path / "imgs" / "a.jpg")]
+    assert data.captions == [["A \u201cQuoted\u201d Cat"]]  # the reference preprocessing is applied when scoring
+    assert prepare_texts(data.captions[0], True) == ['a "quoted" cat']

@@ -93,8 +93,7 @@ def _fake_model(records, tokenizer: Tokenizer, seed: int):
 def _run_launcher(monkeypatch, tmp_path, argv, model):
     from m2megatron.eval import launcher, retrieval
 
-    monkeypatch.setattr(launcher, "build_stage", lambda cfg, groups: [model])
-    monkeypatch.setattr(launcher, "load_weights", lambda *a, **k: "fake")
+    monkeypatch.setattr(launcher, "build_eval_model", lambda cfg, groups, checkpoint, fmt: (cfg, [model]))
     monkeypatch.setattr(sys, "argv", ["m2megatron.eval.retrieval", *argv])
     assert retrieval.main() == 0
     return json.loads((tmp_path / "out" / "results.json").read_text())

@@ -10,7 +10,6 @@ import pytest
 
 from m2megatron.config.data import DataConfig
 from m2megatron.data.build import build_train_loader, resolve_tokenizer
-from m2megatron.data.eval_sets import build_synthetic_eval_set
 from m2megatron.data.synthetic import NUM_SCENES, Scene, SyntheticScenes, all_captions, caption
 
 pytestmark = pytest.mark.unit
@@ -46,24 +45,6 @@ def test_languages():
     both = [SyntheticScenes(seed=1, image_size=32)[i].lang for i in range(40)]
     assert {"en", "zh"} == set(both)
     assert {SyntheticScenes(seed=1, image_size=32, language="zh")[i].lang for i in range(10)} == {"zh"}
-
-
-def test_eval_set_distinct_scenes_and_held_out():
-    ev = build_synthetic_eval_set(seed=3, num_samples=256, image_size=32)
-    scenes = SyntheticScenes(seed=3, image_size=32, split="eval")
-    assert len({scenes.scene(i) for i in range(256)}) == 256
-    assert ev.num_images == 256 and len(ev.captions) == 512 and ev.caption_lang[:2] == ["en", "zh"]
-    assert ev.caption_image[:4] == [0, 0, 1, 1] and ev.image_captions()[1] == [2, 3]
-    imgs = ev.images([0, 255])
-    assert imgs.shape == (2, 3, 32, 32) and float(imgs.abs().max()) <= 1.0
-    zh = ev.subset("zh")
-    assert len(zh.captions) == 256 and zh.caption_image[:2] == [0, 1] and zh.captions[0] == ev.captions[1]
-    train = SyntheticScenes(seed=3, image_size=32)
-    assert not any(np.array_equal(train[i].image, scenes[0].image) for i in range(50))
-    with pytest.raises(ValueError, match="distinct"):
-        build_synthetic_eval_set(seed=3, num_samples=NUM_SCENES + 1, image_size=32)
-    with pytest.raises(ValueError):
-        DataConfig(synthetic_eval_samples=NUM_SCENES + 1).validate()
 
 
 def test_make_synthetic_shards_tool_matches_memory(tmp_path):

@@ -1,0 +1,163 @@
+"""One eval set, whatever its format: what to read (`EvalSet`), reading it (`read_set`) and scoring it with
+in-memory model stages (`score_set`). The launchers and evaluation during training both go through here,
+so every input kind is read and scored one way.
+
+Kinds: retrieval from a reference caption jsonl (`jsonl`), webdataset caption shards (`caption_shards`) or
+the held-out synthetic set (`synthetic`); zero-shot from a class-folder tree (`folder`), label shards
+(`label_shards`) or ImageNet-1k (`imagenet`); and CLIP_benchmark's webdataset format (`benchmark_wds`),
+either task, as its dataset_type.txt says.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from m2megatron.eval.inputs import BadInputs, Sample
+
+RETRIEVAL_KINDS = ("jsonl", "caption_shards", "synthetic")
+ZEROSHOT_KINDS = ("folder", "label_shards", "imagenet")
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    name: str
+    """The set's name in results and metric keys."""
+    kind: str
+    """jsonl, caption_shards, synthetic, folder, label_shards, imagenet or benchmark_wds."""
+    source: tuple[str, ...] = ()
+    """The jsonl file, the folder, or the shard patterns."""
+    image_root: str | None = None
+    """jsonl: the folder the image paths are relative to (None: the jsonl's folder)."""
+    classes: str | None = None
+    """A class-name file (folder: optional, the sub-folder names otherwise; label_shards: required)."""
+    lang: str = "en"
+    """imagenet: the language of the class names and templates (en, zh)."""
+    labels: str | None = None
+    """imagenet: the labels file of the flat ILSVRC layout."""
+    split: str = "test"
+    """benchmark_wds: the split sub-folder."""
+
+
+@dataclass
+class SetData:
+    task: str
+    """retrieval or zeroshot."""
+    images: list
+    where: list[str] | None
+    captions: list[list[str]] | None = None
+    labels: list[int] | None = None
+    class_names: list[str] | None = None
+    templates: list[str] | None = None
+    templates_source: str | None = None
+
+
+def set_name(source: str) -> str:
+    """A readable set name from a path or shard pattern: 'data/val-{000..009}.tar' → 'val'."""
+    base = Path(source.rstrip("/")).name
+    base = re.split(r"[{*?\[]", base)[0].removesuffix(".tar").removesuffix(".jsonl").rstrip("-_.")
+    return base or Path(source).parent.name or "set"
+
+
+def _retrieval(samples: list[Sample]) -> SetData:
+    return SetData("retrieval", [s.image for s in samples], [s.where for s in samples],
+                   captions=[list(s.captions) for s in samples])
+
+
+def _zeroshot(samples: list[Sample], names: list[str], templates: list[str], source: str) -> SetData:
+    return SetData("zeroshot", [s.image for s in samples], [s.where for s in samples],
+                   labels=[s.label for s in samples], class_names=names, templates=templates, templates_source=source)
+
+
+def _config_templates(cfg) -> tuple[list[str], str]:
+    from m2megatron.eval.prompts import load_templates
+
+    return load_templates(cfg.eval.templates), cfg.eval.templates
+
+
+def _read_retrieval(spec: EvalSet, cfg, bad: BadInputs) -> SetData:
+    from m2megatron.eval.inputs import read_caption_jsonl, read_caption_shards, synthetic_held_out
+
+    if spec.kind == "synthetic":
+        images, captions = synthetic_held_out(seed=cfg.train.seed, image_size=cfg.model.image_size,
+                                              language=cfg.data.language, num_samples=cfg.data.synthetic_eval_samples)
+        return SetData("retrieval", images, None, captions=captions)
+    if spec.kind == "jsonl":
+        (path,) = spec.source
+        return _retrieval(read_caption_jsonl(path, spec.image_root or Path(path).parent, bad))
+    return _retrieval(read_caption_shards(list(spec.source), bad))
+
+
+def _read_zeroshot(spec: EvalSet, cfg, bad: BadInputs) -> SetData:
+    from m2megatron.eval.inputs import read_image_folder, read_label_shards
+    from m2megatron.eval.prompts import BUILTIN_TEMPLATES, check_templates, load_class_names
+
+    if spec.kind == "imagenet":
+        from m2megatron.eval import imagenet
+
+        samples = imagenet.read_imagenet(spec.source[0], spec.labels, bad)
+        if cfg.eval.templates in BUILTIN_TEMPLATES:  # --lang picks the names and the templates
+            templates = check_templates(imagenet.package_templates(spec.lang), f"clip-benchmark {spec.lang}")
+            return _zeroshot(samples, imagenet.class_names(spec.lang), templates, spec.lang)
+        return _zeroshot(samples, imagenet.class_names(spec.lang), *_config_templates(cfg))
+    if spec.kind == "folder":
+        folders, samples = read_image_folder(spec.source[0])
+        names = load_class_names(spec.classes, folders=folders) if spec.classes else folders
+        return _zeroshot(samples, names, *_config_templates(cfg))
+    if spec.classes is None:
+        raise ValueError("zero-shot: label shards need a class-name file (--classes)")
+    samples = read_label_shards(list(spec.source), bad)
+    names = load_class_names(spec.classes, num_labels=max(s.label for s in samples) + 1)
+    return _zeroshot(samples, names, *_config_templates(cfg))
+
+
+def _read_benchmark(spec: EvalSet, cfg, bad: BadInputs) -> SetData:
+    from m2megatron.eval.benchmark_wds import read_benchmark_wds
+    from m2megatron.eval.prompts import check_templates, load_class_names
+
+    root = spec.source[0]
+    bench = read_benchmark_wds(root, spec.split, bad)
+    if bench.task == "retrieval":
+        return _retrieval(bench.samples)
+    num_labels = max(s.label for s in bench.samples) + 1
+    if spec.classes is not None:
+        names = load_class_names(spec.classes, num_labels=num_labels)
+    elif bench.class_names is not None:
+        names = bench.class_names
+        if num_labels > len(names):
+            raise ValueError(f"CLIP_benchmark wds: {root} has label {num_labels - 1} but classnames.txt lists "
+                             f"only {len(names)} classes")
+    else:
+        raise ValueError(f"CLIP_benchmark wds: {root}/classnames.txt does not exist; pass a class-name file")
+    if bench.templates is not None:
+        source = f"{root}/zeroshot_classification_templates.txt"
+        return _zeroshot(bench.samples, names, check_templates(bench.templates, source), source)
+    return _zeroshot(bench.samples, names, *_config_templates(cfg))
+
+
+def read_set(spec: EvalSet, cfg, bad: BadInputs) -> SetData:
+    """Read `spec` (every rank reads the same files); bad samples go through `bad`."""
+    if spec.kind in RETRIEVAL_KINDS:
+        return _read_retrieval(spec, cfg, bad)
+    if spec.kind in ZEROSHOT_KINDS:
+        return _read_zeroshot(spec, cfg, bad)
+    if spec.kind == "benchmark_wds":
+        return _read_benchmark(spec, cfg, bad)
+    raise ValueError(f"eval: unknown set kind {spec.kind!r}")
+
+
+def score_set(model_chunks, groups, cfg, tokenizer, data: SetData) -> dict:
+    """The retrieval or zero-shot report of `data` (collective: every rank of the job calls it)."""
+    from m2megatron.eval.retrieval import retrieval_report
+    from m2megatron.eval.zeroshot import zeroshot_report
+
+    common = dict(tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
+                  reference_text_preprocessing=cfg.eval.reference_text_preprocessing, decoder=cfg.eval.decoder,
+                  num_workers=cfg.eval.num_workers, where=data.where)
+    if data.task == "retrieval":
+        return retrieval_report(model_chunks, groups, data.images, data.captions, **common)
+    report = zeroshot_report(model_chunks, groups, data.images, data.labels, data.class_names, data.templates,
+                             **common)
+    report["templates"] = data.templates_source
+    return report
