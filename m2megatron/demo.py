@@ -8,7 +8,6 @@ and the resolved config.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,6 @@ from pathlib import Path
 
 from m2megatron.cli import run_main
 from m2megatron.eval.report import write_report
-from m2megatron.train.run import format_results
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -34,9 +32,7 @@ def main() -> int:
     code = subprocess.call(cmd, env=env)
     if code != 0:
         return code
-    run_dir = Path(args.run_dir)
-    if (run_dir / "results.json").is_file():  # absent with --train.eval_at_end=false
-        print(format_results(json.loads((run_dir / "results.json").read_text())))
+    run_dir = Path(args.run_dir)  # the trainer printed the held-out results above
     print(f"loss curve: {run_dir / 'metrics.jsonl'}; TensorBoard: {run_dir / 'tensorboard'}")
     paths = write_report(run_dir)
     print(f"run report: {paths['markdown']} (table: {paths['json'].name}, plot: {paths['plot'].name})")

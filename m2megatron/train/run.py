@@ -26,7 +26,7 @@ def train_and_evaluate(cfg: RunConfig) -> dict | None:
         path = trainer.run_dir / "results.json"
         path.write_text(json.dumps(results, indent=2))
         print(format_results(results), flush=True)
-        print(f"run directory: {trainer.run_dir.resolve()}", flush=True)
+        log.info("results written to %s", path)
     return results
 
 
