@@ -73,8 +73,8 @@ class MetricsWriter:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
-            for key, value in metrics.items():
-                self._tb.add_scalar(f"train/{key}", float(value), step)
+            for key, value in metrics.items():  # eval/<set>/<metric> keys keep their own namespace
+                self._tb.add_scalar(key if "/" in key else f"train/{key}", float(value), step)
             self._tb.flush()
         line = " | ".join(f"{k} {_fmt(v)}" for k, v in record.items())
         if self._bar is not None:

@@ -1,4 +1,5 @@
-"""Train, then (train.eval_at_end) evaluate zero-shot retrieval on the held-out synthetic set."""
+"""Train, then (train.eval_at_end) evaluate the configured eval sets (m2megatron.eval.during_training) with
+the training model: the held-out synthetic scenes for synthetic data, plus every `eval.*` set."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def train_and_evaluate(cfg: RunConfig) -> dict | None:
         trainer.fit()
         if trainer.preemption.reason is not None or not cfg.train.eval_at_end:
             return None
-        results = evaluate_held_out(trainer)
+        results = {"step": trainer.step, **trainer.evaluate()}
     finally:
         trainer.close()
     if dist.get_rank() == 0:
@@ -30,22 +31,22 @@ def train_and_evaluate(cfg: RunConfig) -> dict | None:
     return results
 
 
-def evaluate_held_out(trainer: Trainer) -> dict:
-    """Zero-shot retrieval on the synthetic eval split (scenes the training split never draws)."""
-    from m2megatron.eval import evaluate_retrieval
-    from m2megatron.eval.launcher import synthetic_eval_set
-
-    images, captions = synthetic_eval_set(trainer.cfg)
-    for module in trainer.modules:
-        module.eval()
-    with trainer.stages.params_in_sync():
-        results = evaluate_retrieval(trainer.modules, trainer.groups, images, captions, tokenizer=trainer.tokenizer,
-                                     batch_size=trainer.cfg.eval.batch_size)
-    return {**results, "num_images": len(images), "step": trainer.step}
-
-
 def format_results(results: dict) -> str:
-    n = results.get("num_images", 0)
-    chance = f" (chance R@1 = {100.0 / n:.2f}%)" if n else ""
-    return (f"held-out retrieval on {n} images{chance}: image→text R@1 {results['i2t_r1']:.1f}%, "
-            f"text→image R@1 {results['t2i_r1']:.1f}%, MR {results.get('mr', float('nan')):.1f}")
+    """One line per evaluated set of a flat `eval/<set>/<metric>` dict (the held-out synthetic set with its chance)."""
+    sets: dict[str, dict] = {}
+    for key, value in results.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "eval":
+            sets.setdefault(parts[1], {})[parts[2]] = value
+    lines = []
+    for name, m in sets.items():
+        n = int(m.get("num_images", 0))
+        if "i2t_r1" in m:
+            label = "held-out retrieval" if name == "synthetic" else f"{name} retrieval"
+            chance = f" (chance R@1 = {100.0 / n:.2f}%)" if n else ""
+            lines.append(f"{label} on {n} images{chance}: image→text R@1 {m['i2t_r1']:.1f}%, "
+                         f"text→image R@1 {m['t2i_r1']:.1f}%, MR {m.get('mr', float('nan')):.1f}")
+        elif "top1" in m:
+            lines.append(f"{name} zero-shot on {n} images: top-1 {m['top1']:.1f}%, "
+                         f"top-5 {m.get('top5', float('nan')):.1f}%")
+    return "\n".join(lines) or "no eval sets configured"

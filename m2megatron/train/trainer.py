@@ -52,6 +52,9 @@ class Trainer:
                                          dp_rank=self.groups.dp_rank, dp_size=self.groups.layout.data_parallel,
                                          seed=self.cfg.train.seed)
         self.step_fn = ContrastiveStep(self.stages)
+        from m2megatron.eval.during_training import configured_sets
+
+        self.eval_sets = configured_sets(self.cfg)  # fails now on a missing eval path, not after hours
         self.num_microbatches = self.cfg.num_microbatches(dist.get_world_size())
         self.checkpointer = TrainCheckpointer(self)
         self.step = self.checkpointer.resume()
@@ -143,6 +146,9 @@ class Trainer:
                 writer.step()
                 if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.train_steps:
                     writer.write(self.step, self._log_record(result, meter.read()))
+                if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < cfg.train.train_steps:
+                    writer.write(self.step, self.evaluate())
+                    meter.read()  # eval time is not training throughput
                 self.checkpointer.poll()
                 if self.checkpointer.due(self.step):
                     with self.stages.params_in_sync():
@@ -164,6 +170,13 @@ class Trainer:
         finally:
             writer.close()
         return self.step
+
+    def evaluate(self) -> dict[str, float]:
+        """The configured eval sets (eval.*) with the training stages at the training layout; every rank."""
+        from m2megatron.eval.during_training import evaluate_configured_sets
+
+        with self.stages.params_in_sync():
+            return evaluate_configured_sets(self.modules, self.groups, self.cfg, self.tokenizer, self.step)
 
     def _log_record(self, result: dict, speed: dict) -> dict:
         """Bring the loss to the logging rank and assemble the record."""

@@ -61,8 +61,8 @@ def test_pipeline_training_logs_checkpoints_and_evaluates(dist_pool, tmp_path):
     results = dist_pool(2).run(_fit, str(run_dir), ["--parallel.pipeline_parallel=2", "--train.train_steps=6"])
     assert results[0] == results[1]
     for key in ("i2t_r1", "t2i_r1", "i2t_r5", "mr", "num_images"):
-        assert key in results[0]
-    assert json.loads((run_dir / "results.json").read_text())["num_images"] == 32
+        assert f"eval/synthetic/{key}" in results[0]
+    assert json.loads((run_dir / "results.json").read_text())["eval/synthetic/num_images"] == 32
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6]
     for key in ("loss", "logit_scale", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "model_tflops"):
@@ -162,6 +162,24 @@ def test_interleaved_pipeline_trains_saves_and_evaluates_at_the_end(dist_pool, t
     layout = ["--parallel.pipeline_parallel=2", "--parallel.virtual_pipeline=2", "--model.num_layers=4",
               "--train.global_batch_size=16", "--train.train_steps=2", "--train.tensorboard=false"]
     results = dist_pool(2).run(_fit, str(tmp_path / "vp"), layout)
-    assert results[0]["step"] == 2 and results[0]["num_images"] == 32
+    assert results[0]["step"] == 2 and results[0]["eval/synthetic/num_images"] == 32
     assert results[0] == results[1]  # every rank gets the same metrics
     assert (tmp_path / "vp" / "checkpoints" / "latest").exists()
+
+
+def test_evaluation_during_training_is_logged_with_the_training_stages(dist_pool, tmp_path):
+    run_dir = tmp_path / "evals"
+    dist_pool(2).run(_fit, str(run_dir), ["--parallel.pipeline_parallel=2", "--train.train_steps=4",
+                                          "--eval.interval=2", "--train.eval_at_end=true"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/synthetic/i2t_r1" in r]
+    assert [r["step"] for r in evals] == [2]  # the last step's evaluation is eval_at_end's results.json
+    assert evals[0]["eval/synthetic/num_images"] == 32 and evals[0]["eval/synthetic/skipped"] == 0
+    final = json.loads((run_dir / "results.json").read_text())
+    assert final["step"] == 4 and "eval/synthetic/t2i_r1" in final
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/synthetic/i2t_r1")] == [2]

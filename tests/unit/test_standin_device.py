@@ -68,7 +68,6 @@ def _step_eval_encode(run_dir: str, consolidated: str, sp_model: str) -> dict:
 
     from m2megatron import encode
     from m2megatron.config import load_config
-    from m2megatron.train.run import evaluate_held_out
     from m2megatron.train.trainer import Trainer
 
     world, overrides = LAYOUTS["tp2-pp2"]
@@ -82,7 +81,7 @@ def _step_eval_encode(run_dir: str, consolidated: str, sp_model: str) -> dict:
             trainer = Trainer(cfg, progress=False)
             recorder.watch_forward_inputs(trainer.modules)
             trainer.train_step()
-            evaluate_held_out(trainer)
+            trainer.evaluate()
             trainer.close()
         report["violations"] += [f"rank {rank}: {v}" for v in recorder.violations]
         report["collectives"] |= set(recorder.collectives)
