@@ -59,22 +59,25 @@ def build_source(cfg: DataConfig, *, image_size: int, dp_rank: int, dp_size: int
 
 def build_train_loader(cfg: DataConfig, *, tokenizer: Tokenizer, image_size: int, micro_batch_size: int,
                        dp_rank: int = 0, dp_size: int = 1, seed: int = 0, gpu: bool | None = None,
-                       device: torch.device | None = None, log_choice: bool = True) -> TrainLoader:
+                       device: torch.device | None = None, decoder=None, prefetch: int | None = None
+                       ) -> TrainLoader:
     """The training loader of data-parallel rank `dp_rank` of `dp_size` (its order depends on `seed`).
 
     gpu=None decodes with DALI's mixed decoder (decoder auto/dali) when CUDA is available: images come
     back on the GPU. `device`: the runtime device; when it is a CUDA device and images are decoded on
-    the host, batches are stacked in pinned memory for an asynchronous copy.
+    the host, batches are stacked in pinned memory for an asynchronous copy. `decoder` (a chunk decoder)
+    and `prefetch` replace the ones cfg gives (StageBatches' split mode).
     """
     cfg.validate()
     source = build_source(cfg, image_size=image_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed)
     limits = image_limits(cfg)
-    decoder = None
-    if cfg.source != "synthetic":  # synthetic scenes are rendered at the right size: nothing to decode
+    if cfg.source == "synthetic":  # synthetic scenes are rendered at the right size: nothing to decode
+        decoder = None
+    elif decoder is None:
         decoder = build_chunk_decoder(cfg.decoder, image_size, limits, micro_batch_size, num_workers=cfg.num_workers,
-                                      depth=cfg.decode_depth, gpu=gpu, log_choice=log_choice)
+                                      depth=cfg.decode_depth, gpu=gpu)
     augment = Augment(scale=(cfg.augment_min_scale, 1.0), flip=cfg.augment_flip) if cfg.augment else None
     on_host = decoder is None or decoder.device.type == "cpu"
     pin = torch.device(device) if device is not None and torch.device(device).type == "cuda" and on_host else None
     return TrainLoader(source, decoder, tokenizer, micro_batch_size, augment=augment, limits=limits,
-                       prefetch=cfg.prefetch, pin_device=pin)
+                       prefetch=cfg.prefetch if prefetch is None else prefetch, pin_device=pin)
