@@ -13,7 +13,9 @@ class DataConfig:
     source: Literal["synthetic", "webdataset", "jsonl"] = "synthetic"
     """Training data: the built-in synthetic bilingual scenes, webdataset tar shards, or a reference-format jsonl."""
     shards: list[str] = field(default_factory=list)
-    """Webdataset shard paths, globs or {000..009} ranges (source=webdataset); needs at least one shard per DP rank."""
+    """Webdataset shard paths, globs, {000..009} ranges or @list.txt files of paths (source=webdataset); needs at
+    least one shard per DP rank. Shards are not checked up front: a missing one is an error naming it when
+    its reading rank opens it."""
     jsonl: str | None = None
     """Reference-format jsonl ({"image": path, "caption": [...]}) for source=jsonl."""
     image_root: str | None = None

@@ -31,19 +31,20 @@ log = logging.getLogger("m2megatron.data")
 
 
 class PilDecoder:
-    """PIL decode + bicubic resize + normalize, on `num_threads` threads."""
+    """PIL decode + bicubic resize + normalize, on `num_threads` threads (probed=True: the caller has checked
+    the image headers already)."""
 
     name = "pil"
     device = torch.device("cpu")
 
-    def __init__(self, size: int, limits: ImageLimits, num_threads: int = 1):
-        self.size, self.limits = size, limits
+    def __init__(self, size: int, limits: ImageLimits, num_threads: int = 1, probed: bool = False):
+        self.size, self.limits, self.probed = size, limits, probed
         self._pool = ThreadPoolExecutor(num_threads) if num_threads > 1 else None
 
     def _one(self, args) -> np.ndarray | BadSample:
         data, box, flip = args
         try:
-            return preprocess_pil(decode_pil(data, self.limits), self.size, box, flip)
+            return preprocess_pil(decode_pil(data, self.limits, probe=not self.probed), self.size, box, flip)
         except BadSample as bad:
             return bad
 
@@ -143,11 +144,12 @@ def resolve_decoder_kind(kind: str, gpu: bool | None = None) -> tuple[str, bool]
 
 
 def build_decoder(kind: str, size: int, limits: ImageLimits, max_batch: int, num_threads: int = 1,
-                  gpu: bool | None = None):
-    """A batch decoder (`decode(encoded, boxes, flips)`) for `kind` auto/dali/pil (see resolve_decoder_kind)."""
+                  gpu: bool | None = None, probed: bool = False):
+    """A batch decoder (`decode(encoded, boxes, flips)`) for `kind` auto/dali/pil (see resolve_decoder_kind).
+    probed=True: the caller has checked the headers (PIL does not check them again)."""
     kind, gpu = resolve_decoder_kind(kind, gpu)
     if kind == "pil":
-        return PilDecoder(size, limits, num_threads)
+        return PilDecoder(size, limits, num_threads, probed)
     return DaliDecoder(size, limits, max_batch, num_threads, gpu)
 
 
@@ -173,7 +175,7 @@ def build_chunk_decoder(kind: str, size: int, limits: ImageLimits, batch: int, *
         decoder = PilWorkerPool(size, limits, num_workers, min(batch, WORKER_CHUNK), per_worker=max(1, depth))
         what = f"PIL, {num_workers} worker processes"
     else:
-        decoder = InlineChunks(PilDecoder(size, limits, 1), batch)
+        decoder = InlineChunks(PilDecoder(size, limits, 1, probed=True), batch)
         what = "PIL in the loader thread"
     if log_choice:
         log.info("data.decoder=%s: decoding with %s", requested, what)

@@ -1,5 +1,6 @@
 """The body of one PIL decode worker process (started by `worker_pool.PilWorkerPool`).
 
+Images come from the training loader, which has probed their headers, so they are not probed again.
 Imports only numpy, PIL and the image helpers (the package __init__ is lazy), so a spawned worker starts
 in a fraction of a second. A job is (number, slot, encoded images, relative crop boxes, flips); the
 worker decodes each image into row j of `slot` of the shared float32 buffer [depth, chunk, 3, S, S]
@@ -32,7 +33,7 @@ def map_buffer(path: str, shape: tuple[int, ...], create: bool = False) -> np.me
 
 def _decode_into(row: np.ndarray, data: bytes, box, flip: bool, size: int, limits: ImageLimits):
     try:
-        preprocess_pil(decode_pil(data, limits), size, box, flip, out=row)
+        preprocess_pil(decode_pil(data, limits, probe=False), size, box, flip, out=row)  # the loader probed it
     except BadSample as bad:
         return bad.reason, bad.detail
     return None

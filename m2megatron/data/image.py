@@ -88,9 +88,11 @@ def _has_jpeg_eoi(data: bytes) -> bool:
     return data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) >= 0
 
 
-def decode_pil(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Fully decode image bytes to RGB with PIL, or raise BadSample."""
-    probe_image(data, limits)
+def decode_pil(data: bytes, limits: ImageLimits, probe: bool = True) -> Image.Image:
+    """Fully decode image bytes to RGB with PIL, or raise BadSample. probe=False skips the header check
+    (the training loader has made it already)."""
+    if probe:
+        probe_image(data, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

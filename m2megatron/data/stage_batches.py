@@ -82,7 +82,8 @@ class StageBatches:
         from m2megatron.data.split_decode import SliceExchange, SplitChunks, SplitFollower
 
         kind, gpu = resolve_decoder_kind(cfg.decoder, self.groups.device.type == "cuda")
-        local = build_decoder(kind, self.image_size, image_limits(cfg), self.b, max(1, cfg.num_workers), gpu)
+        local = build_decoder(kind, self.image_size, image_limits(cfg), self.b, max(1, cfg.num_workers), gpu,
+                              probed=True)  # the reading rank's loader has checked every header
         exchange = SliceExchange(local, self.groups.tp, self.reader_rank, self.groups.device, self.image_size)
         if not self.is_reader:
             self._follower = SplitFollower(exchange)
