@@ -98,7 +98,7 @@ def decode_pil(data: bytes, limits: ImageLimits, probe: bool = True) -> Image.Im
             warnings.simplefilter("ignore")
             im = Image.open(io.BytesIO(data))
             im.load()
-            return im.convert("RGB")
+            return im if im.mode == "RGB" else im.convert("RGB")  # no copy of an RGB image
     except OSError as exc:
         reason = "truncated_image" if "truncated" in str(exc) else "decode_error"
         raise BadSample(reason, str(exc)) from None
