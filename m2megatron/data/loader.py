@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from typing import NamedTuple
 
@@ -37,6 +38,7 @@ from m2megatron.data.skips import BadSample, SkipCounter
 
 log = logging.getLogger("m2megatron.data")
 STATE_VERSION = 1
+STOP_WAIT_S = 30.0
 
 
 class _Probed(NamedTuple):
@@ -147,11 +149,19 @@ class TrainLoader:
     def _stop_producer(self, failed: bool = False) -> None:
         if self._thread is not None:
             self._stop.set()
+            deadline = time.monotonic() + STOP_WAIT_S
             while self._thread.is_alive():
                 try:
                     self._queue.get(timeout=0.05)
                 except queue.Empty:
                     pass
+                if time.monotonic() > deadline and self.decoder is not None:
+                    # The thread waits on a decoder that does not answer (a hung worker): stopping the
+                    # decoder wakes it with an error, which it hands over and then ends.
+                    log.warning("data loader: the producer did not stop within %.0f s; stopping the decoder",
+                                STOP_WAIT_S)
+                    self.decoder.close()
+                    failed, deadline = True, float("inf")
             self._thread = None
         self._sync_stream = None
         if self.decoder is not None:
