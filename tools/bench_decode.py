@@ -27,8 +27,9 @@ import numpy as np  # noqa: E402
 from m2megatron.cli import UserError, run_main  # noqa: E402
 
 
-def make_photo_shards(out: Path, n: int, per_shard: int = 128) -> list[str]:
-    """Photo-like JPEGs (smooth colour fields + texture noise, 500x375, q90): ~50-100 KB each."""
+def make_photo_shards(out: Path, n: int, per_shard: int = 128, captions: list[str] | None = None) -> list[str]:
+    """Photo-like JPEGs (smooth colour fields + texture noise, 500x375, q90): ~50-100 KB each; the caption
+    of image i is captions[i % len(captions)] (default "a photo")."""
     from PIL import Image
 
     from m2megatron.data.shard_writer import encode_jpeg, write_shard
@@ -43,7 +44,8 @@ def make_photo_shards(out: Path, n: int, per_shard: int = 128) -> list[str]:
 
     paths = []
     for s, start in enumerate(range(0, n, per_shard)):
-        recs = ((f"{i:09d}", {"jpg": encode_jpeg(photo(i), 90), "txt": b"a photo"})
+        recs = ((f"{i:09d}", {"jpg": encode_jpeg(photo(i), 90),
+                              "txt": (captions[i % len(captions)] if captions else "a photo").encode("utf-8")})
                 for i in range(start, min(n, start + per_shard)))
         write_shard(out / f"bench-{s:04d}.tar", recs)
         paths.append(str(out / f"bench-{s:04d}.tar"))

@@ -13,7 +13,9 @@ class DataConfig:
     source: Literal["synthetic", "webdataset", "jsonl"] = "synthetic"
     """Training data: the built-in synthetic bilingual scenes, webdataset tar shards, or a reference-format jsonl."""
     shards: list[str] = field(default_factory=list)
-    """Webdataset shard paths, globs or {000..009} ranges (source=webdataset); needs at least one shard per DP rank."""
+    """Webdataset shard paths, globs, {000..009} ranges or @list.txt files of paths (source=webdataset); needs at
+    least one shard per DP rank. Shards are not checked up front: a missing one is an error naming it when
+    its reading rank opens it."""
     jsonl: str | None = None
     """Reference-format jsonl ({"image": path, "caption": [...]}) for source=jsonl."""
     image_root: str | None = None
@@ -24,11 +26,23 @@ class DataConfig:
     synthetic_vocab_size: int = 256
     """Own pieces of the SentencePiece model trained for the synthetic source (20 special pieces come on top)."""
     decoder: Literal["auto", "dali", "pil"] = "auto"
-    """Image decoder: DALI (mixed on GPU, cpu otherwise) when installed (auto), or PIL."""
-    num_workers: int = 1
-    """Decoder threads per rank."""
+    """Image decoder. auto: DALI's GPU decoder (mixed) on a GPU host when DALI is installed, else PIL (on a
+    CPU host PIL is ~1.7x cheaper per core than DALI's CPU pipeline). dali: mixed on a GPU host, DALI's CPU
+    pipeline elsewhere. pil: PIL. The choice is logged at INFO by each reading rank."""
+    num_workers: int = 2
+    """PIL: decode worker processes per reading rank (0 = decode in the loader's own thread, which tops
+    out at one core). DALI: threads of its pipeline (at least 1)."""
+    decode_depth: int = 2
+    """Chunks in flight in the decoder: DALI's prefetch queue depth (at least 2, asynchronous and
+    pipelined), or chunks per PIL worker process."""
     prefetch: int = 2
     """Batches prepared ahead by the loader's background thread; 0 = prepare each batch on demand."""
+    tp_decode: Literal["broadcast", "split"] = "broadcast"
+    """How the first pipeline stage's tensor-parallel ranks get their images (StageBatches). broadcast: the
+    reading rank (tp 0) decodes the whole batch in its background loader and broadcasts the images over
+    the TP group. split: each TP rank decodes 1/TP of the batch in the step's critical path and the
+    slices are all-gathered. broadcast is faster here (measured in tools/bench_loader.py --tp-decode,
+    docs/DATA.md). The synthetic source renders its images, so it always broadcasts."""
     shuffle_block: int = 256
     """Webdataset records are shuffled within consecutive blocks of this many records of a shard (1 = tar order)."""
     augment: bool = False
@@ -56,7 +70,9 @@ class DataConfig:
             raise ConfigError("data.shards: source=webdataset needs at least one shard path")
         if self.source == "jsonl" and not self.jsonl:
             raise ConfigError("data.jsonl: source=jsonl needs the jsonl path")
-        for name in ("num_workers", "shuffle_block", "synthetic_vocab_size", "synthetic_train_samples",
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        for name in ("decode_depth", "shuffle_block", "synthetic_vocab_size", "synthetic_train_samples",
                      "synthetic_eval_samples", "min_image_side"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name}: must be >= 1, got {getattr(self, name)}")

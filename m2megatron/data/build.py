@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from m2megatron.config.base import ConfigError
 from m2megatron.config.data import DataConfig
-from m2megatron.data.decode import build_decoder
+from m2megatron.data.decode import build_chunk_decoder
 from m2megatron.data.formats import ShardError, expand_shards, read_jsonl
 from m2megatron.data.image import Augment, ImageLimits
 from m2megatron.data.loader import TrainLoader
@@ -42,11 +44,9 @@ def build_source(cfg: DataConfig, *, image_size: int, dp_rank: int, dp_size: int
         scenes = SyntheticScenes(seed=seed, image_size=image_size, language=cfg.language, split="train")
         return SyntheticSource(scenes, cfg.synthetic_train_samples, seed, dp_rank, dp_size)
     if cfg.source == "webdataset":
-        shards = expand_shards(cfg.shards)
-        missing = [s for s in shards if not Path(s).is_file()]
-        if missing:
-            raise ConfigError(f"data.shards: shard file(s) not found: {', '.join(missing[:5])}")
-        return WebdatasetSource(shards, seed, dp_rank, dp_size, cfg.shuffle_block)
+        # No stat of every shard here: at 600k shards that is a metadata storm on every reading rank. A
+        # shard that is missing or unreadable is a ShardError naming it when the loader opens it.
+        return WebdatasetSource(expand_shards(cfg.shards), seed, dp_rank, dp_size, cfg.shuffle_block)
     if cfg.source == "jsonl":
         try:
             items = read_jsonl(cfg.jsonl)
@@ -58,17 +58,26 @@ def build_source(cfg: DataConfig, *, image_size: int, dp_rank: int, dp_size: int
 
 
 def build_train_loader(cfg: DataConfig, *, tokenizer: Tokenizer, image_size: int, micro_batch_size: int,
-                       dp_rank: int = 0, dp_size: int = 1, seed: int = 0, gpu: bool | None = None) -> TrainLoader:
+                       dp_rank: int = 0, dp_size: int = 1, seed: int = 0, gpu: bool | None = None,
+                       device: torch.device | None = None, decoder=None, prefetch: int | None = None
+                       ) -> TrainLoader:
     """The training loader of data-parallel rank `dp_rank` of `dp_size` (its order depends on `seed`).
 
-    gpu=None decodes with DALI's mixed decoder when CUDA is available (images come back on the GPU).
+    gpu=None decodes with DALI's mixed decoder (decoder auto/dali) when CUDA is available: images come
+    back on the GPU. `device`: the runtime device; when it is a CUDA device and images are decoded on
+    the host, batches are stacked in pinned memory for an asynchronous copy. `decoder` (a chunk decoder)
+    and `prefetch` replace the ones cfg gives (StageBatches' split mode).
     """
     cfg.validate()
     source = build_source(cfg, image_size=image_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed)
     limits = image_limits(cfg)
-    decoder = None
-    if cfg.source != "synthetic":  # synthetic scenes are rendered at the right size: nothing to decode
-        decoder = build_decoder(cfg.decoder, image_size, limits, micro_batch_size, cfg.num_workers, gpu)
+    if cfg.source == "synthetic":  # synthetic scenes are rendered at the right size: nothing to decode
+        decoder = None
+    elif decoder is None:
+        decoder = build_chunk_decoder(cfg.decoder, image_size, limits, micro_batch_size, num_workers=cfg.num_workers,
+                                      depth=cfg.decode_depth, gpu=gpu)
     augment = Augment(scale=(cfg.augment_min_scale, 1.0), flip=cfg.augment_flip) if cfg.augment else None
+    on_host = decoder is None or decoder.device.type == "cpu"
+    pin = torch.device(device) if device is not None and torch.device(device).type == "cuda" and on_host else None
     return TrainLoader(source, decoder, tokenizer, micro_batch_size, augment=augment, limits=limits,
-                       prefetch=cfg.prefetch)
+                       prefetch=cfg.prefetch if prefetch is None else prefetch, pin_device=pin)

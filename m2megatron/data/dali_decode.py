@@ -7,16 +7,34 @@ tensor) and `device="cpu"` with `device_id=None` on CPU (a GPU device id fails w
 The resize is `INTERP_CUBIC` with antialiasing over the region of interest, matching the PIL path's
 `Image.resize(BICUBIC, box=...)`; normalization is (x − 127.5)/127.5 = (x/255 − 0.5)/0.5, CHW.
 
-The pipeline runs synchronously (no DALI prefetch), one `run()` per batch: the loader's own
-background thread provides the overlap, and a failure stays attached to its batch.
+Two ways to run it:
+
+- `DaliPipeline.run(...)`: synchronous, one batch (eval, benchmarks, the PIL-fallback checks).
+- `DaliChunks`: asynchronous and pipelined (`exec_async`, `exec_pipelined`, `prefetch_queue_depth =
+  depth ≥ 2`). The loader feeds up to `depth` chunks ahead with `feed_input` and takes the results in
+  order, so DALI decodes the next chunks in its own threads (CPU) or on the GPU while the loader
+  tokenizes and assembles the current one. Each chunk's inputs are kept until its result is taken:
+  when DALI fails on a chunk (a bad image that passed the header probe), that chunk is decoded again
+  image by image with PIL to find and skip the culprit, the pipeline is rebuilt (its state is
+  undefined after an error) and the chunks behind it are fed again.
+
+Why not DALI's parallel external source or its webdataset reader: both take the sample order out of
+the loader's hands (parallel external source calls an index-addressed Python callback in worker
+processes; the reader has its own sharding, shuffling and checkpoints), which would lose the
+loader's exact resume and per-sample skip accounting. Reading and probing are ~5 % of the decode cost
+here, so the Python side does not need worker processes for DALI.
 """
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import torch
 
-FULL_ROI = (np.zeros(2, np.float32), np.ones(2, np.float32))
+from m2megatron.data.skips import BadSample
+
+Box = tuple[float, float, float, float]
 
 
 def dali_available() -> bool:
@@ -28,21 +46,27 @@ def dali_available() -> bool:
 
 
 class DaliPipeline:
-    """One DALI pipeline for batches of up to `max_batch` images of output size `size`×`size`."""
+    """One DALI pipeline for batches of up to `max_batch` images of output size `size`×`size`.
 
-    def __init__(self, size: int, max_batch: int, num_threads: int = 1, gpu: bool = False):
+    depth = 1: synchronous `run()`. depth ≥ 2: asynchronous and pipelined with that prefetch queue depth,
+    driven by `feed()` / `start()` / `take()` (see DaliChunks).
+    """
+
+    def __init__(self, size: int, max_batch: int, num_threads: int = 1, gpu: bool = False, depth: int = 1):
         self.size, self.max_batch, self.num_threads, self.gpu = size, max_batch, num_threads, gpu
+        self.depth = depth
         self.device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
         self._pipe = None
+        self._scheduled = False
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
 
-        size, gpu = self.size, self.gpu
+        size, gpu, pipelined = self.size, self.gpu, self.depth > 1
 
         @pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads,
                       device_id=self.device.index if gpu else None,
-                      exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+                      exec_async=pipelined, exec_pipelined=pipelined, prefetch_queue_depth=self.depth)
         def pipe():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8)
             roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT)  # (y, x), relative
@@ -58,9 +82,8 @@ class DaliPipeline:
         p.build()
         return p
 
-    def run(self, encoded: list[bytes], boxes: list[tuple[float, float, float, float]],
-            flips: list[bool]) -> torch.Tensor:
-        """Decode one batch → float32 [n, 3, size, size] on this pipeline's device. Raises on any failure."""
+    def feed(self, encoded: list[bytes], boxes: list[Box], flips: list[bool]) -> None:
+        """Queue one batch of inputs (the next iteration that runs consumes it)."""
         if not 0 < len(encoded) <= self.max_batch:
             raise ValueError(f"DALI batch of {len(encoded)} images (max {self.max_batch})")
         if self._pipe is None:
@@ -70,8 +93,26 @@ class DaliPipeline:
         p.feed_input("roi_start", [np.array((b[1], b[0]), np.float32) for b in boxes])
         p.feed_input("roi_end", [np.array((b[3], b[2]), np.float32) for b in boxes])
         p.feed_input("mirror", [np.array(int(f), np.int32) for f in flips])
-        (out,) = p.run()
-        dense = out.as_tensor()
+
+    def schedule(self) -> None:
+        """Start one more iteration; the first call starts `depth` of them (inputs for all must be fed)."""
+        self._pipe.schedule_run()
+        self._scheduled = True
+
+    def take(self) -> torch.Tensor:
+        """Result of the oldest scheduled iteration → float32 [n, 3, size, size] on this pipeline's device.
+        Raises RuntimeError when DALI failed on it."""
+        (out,) = self._pipe.outputs()
+        return self._to_torch(out.as_tensor())
+
+    def run(self, encoded: list[bytes], boxes: list[Box], flips: list[bool]) -> torch.Tensor:
+        """Decode one batch synchronously (depth 1). Raises on any failure."""
+        assert self.depth == 1, "run() is the synchronous API; use feed/schedule/take when pipelined"
+        self.feed(encoded, boxes, flips)
+        (out,) = self._pipe.run()
+        return self._to_torch(out.as_tensor())
+
+    def _to_torch(self, dense) -> torch.Tensor:
         if not self.gpu:
             return torch.from_numpy(np.array(dense))
         from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -81,5 +122,77 @@ class DaliPipeline:
         return result
 
     def reset(self) -> None:
-        """Drop the pipeline (after an error its state is undefined); the next run builds a new one."""
+        """Drop the pipeline (after an error its state is undefined); the next feed builds a new one."""
         self._pipe = None
+        self._scheduled = False
+
+    @property
+    def started(self) -> bool:
+        return self._scheduled
+
+
+class DaliChunks:
+    """Pipelined DALI decoding of chunks (≤ `chunk` images each), `depth` ≥ 2 in flight, results in order.
+
+    `fallback` is a PIL decoder (`decode(encoded, boxes, flips)` → good images, {position: BadSample});
+    it decodes a chunk that DALI failed on, image by image.
+    """
+
+    name = "dali"
+
+    def __init__(self, pipeline: DaliPipeline, fallback):
+        if pipeline.depth < 2:
+            raise ValueError(f"DaliChunks needs a pipelined DaliPipeline (depth >= 2), got depth {pipeline.depth}")
+        self.pipe, self.fallback = pipeline, fallback
+        self.depth, self.chunk, self.device = pipeline.depth, pipeline.max_batch, pipeline.device
+        self._inputs: deque = deque()  # chunks fed and not yet taken, oldest first
+        self.fallbacks = 0  # chunks that DALI failed on
+        self.images_decoded = 0
+
+    def submit(self, encoded: list[bytes], boxes: list[Box], flips: list[bool]) -> None:
+        if len(self._inputs) >= self.depth:
+            raise RuntimeError(f"DALI: more than {self.depth} chunks in flight")
+        self._inputs.append((list(encoded), list(boxes), list(flips)))
+        self.pipe.feed(encoded, boxes, flips)
+        if self.pipe.started or len(self._inputs) == self.depth:
+            self.pipe.schedule()
+
+    def result(self) -> list[torch.Tensor | BadSample]:
+        if not self._inputs:
+            raise RuntimeError("DALI: result() without a chunk in flight")
+        if not self.pipe.started:
+            raise RuntimeError(f"DALI: result() before {self.depth} chunks were submitted (the pipeline prefetches "
+                               f"{self.depth})")
+        encoded, boxes, flips = self._inputs[0]
+        try:
+            images = self.pipe.take()
+        except RuntimeError:
+            self._inputs.popleft()
+            rows = self._fallback(encoded, boxes, flips)
+            self.pipe.reset()
+            for args in self._inputs:  # feed the chunks behind it again; the next submit starts the new pipe
+                self.pipe.feed(*args)
+            return rows
+        self._inputs.popleft()
+        self.images_decoded += len(encoded)
+        return list(images)
+
+    def _fallback(self, encoded, boxes, flips) -> list[torch.Tensor | BadSample]:
+        self.fallbacks += 1
+        images, bad = self.fallback.decode(encoded, boxes, flips)
+        self.images_decoded += len(encoded)
+        if images.device != self.device:
+            from m2megatron.parallel.device import to_device
+
+            images = to_device({"images": images}, self.device)["images"]
+        good = iter(images)
+        return [bad[j] if j in bad else next(good) for j in range(len(encoded))]
+
+    def reset(self) -> None:
+        """Drop the chunks in flight."""
+        self._inputs.clear()
+        self.pipe.reset()
+
+    def close(self) -> None:
+        self.reset()
+        self.fallback.close()

@@ -115,9 +115,16 @@ def _utf8(data: bytes, where: str) -> str:
 
 
 def expand_shards(patterns: list[str]) -> list[str]:
-    """Expand `{000..009}` ranges and globs; each pattern must match something (ConfigError otherwise)."""
+    """Expand `{000..009}` ranges, globs and `@list.txt` files (one shard path per line, relative paths from
+    the list's folder); each pattern must match something (ConfigError otherwise).
+
+    Ranges and list files touch no shard (nothing is stat-ed: at 600k shards that is a metadata storm);
+    a glob lists its directories."""
     shards: list[str] = []
     for pattern in patterns:
+        if pattern.startswith("@"):
+            shards.extend(_read_shard_list(pattern[1:]))
+            continue
         matched = []
         for p in _brace_expand(pattern):
             hits = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
@@ -125,6 +132,19 @@ def expand_shards(patterns: list[str]) -> list[str]:
         if not matched:
             raise ConfigError(f"data.shards: {pattern!r} matches no file")
         shards.extend(matched)
+    return shards
+
+
+def _read_shard_list(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"data.shards: cannot read the shard list {path}: {exc.strerror}") from None
+    folder = Path(path).parent
+    shards = [str(folder / line.strip()) if not os.path.isabs(line.strip()) else line.strip()
+              for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not shards:
+        raise ConfigError(f"data.shards: the shard list {path} names no shard")
     return shards
 
 

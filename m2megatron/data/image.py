@@ -88,15 +88,17 @@ def _has_jpeg_eoi(data: bytes) -> bool:
     return data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) >= 0
 
 
-def decode_pil(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Fully decode image bytes to RGB with PIL, or raise BadSample."""
-    probe_image(data, limits)
+def decode_pil(data: bytes, limits: ImageLimits, probe: bool = True) -> Image.Image:
+    """Fully decode image bytes to RGB with PIL, or raise BadSample. probe=False skips the header check
+    (the training loader has made it already)."""
+    if probe:
+        probe_image(data, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             im = Image.open(io.BytesIO(data))
             im.load()
-            return im.convert("RGB")
+            return im if im.mode == "RGB" else im.convert("RGB")  # no copy of an RGB image
     except OSError as exc:
         reason = "truncated_image" if "truncated" in str(exc) else "decode_error"
         raise BadSample(reason, str(exc)) from None
@@ -104,19 +106,29 @@ def decode_pil(data: bytes, limits: ImageLimits) -> Image.Image:
         raise BadSample("decode_error", f"{type(exc).__name__}: {exc}") from None
 
 
-def normalize_uint8(arr: np.ndarray) -> np.ndarray:
-    """uint8 HWC → float32 CHW in [−1, 1]: (x/255 − 0.5)/0.5."""
-    return ((arr.astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)
+def normalize_uint8(arr: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 HWC → float32 CHW in [−1, 1]: (x/255 − 0.5)/0.5, computed as (x − 127.5)/127.5 in float32.
+
+    `out` (float32 [3, H, W], e.g. a row of a shared-memory buffer) receives the result without temporaries.
+    """
+    chw = arr.transpose(2, 0, 1)
+    if out is None:
+        out = np.empty(chw.shape, np.float32)
+    np.subtract(chw, np.float32(127.5), out=out, dtype=np.float32)
+    np.divide(out, np.float32(127.5), out=out)
+    return out
 
 
-def preprocess_pil(im: Image.Image, size: int, box=FULL_BOX, flip: bool = False) -> np.ndarray:
-    """Bicubic resize of the relative `box` of `im` to size×size (+ optional flip) → float32 [3, size, size]."""
+def preprocess_pil(im: Image.Image, size: int, box=FULL_BOX, flip: bool = False,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """Bicubic resize of the relative `box` of `im` to size×size (+ optional flip) → float32 [3, size, size]
+    (written into `out` when given)."""
     w, h = im.size
     pixel_box = (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
     arr = np.asarray(im.resize((size, size), Image.Resampling.BICUBIC, box=pixel_box))
     if flip:
         arr = arr[:, ::-1]
-    return normalize_uint8(arr)
+    return normalize_uint8(arr, out)
 
 
 def eval_preprocess(im: Image.Image, size: int) -> np.ndarray:

@@ -5,10 +5,20 @@ decoder, CPU otherwise), "text_ids": long [b, L], "text_mask": long [b, L], "key
 [str]}. Bad samples are skipped, counted (`loader.skipped()`) and logged; each batch still has exactly
 b good samples.
 
-Resumability: one background thread prepares batches strictly in order; each batch carries the source
-position and skip counts as of its last sample. `state_dict()` returns those of the last batch
-*returned*, so batches prepared ahead are not lost: `load_state_dict(state)` on a fresh loader continues
-with exactly the batch the uninterrupted loader would have returned next.
+A batch is the next b samples of the source's order that pass the caption/header checks and decode.
+One background thread (`prefetch` batches ahead) runs three stages:
+
+1. read + probe: the source's items in order; a bad caption or image header is counted and dropped;
+2. decode: chunks of probed items go to the chunk decoder (`decode.build_chunk_decoder`: DALI
+   pipelined, PIL worker processes, or PIL in this thread), up to its `depth` chunks in flight, and
+   come back in order; an image that fails to decode is counted and dropped;
+3. assemble: b good samples → stacked images, tokenized captions.
+
+Resumability: every sample carries the source position after it and the skip counts up to it (the
+probe counts snapshotted when it was read, plus the decode failures before it), so a batch carries
+exactly the position and counts of its last sample, however far ahead the stages have read.
+`state_dict()` returns those of the last batch *returned*: `load_state_dict(state)` on a fresh loader
+continues with exactly the batch the uninterrupted loader would have returned next, with any decoder.
 """
 
 from __future__ import annotations
@@ -16,6 +26,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from collections import deque
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,17 +38,40 @@ from m2megatron.data.skips import BadSample, SkipCounter
 
 log = logging.getLogger("m2megatron.data")
 STATE_VERSION = 1
-_END = object()
+STOP_WAIT_S = 30.0
+
+
+class _Probed(NamedTuple):
+    item: object  # sources.Item
+    position: dict  # source position after this item
+    skipped: dict  # probe skips up to this item
+
+
+class _Ready(NamedTuple):
+    item: object
+    image: torch.Tensor  # [3, S, S]
+    position: dict
+    skipped: dict  # all skips up to this item
+
+
+def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in sorted({*a, *b})}
 
 
 class TrainLoader:
-    """Infinite iterator of training batches for one DP rank (see the module docstring)."""
+    """Infinite iterator of training batches for one DP rank (see the module docstring).
+
+    `decoder` is a chunk decoder (None when the source yields pixels, e.g. synthetic scenes).
+    `pin_device`: a CUDA device whose host batches are stacked into pinned memory (for to_device's
+    asynchronous copy); None otherwise.
+    """
 
     def __init__(self, source, decoder, tokenizer, micro_batch_size: int, *, augment: Augment | None = None,
-                 limits: ImageLimits | None = None, prefetch: int = 2):
+                 limits: ImageLimits | None = None, prefetch: int = 2, pin_device: torch.device | None = None):
         self.source, self.decoder, self.tokenizer = source, decoder, tokenizer
         self.micro_batch_size, self.augment, self.prefetch = micro_batch_size, augment, prefetch
         self.limits = limits or ImageLimits()
+        self.pin_device = pin_device
         self._position = source.start_position()
         self._counts: dict[str, int] = {}
         self.batches = 0  # batches returned so far (resumed runs include the earlier ones)
@@ -52,13 +88,17 @@ class TrainLoader:
         if self.prefetch == 0:
             if self._sync_stream is None:
                 self._sync_stream = self._produce(self._position, self._counts)
-            batch = next(self._sync_stream)
+            try:
+                batch = next(self._sync_stream)
+            except BaseException:
+                self._stop_producer(failed=True)
+                raise
         else:
             if self._thread is None:
                 self._start()
             batch = self._queue.get()
             if isinstance(batch, BaseException):
-                self._thread = None
+                self._stop_producer(failed=True)
                 raise batch
         self._position, self._counts = batch.pop("_position"), batch.pop("_skipped")
         self.batches += 1
@@ -77,7 +117,7 @@ class TrainLoader:
                              f"loader, got version {state.get('version')} of {state.get('kind')!r}")
         if state["seed"] != self.source.seed:
             raise ValueError(f"data loader state: saved with seed {state['seed']}, this run has {self.source.seed}")
-        self.close()
+        self._stop_producer()
         position = dict(state["position"])
         if state["dp_size"] != self.source.dp_size:
             log.warning("data loader: saved at DP size %d, now %d: restarting epoch %d of the data order",
@@ -94,17 +134,41 @@ class TrainLoader:
     def epoch(self) -> int:
         return int(self._position["epoch"])
 
+    @property
+    def images_decoded(self) -> int:
+        """Images handed to the decoder so far (0 for sources that yield pixels)."""
+        return getattr(self.decoder, "images_decoded", 0)
+
     def close(self) -> None:
-        """Stop the background thread (batches prepared ahead are dropped; the state is unaffected)."""
+        """Stop the background thread and the decoder's threads/processes (batches prepared ahead are
+        dropped; the state is unaffected, and a later next() starts them again)."""
+        self._stop_producer()
+        if self.decoder is not None:
+            self.decoder.close()
+
+    def _stop_producer(self, failed: bool = False) -> None:
         if self._thread is not None:
             self._stop.set()
+            deadline = time.monotonic() + STOP_WAIT_S
             while self._thread.is_alive():
                 try:
                     self._queue.get(timeout=0.05)
                 except queue.Empty:
                     pass
+                if time.monotonic() > deadline and self.decoder is not None:
+                    # The thread waits on a decoder that does not answer (a hung worker): stopping the
+                    # decoder wakes it with an error, which it hands over and then ends.
+                    log.warning("data loader: the producer did not stop within %.0f s; stopping the decoder",
+                                STOP_WAIT_S)
+                    self.decoder.close()
+                    failed, deadline = True, float("inf")
             self._thread = None
         self._sync_stream = None
+        if self.decoder is not None:
+            if failed:  # its chunks in flight may be lost (a dead worker): start afresh on the next call
+                self.decoder.close()
+            else:
+                self.decoder.reset()
 
     # -- producer ----------------------------------------------------------------------------------
     def _start(self) -> None:
@@ -116,6 +180,8 @@ class TrainLoader:
 
     def _run(self, position, counts, out: queue.Queue, stop: threading.Event) -> None:
         try:
+            if self.pin_device is not None:
+                torch.cuda.set_device(self.pin_device)  # pinned memory belongs to this rank's GPU, not GPU 0
             for batch in self._produce(position, counts):
                 while not stop.is_set():
                     try:
@@ -129,24 +195,26 @@ class TrainLoader:
             out.put(exc)
 
     def _produce(self, position: dict, counts: dict[str, int]):
-        counter = SkipCounter()
-        counter.load(counts)
-        stream = self.source.stream(position)
+        probe_skips, decode_skips = SkipCounter(), SkipCounter()
+        probe_skips.load(counts)
+        probed = self._probed(self.source.stream(position), probe_skips)
+        depth = self.decoder.depth if self.decoder is not None else 1
+        chunk = self.decoder.chunk if self.decoder is not None else self.micro_batch_size
+        reuses = getattr(self.decoder, "reuses_buffers", False)
+        inflight: deque = deque()
+        ready: deque[_Ready] = deque()
         while True:
-            items, pos = [], position
-            while len(items) < self.micro_batch_size:
-                todo, pos = self._take(stream, counter, self.micro_batch_size - len(items), pos)
-                items.extend(self._decode(todo, counter))
-            ids, mask = self.tokenizer.encode([it[0].caption for it in items])
-            yield {"images": torch.stack([it[1] for it in items]), "text_ids": ids, "text_mask": mask,
-                   "keys": [it[0].key for it in items], "captions": [it[0].caption for it in items],
-                   "_position": pos, "_skipped": counter.counts()}
+            while len(inflight) < depth:  # keep the decoder busy
+                inflight.append(self._submit([next(probed) for _ in range(chunk)]))
+            ready.extend(self._collect(*inflight.popleft(), decode_skips))
+            while len(ready) >= self.micro_batch_size:
+                yield self._batch([ready.popleft() for _ in range(self.micro_batch_size)])
+            if reuses:  # samples kept for the next batch point into a buffer the next submit overwrites
+                ready = deque(r._replace(image=r.image.clone()) for r in ready)
 
-    def _take(self, stream, counter: SkipCounter, n: int, pos: dict):
-        """The next n items whose caption and image header look fine (the others are counted)."""
-        items = []
-        while len(items) < n:
-            item, pos = next(stream)
+    def _probed(self, stream, counter: SkipCounter):
+        """Items whose caption and image header look fine, in order (the others are counted)."""
+        for item, pos in stream:
             try:
                 if isinstance(item, BadSample):
                     raise item
@@ -154,29 +222,47 @@ class TrainLoader:
                     raise BadSample("empty_caption")
                 if item.encoded is not None:
                     probe_image(item.encoded, self.limits)
-                items.append(item)
             except BadSample as bad:
                 if item is bad:  # reported by the source; its detail says where
                     counter.add(bad.reason, bad.detail)
                 else:
                     counter.add(bad.reason, item.key, bad.detail)
-        return items, pos
+                continue
+            yield _Probed(item, pos, counter.counts())
 
-    def _decode(self, items, counter: SkipCounter):
-        """[(item, image tensor [3, S, S])] for the items that decode, in order."""
-        images: list[torch.Tensor | None] = [
-            torch.from_numpy(normalize_uint8(i.pixels)) if i.pixels is not None else None for i in items]
-        todo = [k for k, i in enumerate(items) if i.pixels is None]
+    def _submit(self, chunk: list[_Probed]) -> tuple[list[_Probed], bool]:
+        todo = [p.item for p in chunk if p.item.pixels is None]
         if todo:
-            boxes, flips = zip(*(self._augment_params(items[k]) for k in todo))
-            decoded, bad = self.decoder.decode([items[k].encoded for k in todo], list(boxes), list(flips))
-            good = iter(decoded)
-            for j, k in enumerate(todo):
-                if j in bad:
-                    counter.add(bad[j].reason, items[k].key, bad[j].detail)
-                else:
-                    images[k] = next(good)
-        return [(i, img) for i, img in zip(items, images) if img is not None]
+            boxes, flips = zip(*(self._augment_params(i) for i in todo))
+            self.decoder.submit([i.encoded for i in todo], list(boxes), list(flips))
+        return chunk, bool(todo)
+
+    def _collect(self, chunk: list[_Probed], submitted: bool, decode_skips: SkipCounter) -> list[_Ready]:
+        """The chunk's samples that decoded, in order, each with the skip counts up to it."""
+        rows = iter(self.decoder.result()) if submitted else iter(())
+        out, decode_counts = [], decode_skips.counts()
+        for p in chunk:
+            if p.item.pixels is not None:
+                image = torch.from_numpy(normalize_uint8(p.item.pixels))
+            else:
+                image = next(rows)
+                if isinstance(image, BadSample):
+                    decode_skips.add(image.reason, p.item.key, image.detail)
+                    decode_counts = decode_skips.counts()
+                    continue
+            out.append(_Ready(p.item, image, p.position, _merge(p.skipped, decode_counts)))
+        return out
+
+    def _batch(self, samples: list[_Ready]) -> dict:
+        images = [s.image for s in samples]
+        out = None
+        if self.pin_device is not None and images[0].device.type == "cpu":
+            out = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=True)
+        captions = [s.item.caption for s in samples]
+        ids, mask = self.tokenizer.encode(captions)
+        return {"images": torch.stack(images, out=out), "text_ids": ids, "text_mask": mask,
+                "keys": [s.item.key for s in samples], "captions": captions,
+                "_position": samples[-1].position, "_skipped": samples[-1].skipped}
 
     def _augment_params(self, item) -> tuple[tuple[float, float, float, float], bool]:
         if self.augment is None:

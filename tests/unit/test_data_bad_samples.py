@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import tarfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from m2megatron.config.base import ConfigError
 from m2megatron.config.data import DataConfig
@@ -19,7 +21,18 @@ from m2megatron.data.synthetic import SyntheticScenes
 pytestmark = pytest.mark.unit
 
 EXPECTED = {"corrupt_image": 1, "truncated_image": 1, "empty_image": 1, "missing_caption": 1, "empty_caption": 1,
-            "bad_utf8": 1, "extreme_size": 1, "missing_image": 1, "bad_json": 1, "truncated_tar": 1}
+            "bad_utf8": 1, "extreme_size": 1, "missing_image": 1, "bad_json": 1, "truncated_tar": 1,
+            "decode_error": 1}
+
+
+def corrupt_png(seed: int = 0) -> bytes:
+    """A PNG whose header is fine (it passes the probe) but whose pixel data is broken: fails to decode."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    start = data.find(b"IDAT") + 8
+    data[start:start + 50] = bytes(b ^ 0x5A for b in data[start:start + 50])
+    return bytes(data)
 
 
 def _good(scenes, i):
@@ -47,6 +60,7 @@ def bad_shards(tmp_path_factory):
     records = []
     for i, rec in enumerate(bad):  # interleave: good, bad, good, bad, …, good
         records += [_good(scenes, i), rec]
+    records.append(("badpng", {"png": corrupt_png(), "txt": txt}))  # passes the probe, fails to decode
     s = scenes[9]
     records.append(("good09", {"jpg": encode_jpeg(s.image), "json": json.dumps({"caption": s.caption}).encode()}))
     write_shard(root / "a.tar", records)
@@ -75,10 +89,12 @@ def _seed_with_truncated_shard_first(cfg):
     raise AssertionError("no seed found")
 
 
-@pytest.mark.parametrize("decoder", ["pil", "dali"])
-def test_every_bad_kind_is_counted_and_good_ones_arrive(bad_shards, tok, decoder, caplog):
+@pytest.mark.parametrize("decoder,workers", [("pil", 0), ("pil", 2), ("dali", 1)])
+def test_every_bad_kind_is_counted_and_good_ones_arrive(bad_shards, tok, decoder, workers, caplog):
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali")
     cfg = DataConfig(source="webdataset", shards=[str(bad_shards / "a.tar"), str(bad_shards / "b.tar")],
-                     decoder=decoder, shuffle_block=1, prefetch=0)
+                     decoder=decoder, num_workers=workers, shuffle_block=1, prefetch=0)
     loader = build_train_loader(cfg, tokenizer=tok, image_size=32, micro_batch_size=7,
                                 seed=_seed_with_truncated_shard_first(cfg), gpu=False)
     with caplog.at_level(logging.WARNING, logger="m2megatron.data"):
@@ -89,13 +105,22 @@ def test_every_bad_kind_is_counted_and_good_ones_arrive(bad_shards, tok, decoder
     assert loader.state_dict()["skipped"] == EXPECTED
     assert "skipped sample" in caplog.text and "badutf8" in caplog.text
     assert all(b["images"].shape == (7, 3, 32, 32) for b in batches)
+    if decoder == "dali":
+        assert loader.decoder.fallbacks >= 1  # the broken PNG failed a DALI chunk: decoded again with PIL
+    loader.close()
 
 
 def test_unopenable_shard_is_an_error_naming_it(bad_shards, tok):
-    cfg = DataConfig(source="webdataset", shards=[str(bad_shards / "broken.tar")], decoder="pil")
+    cfg = DataConfig(source="webdataset", shards=[str(bad_shards / "broken.tar")], decoder="pil", num_workers=0)
     loader = build_train_loader(cfg, tokenizer=tok, image_size=32, micro_batch_size=2)
     with pytest.raises(ShardError, match="broken.tar"):
         next(loader)
-    with pytest.raises(ConfigError, match="missing.tar"):
-        build_train_loader(DataConfig(source="webdataset", shards=[str(bad_shards / "missing.tar")]),
+    # A missing shard is found when it is opened (no rank stats every shard up front): same error, naming it.
+    missing = build_train_loader(DataConfig(source="webdataset", shards=[str(bad_shards / "missing.tar")],
+                                            decoder="pil", num_workers=0), tokenizer=tok, image_size=32,
+                                 micro_batch_size=2)
+    with pytest.raises(ShardError, match="missing.tar"):
+        next(missing)
+    with pytest.raises(ConfigError, match="matches no file"):
+        build_train_loader(DataConfig(source="webdataset", shards=[str(bad_shards / "nothing-*.tar")]),
                            tokenizer=tok, image_size=32, micro_batch_size=2)

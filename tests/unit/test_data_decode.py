@@ -73,6 +73,6 @@ def test_augment_draws_valid_boxes():
 
 def test_build_decoder_choices():
     assert build_decoder("pil", 32, LIMITS, 4).name == "pil"
-    assert build_decoder("auto", 32, LIMITS, 4, gpu=False).name in ("dali", "pil")
+    assert build_decoder("auto", 32, LIMITS, 4, gpu=False).name == "pil"  # PIL is cheaper per core on a CPU
     with pytest.raises(ValueError, match="data.decoder"):
         build_decoder("opencv", 32, LIMITS, 4)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from m2megatron.config.base import ConfigError
 from m2megatron.config.data import DataConfig
 from m2megatron.data.build import build_train_loader, resolve_tokenizer
 from m2megatron.data.formats import ShardError, expand_shards, read_jsonl, scan_image_folder
@@ -66,3 +67,7 @@ def test_expand_shards(tmp_path):
     assert expand_shards([str(tmp_path / "s-{000..002}.tar")]) == [str(tmp_path / f"s-{i:03d}.tar") for i in range(3)]
     assert len(expand_shards([str(tmp_path / "*.tar")])) == 3
     assert np.array_equal(expand_shards(["a{1..2}b{3..4}"]), ["a1b3", "a1b4", "a2b3", "a2b4"])
+    (tmp_path / "list.txt").write_text("# the shards\ns-000.tar\n\n/abs/s-9.tar\n")
+    assert expand_shards([f"@{tmp_path / 'list.txt'}"]) == [str(tmp_path / "s-000.tar"), "/abs/s-9.tar"]
+    with pytest.raises(ConfigError, match="shard list"):
+        expand_shards([f"@{tmp_path / 'nolist.txt'}"])

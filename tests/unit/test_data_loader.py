@@ -34,7 +34,7 @@ def _take(loader, n):
 
 
 def _wds(shards, **kw):
-    return DataConfig(source="webdataset", shards=[shards], decoder="pil", shuffle_block=5, **kw)
+    return DataConfig(source="webdataset", shards=[shards], decoder="pil", shuffle_block=5, **{"num_workers": 0, **kw})
 
 
 def test_synthetic_batch_layout(tok):
