@@ -102,19 +102,15 @@ def build_stage_module(model_cfg: ModelConfig, config: TransformerConfig, pg_col
     return module
 
 
-KEEP_FP32 = ("logit_scale",)
-"""Parameters that stay fp32 whatever the precision: the learnable log temperature, whose bf16 rounding
-(1/64 at ln(1/0.07)) would quantize the softmax scale by 1.6%. Megatron's mixed-precision optimizer steps
-fp32 parameters as they are."""
-
-
 def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Floating parameters and buffers in `dtype` (torch's LayerNorm inside Megatron's WrappedTorchNorm is
-    always created in fp32), except KEEP_FP32."""
+    """Every floating parameter and buffer in `dtype`, as Megatron's Float16Module does (torch's LayerNorm inside
+    Megatron's WrappedTorchNorm, and our fp32 logit scale, are created in fp32). The optimizer keeps fp32 main
+    copies, so only the forward sees bf16 values (the log temperature to 2⁻⁶ at ln(1/0.07); the loss
+    exponentiates it in fp32)."""
     if dtype == torch.float32:
         return
-    for name, param in module.named_parameters():
-        if param.is_floating_point() and param.dtype != dtype and name.rsplit(".", 1)[-1] not in KEEP_FP32:
+    for param in module.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
     for sub in module.modules():
         for key, buf in sub._buffers.items():

@@ -41,7 +41,7 @@ class TrainCheckpointer:
         t = self.trainer
         path = self.writer.save(step, t.modules, t.optimizer, t.scheduler, config=t.cfg,
                                 extra_state={"skipped_steps": t.skipped_steps},
-                                rank_state={"loader": t.loader.state_dict()})
+                                rank_state={"loader": t.batches.state_dict()})
         if wait:
             self.writer.wait()
         self._last_saved, self.last_path = step, path  # the writer logs where and how long
@@ -65,7 +65,7 @@ class TrainCheckpointer:
         loaded = load_checkpoint(source, t.modules, t.optimizer, t.scheduler, groups=t.groups, config=t.cfg)
         t.skipped_steps = int(loaded.extra_state.get("skipped_steps", 0))
         if loaded.rank_state and "loader" in loaded.rank_state:
-            t.loader.load_state_dict(loaded.rank_state["loader"])
+            t.batches.load_state_dict(loaded.rank_state["loader"])
         elif dist.get_rank() == 0:
             log.warning("resumed at another layout: data order restarts for the new data-parallel ranks")
         if dist.get_rank() == 0:

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from m2megatron.config.run import RunConfig
-from m2megatron.data.build import build_train_loader, resolve_tokenizer
+from m2megatron.data.build import resolve_tokenizer
+from m2megatron.data.stage_batches import StageBatches
 from m2megatron.parallel import initialize, seed_everything
 from m2megatron.planning import flops
 from m2megatron.runtime import ContrastiveStep, build_stages
@@ -47,15 +48,16 @@ class Trainer:
         self.stages = build_stages(self.cfg, self.groups)
         self.modules, self.chunks = self.stages.modules, self.stages.chunks
         self.optimizer, self.scheduler = self.stages.optimizer, self.stages.scheduler
-        self.loader = build_train_loader(self.cfg.data, tokenizer=self.tokenizer, image_size=self.cfg.model.image_size,
-                                         micro_batch_size=self.cfg.train.micro_batch_size,
-                                         dp_rank=self.groups.dp_rank, dp_size=self.groups.layout.data_parallel,
-                                         seed=self.cfg.train.seed)
+        self.num_microbatches = self.cfg.num_microbatches(dist.get_world_size())
+        # One reading rank per replica decodes; the others get what their stage reads (docs/DATA.md).
+        self.batches = StageBatches(self.cfg.data, self.tokenizer, image_size=self.cfg.model.image_size,
+                                    micro_batch_size=self.cfg.train.micro_batch_size,
+                                    num_microbatches=self.num_microbatches, groups=self.groups,
+                                    seed=self.cfg.train.seed)
         self.step_fn = ContrastiveStep(self.stages)
         from m2megatron.eval.during_training import configured_sets
 
         self.eval_sets = configured_sets(self.cfg)  # fails now on a missing eval path, not after hours
-        self.num_microbatches = self.cfg.num_microbatches(dist.get_world_size())
         self.checkpointer = TrainCheckpointer(self)
         self.step = self.checkpointer.resume()
         self.nonfinite_in_row = 0
@@ -80,12 +82,7 @@ class Trainer:
 
     # ---- one step ---------------------------------------------------------------------------------
     def _next_microbatches(self) -> list[dict]:
-        batches = []
-        for i in range(self.num_microbatches):
-            batch = next(self.loader)
-            batch["microbatch"] = i
-            batches.append(batch)
-        return batches
+        return self.batches.next_step()
 
     def _all_finite(self, loss: torch.Tensor | None) -> bool:
         """Agree over all ranks whether this step's loss and every gradient are finite (one host sync).
@@ -208,7 +205,7 @@ class Trainer:
             peak = flops.peak_tflops(torch.cuda.get_device_name(), "fp8" if self.cfg.model.fp8 != "none" else "bf16")
             if peak:
                 record["mfu"] = achieved / (peak * dist.get_world_size())
-        for reason, count in self.loader.skipped().items():
+        for reason, count in self.batches.skipped().items():
             record[f"skipped_{reason}"] = float(count)
         return record
 
@@ -223,5 +220,5 @@ class Trainer:
 
     def close(self) -> None:
         self.checkpointer.finalize()
-        self.loader.close()
+        self.batches.close()
         self.preemption.uninstall()

@@ -51,7 +51,7 @@ def _nan_fit(run_dir: str) -> str:
         unchanged = all(torch.equal(before[k], after[k]) for k in before)
         return f"stopped: {exc} unchanged={unchanged} skipped={t.skipped_steps}"
     finally:
-        t.loader.close()
+        t.batches.close()
         t.preemption.uninstall()
     return "did not stop"
 
