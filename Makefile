@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 NPROC ?= 4
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv test-venv lint gpu-check clean
+.PHONY: demo test venv test-venv lint gpu-check gpu-wheels clean
 
 # clip-benchmark (ImageNet-1k names and templates for the eval launchers) goes in without its declared
 # dependencies: they pull torchvision, which would replace the CPU torch build.
@@ -40,6 +40,12 @@ lint: test-venv
 
 gpu-check: test-venv
 	bash tests/gpu/run.sh
+
+# The wheels a bare GPU host (Python 3.12, CUDA torch, no network) needs for tests/gpu/run.sh, into .whl/
+# (git-ignored; carried to the host beside the repository). TE and DALI are too large: NGC hosts only.
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl megatron-core==0.16.1
 
 clean:
 	rm -rf runs .pytest_cache

@@ -13,6 +13,8 @@ _EVERYWHERE = (
     # intended set-up on CPU hosts and on bare GPU hosts (the `local` layer spec); NGC hosts have both.
     ("Transformer Engine and Apex are not installed", UserWarning),
     ("Apex is not installed. Falling back to Torch Norm", UserWarning),
+    # Megatron-Core 0.16.1's dist_checkpointing calls torch's deprecated checkpoint.load_state_dict; not ours to change.
+    ("`load_state_dict` is deprecated and will be removed in future versions", FutureWarning),
     # dist_checkpointing's offline readers (consolidate, inspect) load in one process on purpose.
     ("torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in a single "
      "process", UserWarning),

@@ -11,12 +11,13 @@ from m2megatron.data.decode import DaliDecoder
 from m2megatron.data.image import FULL_BOX, ImageLimits
 from m2megatron.data.shard_writer import encode_jpeg, write_synthetic_shards
 from m2megatron.data.synthetic import SyntheticScenes
+from tests.gpu.ngc import require_dali
 
 pytestmark = pytest.mark.gpu
 
 
 def test_mixed_matches_cpu():
-    pytest.importorskip("nvidia.dali")
+    require_dali()
     scenes = SyntheticScenes(seed=3, image_size=128)
     jpegs = [encode_jpeg(scenes[i].image) for i in range(6)]
     boxes = [FULL_BOX, (0.1, 0.05, 0.9, 0.95)] * 3
@@ -29,7 +30,7 @@ def test_mixed_matches_cpu():
 
 
 def test_loader_on_gpu(tmp_path):
-    pytest.importorskip("nvidia.dali")
+    require_dali()
     write_synthetic_shards(tmp_path, num_samples=16, per_shard=8, seed=1, image_size=64)
     cfg = DataConfig(source="webdataset", shards=[str(tmp_path / "train-*.tar")], decoder="dali", augment=True)
     tok = resolve_tokenizer(DataConfig(), max_length=16, cache_dir=tmp_path / "tok")
@@ -41,7 +42,7 @@ def test_loader_on_gpu(tmp_path):
 def test_pipelined_mixed_loader_matches_pil_order_skips_and_resume(tmp_path):
     """The pipelined DALI path on the GPU (mixed, depth 2): the PIL loader's samples in the same order, the
     same skip counts (broken PNGs pass the probe and fail DALI's chunk), CUDA images, exact resume."""
-    pytest.importorskip("nvidia.dali")
+    require_dali()
     from tests.data_samples import write_mixed_shards
 
     shards = write_mixed_shards(tmp_path / "mixed", num_shards=3, per_shard=14)
@@ -72,7 +73,7 @@ def test_pipelined_mixed_loader_matches_pil_order_skips_and_resume(tmp_path):
 
 def test_dali_mixed_loader_figure():
     """Prints the loader's DALI mixed throughput (the GPU check's summary greps '# DALI')."""
-    pytest.importorskip("nvidia.dali")
+    require_dali()
     import tempfile
     from pathlib import Path
 

@@ -8,6 +8,8 @@ import dataclasses
 
 import pytest
 
+from tests.gpu.ngc import require_te
+
 pytestmark = pytest.mark.gpu
 
 
@@ -15,6 +17,7 @@ pytestmark = pytest.mark.gpu
 def report():
     from tests.gpu.te_check import run_checks
 
+    require_te()
     return run_checks()
 
 
@@ -26,6 +29,7 @@ def test_variant_matches_local_fp32(report, variant):
 
 
 def test_te_spec_state_dict_names_map_to_local_names():
+    require_te()
     from m2megatron.config import preset
     from m2megatron.models import M2Encoder, local_state_dict
     from tests.gpu.te_check import _groups
