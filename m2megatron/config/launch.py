@@ -23,6 +23,9 @@ class LaunchConfig:
     """Ranks per node, one per GPU on GPU nodes. World size = nodes × procs_per_node."""
     gpus_per_node: int = 0
     """GPUs requested per node (sbatch --gpus-per-node); 0 requests none."""
+    gpu_memory_gib: float = 79.6
+    """Usable memory per GPU in GiB, for the dry run's check (what torch sees on an H100 80 GB; 139.8 on an
+    H200 141 GB)."""
     cpus_per_task: int | None = None
     """CPUs per Slurm task (sbatch and srun --cpus-per-task); in torchrun mode the task is the whole node.
     None: site default."""
@@ -95,6 +98,8 @@ class LaunchConfig:
         for name in ("nodes", "procs_per_node", "eval_nodes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"launch.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.gpu_memory_gib <= 0:
+            raise ConfigError(f"launch.gpu_memory_gib: must be positive, got {self.gpu_memory_gib}")
         for name in ("gpus_per_node", "signal_seconds", "max_requeues"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"launch.{name}: must be >= 0, got {getattr(self, name)}")

@@ -26,8 +26,10 @@ from torch.utils._pytree import tree_flatten
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    def __init__(self):
+    def __init__(self, *, meta: bool = False):
         super().__init__()
+        self.meta = meta
+        """Count meta-device storages (a dry run's shape-only tensors) instead of real ones."""
         self.live = 0
         """Bytes of tensor storages created inside the mode and still alive."""
         self.peak = 0
@@ -42,7 +44,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def _track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
-        if storage.device.type == "meta" or storage in self._seen:
+        if (storage.device.type == "meta") != self.meta or storage in self._seen:
             return
         nbytes = storage.nbytes()
         self._seen[storage] = nbytes

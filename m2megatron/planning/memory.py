@@ -101,6 +101,9 @@ class RankMemory:
     """Peak-step bytes by category (CATEGORIES)."""
     optimizer_alternative: float = 0.0
     """Optimizer bytes with the other distributed-optimizer setting, for comparison."""
+    activations_per_microbatch: float = 0.0
+    """Bytes one microbatch keeps on this rank (all its chunks) between its forward and its backward (what
+    autograd saves; the full-recompute re-materialisation is not kept)."""
 
     @property
     def total(self) -> float:
@@ -140,10 +143,9 @@ def _rank_memory(inp: PlanInput, pp_rank: int) -> RankMemory:
     prec = act.activation_precision(inp.precision, inp.layer_spec)
     elem = prec.hidden
     b, tokens = inp.micro_batch, m.num_image_tokens + m.max_text_len
-    one_mb = act.stage_activation_bytes(m, micro_batch=b, tp=inp.tp, num_layers=layers, post_process=post,
-                                        recompute=inp.recompute, prec=prec)
-    if inp.recompute:
-        one_mb += act.recompute_peak_bytes(m, b, inp.tp, prec)
+    kept = act.stage_activation_bytes(m, micro_batch=b, tp=inp.tp, num_layers=layers, post_process=post,
+                                      recompute=inp.recompute, prec=prec)
+    one_mb = kept + (act.recompute_peak_bytes(m, b, inp.tp, prec) if inp.recompute else 0)
     in_flight = act.microbatches_in_flight(pp=inp.pp, pp_rank=pp_rank, vp=inp.vp, num_microbatches=inp.num_microbatches)
     data = inp.num_microbatches * b * (m.num_channels * m.image_size ** 2 * FP32 + 2 * m.max_text_len * 8) if pre else 0
     activations = in_flight * one_mb + data
@@ -157,7 +159,8 @@ def _rank_memory(inp: PlanInput, pp_rank: int) -> RankMemory:
     optimizer_step = 2 * _largest_tensor(inp, pre) * FP32  # torch Adam/clip temporaries of one tensor
     workspace = attention_buffer + max(backward, optimizer_step - activations - loss)
     optimizer, alternative = (opt_dist_b, opt_b) if inp.distributed_optimizer else (opt_b, opt_dist_b)
-    return RankMemory(pp_rank=pp_rank, parameters_count=count, optimizer_alternative=alternative * count, bytes={
+    return RankMemory(pp_rank=pp_rank, parameters_count=count, optimizer_alternative=alternative * count,
+                      activations_per_microbatch=kept, bytes={
         "parameters": w_b * count, "gradients": g_b * count, "optimizer": optimizer * count,
         "activations": activations, "loss": loss, "communication": send_buffers, "workspace": workspace,
         "runtime": inp.runtime_reserve_bytes})

@@ -21,7 +21,17 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe (see configs/)")
     parser.add_argument("--preset", help="model preset: tiny, m2-0.4b, m2-1b, m2-10b")
+    dry = parser.add_argument_group("dry run (one CPU process, no GPU; docs/SLURM.md 'Before you submit')")
+    dry.add_argument("--dry-run", action="store_true",
+                     help="build a rank of the layout on the meta device under a fake process group and check it")
+    dry.add_argument("--world-size", type=int, help="N of the dry run (default: launch.nodes × launch.procs_per_node)")
+    which = dry.add_mutually_exclusive_group()
+    which.add_argument("--rank", type=int, help="the rank to build (default 0)")
+    which.add_argument("--all-ranks", action="store_true", help="every distinct rank class; exit 1 on any problem")
+    dry.add_argument("--gpu-memory-gib", type=float, help="GPU memory for the check (default launch.gpu_memory_gib)")
     args, overrides = parser.parse_known_args(argv)
+    if args.dry_run:
+        return _dry_run(args, overrides)
     cfg = load_config(args.config, overrides, preset_name=args.preset).validate()
     from m2megatron.parallel import read_launch_env
 
@@ -41,6 +51,20 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             shutdown()
     return 0
+
+
+def _dry_run(args, overrides: list[str]) -> int:
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # shapes only: never touch a GPU a login node may have
+    # torch's fake backend warns once per process group when the next visited rank tears the groups down.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from m2megatron.train.dry_run import run_dry
+
+    cfg = load_config(args.config, overrides, preset_name=args.preset).validate()
+    world = args.world_size or cfg.launch.world_size()
+    return run_dry(cfg, world, rank=args.rank, all_ranks=args.all_ranks, gpu_memory_gib=args.gpu_memory_gib)
 
 
 def cli() -> None:
