@@ -2,7 +2,9 @@
 
 Each case builds the trainer's stages, Megatron DDP and Adam on gloo ranks, runs two steps inside
 `LiveTensorBytes` (exact live tensor bytes: CPU torch has no max_memory_allocated) and compares the
-second step's peak with `plan_memory` for the rank's pipeline stage. Shapes are small but chosen so
+second step's peak with `plan_memory` for the rank's pipeline stage. Uneven pipeline stages and selective
+recompute are among the cases; sequence parallelism, bf16 weights and the full-recompute methods are
+planned but not yet measured here (docs/PERFORMANCE.md §2 lists how each will be checked). Shapes are small but chosen so
 that activations are a large share of the total (a small vocabulary, 16-sample microbatches).
 """
 
@@ -50,6 +52,14 @@ CASES = {
     "pp2_vp2_interleaved": (2, ["--train.micro_batch_size=8", "--parallel.pipeline_parallel=2",
                                 "--parallel.virtual_pipeline=2", "--model.num_layers=4",
                                 "--train.global_batch_size=16"]),
+    "tp1_b16_selective": (1, ["--train.micro_batch_size=16", "--train.recompute=selective"]),
+    # uneven stages: 1 | 2 tower layers (the first stage holds 2 microbatches in flight)
+    "pp2_uneven_1_2": (2, ["--train.micro_batch_size=8", "--parallel.pipeline_parallel=2", "--model.num_layers=3",
+                           "--parallel.first_stage_layers=1", "--train.global_batch_size=32"]),
+    # PP=2 × VP=2 over 5 layers: global stages 2 | 1 | 1 | 1
+    "pp2_vp2_uneven": (2, ["--train.micro_batch_size=8", "--parallel.pipeline_parallel=2",
+                           "--parallel.virtual_pipeline=2", "--model.num_layers=5", "--parallel.first_stage_layers=2",
+                           "--parallel.last_stage_layers=1", "--train.global_batch_size=16"]),
 }
 
 
