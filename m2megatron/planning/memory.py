@@ -56,9 +56,9 @@ class PlanInput:
     num_microbatches: int = 1
     """Microbatches per step per data-parallel rank (M)."""
     first_stage_layers: int | None = None
-    """Tower layers on the first pipeline rank (parallel.first_stage_layers); None: the even split."""
+    """Tower layers on the first pipeline stage, with VP its first chunk (parallel.first_stage_layers); None: even."""
     last_stage_layers: int | None = None
-    """Tower layers on the last pipeline rank (parallel.last_stage_layers); None: the even split."""
+    """Tower layers on the last pipeline stage, with VP its last chunk (parallel.last_stage_layers); None: even."""
     precision: str = "fp32"
     """fp32; bf16 / fp16 (16-bit weights, fp32 main grads and main weights); bf16-autocast (fp32 weights,
     activations counted at fp32 as an upper bound); fp8 (bf16 + TE FP8 linears)."""
