@@ -8,7 +8,7 @@ pace of the busiest pipeline rank, so the imbalance is max(rank FLOPs) / mean(ra
 FLOPs summed over its virtual stages; the warm-up and cool-down run chunk by chunk, where the virtual
 stages' max / mean counts (the layout planner stretches the bubble by it).
 
-    balanced_split(preset("m2-10b"), pp=4)   → StageSplit(first=6, last=3, ...)   # 6 | 6 | 6 | 3 + 3 VL
+    balanced_split(preset("m2-10b"), pp=4)   → StageSplit(first=None, last=3, ...)   # 6 | 6 | 6 | 3 + 3 VL
 """
 
 from __future__ import annotations
