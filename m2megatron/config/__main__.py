@@ -1,8 +1,9 @@
 """`python -m m2megatron.config [--preset NAME] [--config recipe.yaml] [--section.field=value ...]`
 
 Prints the resolved config as YAML and the parameter count computed from it (no model is built).
-`--world-size N` also validates the parallel layout against N ranks; `--describe` lists every field
-with its documentation.
+The parallel layout is validated against `--world-size N`, or else against the recipe's launch size
+launch.nodes × launch.procs_per_node when that is more than one rank; then the layout (TP × PP × DP, VP)
+and each pipeline stage's tower layers are printed too. `--describe` lists every field with its documentation.
 """
 
 from __future__ import annotations
@@ -39,11 +40,25 @@ def main() -> int:
     if args.describe:
         print("\n".join(describe()))
         return 0
-    cfg = load_config(args.config, rest, preset_name=args.preset).validate(args.world_size)
+    cfg = load_config(args.config, rest, preset_name=args.preset)
+    world = args.world_size or (cfg.launch.world_size() if cfg.launch.world_size() > 1 else None)
+    cfg.validate(world)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     counts = count_parameters(cfg.model)
     print(f"# parameters ({cfg.model.preset}): " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
+    if world is not None:
+        print(layout_line(cfg, world, "--world-size" if args.world_size else "launch.nodes × launch.procs_per_node"))
     return 0
+
+
+def layout_line(cfg: RunConfig, world: int, source: str) -> str:
+    """'# layout: ...' with the world size, TP × PP × DP (× VP), microbatches and each stage's tower layers."""
+    par = cfg.parallel
+    stages = " ".join(f"[{start},{end})" for start, end in par.layer_ranges(cfg.model.num_layers))
+    vp = f" × VP {par.virtual_pipeline}" if par.virtual_pipeline else ""
+    return (f"# layout ({source} = {world} ranks): TP {par.tensor_parallel} × PP {par.pipeline_parallel} × DP "
+            f"{par.data_parallel(world)}{vp}, {cfg.num_microbatches(world)} microbatches per step; tower layers per "
+            f"pipeline stage: {stages} (+ the VL block and heads on the last)")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from m2megatron.config.base import ConfigError
+from m2megatron.config.stage_split import layer_ranges, stage_layer_counts
 
 
 @dataclass(kw_only=True)
@@ -35,9 +36,12 @@ class ParallelConfig:
     bucket_size_mb: float | None = None
     """DDP bucket size in MiB of gradients; None: Megatron's default (40 M elements, at least 1 M × DP)."""
     first_stage_layers: int | None = None
-    """Tower layers on the first pipeline stage (it also holds the embeddings); None splits evenly."""
+    """Tower layers on the first pipeline stage, which also holds the embeddings; with virtual stages the first
+    chunk of pipeline rank 0. The stages without a set count share the rest evenly (at least one layer each).
+    None: the even split. See m2megatron/config/stage_split.py and docs/TRAINING.md."""
     last_stage_layers: int | None = None
-    """Tower layers on the last pipeline stage (it also holds the VL block and the heads); None splits evenly."""
+    """Tower layers on the last pipeline stage, which also runs the VL block on both modalities and the heads (so a
+    balanced split gives it fewer); with virtual stages the last chunk of the last rank. None: the even split."""
 
     def validate(self, world_size: int | None = None, num_attention_heads: int | None = None,
                  num_layers: int | None = None) -> None:
@@ -54,16 +58,15 @@ class ParallelConfig:
             raise ConfigError(
                 f"parallel.tensor_parallel: {tp} does not divide model.num_attention_heads={num_attention_heads}"
             )
-        stages = pp * (self.virtual_pipeline or 1)
         if self.virtual_pipeline is not None:
             if self.virtual_pipeline < 2:
                 raise ConfigError("parallel.virtual_pipeline: must be >= 2 or null")
             if pp < 2:
                 raise ConfigError("parallel.virtual_pipeline: needs parallel.pipeline_parallel >= 2")
-        if num_layers is not None and num_layers % stages:
-            raise ConfigError(
-                f"parallel.pipeline_parallel: {stages} pipeline stages do not divide model.num_layers={num_layers}"
-            )
+        if num_layers is not None:
+            stage_layer_counts(num_layers, pp, self.virtual_pipeline, self.first_stage_layers, self.last_stage_layers)
+        elif pp < 2 and (self.first_stage_layers is not None or self.last_stage_layers is not None):
+            raise ConfigError("parallel.first_stage_layers: needs parallel.pipeline_parallel >= 2")
         if world_size is not None:
             if world_size % (tp * pp):
                 raise ConfigError(
@@ -77,6 +80,11 @@ class ParallelConfig:
                         f"parallel.loss_group_size: {self.loss_group_size} does not divide the "
                         f"data-parallel size {dp} (world {world_size} / TP {tp} / PP {pp})"
                     )
+
+    def layer_ranges(self, num_layers: int) -> list[tuple[int, int]]:
+        """[start, end) of the tower layers on each global pipeline stage (PP·VP of them)."""
+        return layer_ranges(num_layers, self.pipeline_parallel, self.virtual_pipeline, self.first_stage_layers,
+                            self.last_stage_layers)
 
     def data_parallel(self, world_size: int) -> int:
         return world_size // (self.tensor_parallel * self.pipeline_parallel)

@@ -137,7 +137,8 @@ def build_stages(cfg: RunConfig, groups: ParallelGroups, *, training: bool = Tru
     hooks = ChunkSyncHooks() if training else None
     config = build_transformer_config(cfg, groups, hooks)
     layout = groups.layout
-    specs = stage_specs(cfg.model.num_layers, layout.pipeline_parallel, groups.pp_rank, layout.virtual_pipeline)
+    specs = stage_specs(cfg.model.num_layers, layout.pipeline_parallel, groups.pp_rank, layout.virtual_pipeline,
+                        first=cfg.parallel.first_stage_layers, last=cfg.parallel.last_stage_layers)
     modules = [build_stage_module(cfg.model, config, groups.collection, spec, groups.device) for spec in specs]
     if init and groups.device.type != "meta":
         for module in modules:

@@ -1,15 +1,19 @@
 """Which tower layers each pipeline stage holds, and which stages (chunks) a pipeline rank runs.
 
-Stage s of the PP·VP stages holds tower layers `layer_ranges(...)[s]` of BOTH towers. With virtual
-stages (interleaved 1F1B), model chunk v of pipeline rank p is stage v·PP + p, as Megatron's
-interleaved schedule expects. The first stage embeds; the last one holds the VL block and the heads.
+Stage s of the PP·VP stages holds tower layers `layer_ranges(...)[s]` of BOTH towers: the even split, or
+the uneven one of parallel.first_stage_layers / last_stage_layers (m2megatron/config/stage_split.py, the
+same function the config validation and the memory planner use). With virtual stages (interleaved 1F1B),
+model chunk v of pipeline rank p is stage v·PP + p, as Megatron's interleaved schedule expects. The first
+stage embeds; the last one holds the VL block and the heads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from m2megatron.models.m2_encoder import default_layer_ranges
+from m2megatron.config.stage_split import layer_ranges
+
+__all__ = ["StageSpec", "layer_ranges", "stage_specs"]
 
 
 @dataclass(frozen=True)
@@ -24,11 +28,13 @@ class StageSpec:
     """[start, end) of the tower layers on this stage."""
 
 
-def stage_specs(num_layers: int, pp_size: int, pp_rank: int, vp_size: int | None) -> list[StageSpec]:
-    """The stages pipeline rank `pp_rank` runs, in chunk order."""
+def stage_specs(num_layers: int, pp_size: int, pp_rank: int, vp_size: int | None, *,
+                first: int | None = None, last: int | None = None) -> list[StageSpec]:
+    """The stages pipeline rank `pp_rank` runs, in chunk order. `first` / `last`: tower layers of the first /
+    last pipeline rank (None: the even split)."""
     chunks = vp_size or 1
     total = pp_size * chunks
-    ranges = default_layer_ranges(num_layers, total)
+    ranges = layer_ranges(num_layers, pp_size, vp_size, first, last)
     specs = []
     for v in range(chunks):
         stage = v * pp_size + pp_rank

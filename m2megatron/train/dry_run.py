@@ -168,11 +168,12 @@ def visit(cfg: RunConfig, world_size: int, rank: int) -> RankReport:
     planned_rank = plan_memory(plan_input)[groups.pp_rank]
     planned = {k: planned_rank.bytes[k] for k in ("parameters", "gradients", "optimizer")}
     planned["activations_per_microbatch"] = planned_rank.activations_per_microbatch
-    in_flight = planned_rank.bytes["activations"] / max(planned_rank.activations_per_microbatch, 1.0)
-    others = planned_rank.total - sum(planned_rank.bytes[k] for k in ("parameters", "gradients", "optimizer",
-                                                                        "activations"))
-    total = built["parameters"] + built["gradients"] + built["optimizer"] + \
-        in_flight * built["activations_per_microbatch"] + others
+    # Built categories replace the planner's; the rest (recompute peak, input data, loss, send buffers,
+    # workspace, runtime reserve) is the planner's.
+    in_flight = planned_rank.microbatches_in_flight
+    planned_kept = in_flight * planned_rank.activations_per_microbatch
+    total = planned_rank.total + sum(built[k] - planned[k] for k in ("parameters", "gradients", "optimizer")) \
+        + in_flight * built["activations_per_microbatch"] - planned_kept
     tp_rank, dp_rank, pp_rank = layout.coordinates(rank)
     return RankReport(
         rank=rank, coordinates={"pp": pp_rank, "tp": tp_rank, "dp": dp_rank,

@@ -3,7 +3,9 @@
 Each run trains the same seeded tiny model for a few SGD steps on the same global batches; every
 data-parallel rank takes its rows of each global batch. PP=2 and PP=2 × TP=2 must reproduce the
 TP1·PP1 losses and updated parameters to 1e-5 (fp32), and accumulated mode (A microbatches with
-exact full-batch negatives) must reproduce one microbatch holding all of them.
+exact full-batch negatives) must reproduce one microbatch holding all of them. Uneven pipeline stages
+(parallel.first_stage_layers / last_stage_layers, with and without virtual stages, down to a stage of only
+embeddings or only the VL block and heads) must reproduce it too.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def _train(overrides: list[str], num_micro: int = 1) -> dict:
     params = {}
     for module in modules:
         params.update({k: v.clone() for k, v in full_state_dict(module).items()})
-    return {"losses": losses, "params": params, "last": groups.is_last_stage, "pp": groups.pp_rank}
+    return {"losses": losses, "params": params, "last": groups.is_last_stage, "pp": groups.pp_rank,
+            "ranges": [m.layer_range for m in modules]}
 
 
 def _merge(results: list[dict]) -> tuple[list[float], dict]:
@@ -134,3 +137,31 @@ def test_plain_microbatches_differ_from_accumulation(dist_pool, reference):
 def test_interleaved_pipeline_reproduces_single_process(dist_pool, vp_layout):
     reference4 = _merge(dist_pool(1).run(_train, ["--model.num_layers=4"], 2))
     _assert_same(reference4, _merge(dist_pool(2).run(_train, vp_layout, 2)))
+
+
+@pytest.fixture(scope="module")
+def reference6(dist_pool):
+    """TP1·PP1 with 6 tower layers and 2 microbatches per step (the uneven layouts below)."""
+    return _merge(dist_pool(1).run(_train, ["--model.num_layers=6"], 2))
+
+
+def test_uneven_stages_with_an_embeddings_only_first_stage_reproduce_single_process(dist_pool, reference):
+    # PP=2 over 2 layers: stage 0 holds only the embeddings, stage 1 both layers, the VL block and the heads
+    layout = ["--parallel.pipeline_parallel=2", "--parallel.first_stage_layers=0"]
+    results = dist_pool(2).run(_train, layout)
+    assert [r["ranges"] for r in results] == [[(0, 0)], [(0, 2)]]
+    _assert_same(reference, _merge(results))
+
+
+@pytest.mark.parametrize("layout,world,ranges", [
+    # PP=3, 6 layers as 1 | 4 | 1
+    (["--parallel.pipeline_parallel=3", "--parallel.first_stage_layers=1", "--parallel.last_stage_layers=1"], 3,
+     [[(0, 1)], [(1, 5)], [(5, 6)]]),
+    # PP=2 × VP=2: global stages 2 | 2 | 2 | 0, the last chunk of rank 1 holds only the VL block and the heads
+    (["--parallel.pipeline_parallel=2", "--parallel.virtual_pipeline=2", "--parallel.first_stage_layers=2",
+      "--parallel.last_stage_layers=0"], 2, [[(0, 2), (4, 6)], [(2, 4), (6, 6)]]),
+])
+def test_uneven_stages_reproduce_single_process(dist_pool, reference6, layout, world, ranges):
+    results = dist_pool(world).run(_train, ["--model.num_layers=6"] + layout, 2)
+    assert [r["ranges"] for r in results] == ranges
+    _assert_same(reference6, _merge(results))

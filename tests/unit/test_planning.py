@@ -56,7 +56,7 @@ def test_distributed_optimizer_divides_the_optimizer_state_by_dp():
 
 def test_recompute_and_smaller_microbatches_shrink_activations():
     full = plan_memory(_plan())[0].bytes["activations"]
-    assert plan_memory(_plan(recompute=True))[0].bytes["activations"] < full / 3
+    assert plan_memory(_plan(recompute="full"))[0].bytes["activations"] < full / 3
     assert plan_memory(_plan(micro_batch=4, num_microbatches=16))[0].bytes["activations"] < full
 
 
@@ -67,8 +67,10 @@ def test_1f1b_first_stage_holds_pp_microbatches_and_interleaving_more():
 
 
 def test_bad_layouts_are_refused_with_the_setting_named():
-    with pytest.raises(ValueError, match="pp"):
-        _plan(pp=4)  # 21 layers
+    with pytest.raises(ValueError, match="parallel.pipeline_parallel: 4 pipeline stages do not divide"):
+        _plan(pp=4)  # 21 layers, even split
+    with pytest.raises(ValueError, match="parallel.last_stage_layers"):
+        _plan(pp=4, last_stage_layers=2)  # 19 layers do not split over 3 stages
     with pytest.raises(ValueError, match="tp"):
         _plan(tp=3)
 
@@ -78,13 +80,26 @@ def test_10b_layouts_on_256_gpus_fit_and_are_sorted_by_step_time():
     rows = {}
     for gpu in ("h100", "h200"):
         cluster = Cluster(num_gpus=256, gpu_memory=GPUS[gpu])
-        rows[gpu] = plan_layouts(model, cluster, global_batch=16384, precision="bf16", micro_batches=(8, 32))
+        rows[gpu] = plan_layouts(model, cluster, global_batch=16384, precision="bf16", micro_batches=(8, 32),
+                                 recompute_modes=("none", "full"), sequence_parallel=(False,))
         assert rows[gpu], f"no layout fits on {gpu}"
+        # 21 layers and 256 = 2^8 GPUs: pipelined rows exist only through uneven splits
+        assert any(r.plan.pp > 1 and r.plan.last_stage_layers is not None for r in rows[gpu])
         assert all(r.memory <= GPUS[gpu] for r in rows[gpu])
         assert [r.step_s for r in rows[gpu]] == sorted(r.step_s for r in rows[gpu])
         best = rows[gpu][0]
         assert best.loss_bytes["G=node"] < best.loss_bytes["G=P"] == pytest.approx(best.loss_bytes["A=M"])
     assert len(rows["h200"]) >= len(rows["h100"])
+
+
+def test_step_time_counts_the_stage_imbalance_and_the_bubble():
+    from m2megatron.planning.layouts import estimate
+
+    cluster = Cluster(num_gpus=96, gpu_memory=GPUS["h100"])
+    even, balanced = (estimate(_plan(model=preset("m2-10b"), tp=4, pp=3, dp=8, num_microbatches=16,
+                                     last_stage_layers=last), cluster) for last in (None, 5))
+    assert even.imbalance == pytest.approx(1 + (10 - 8) / 8, rel=0.01) and balanced.imbalance < 1.01
+    assert balanced.step_s < even.step_s and even.bubble == balanced.bubble == pytest.approx(2 / 16)
 
 
 def test_plan_memory_tool_prints_a_summary_line(capsys):
@@ -106,7 +121,7 @@ def test_plan_input_from_run_config_reads_the_trainer_settings():
     cfg = load_config(overrides=["--parallel.pipeline_parallel=2", "--train.micro_batch_size=4",
                                  "--train.global_batch_size=32", "--train.recompute=full"])
     plan = PlanInput.from_run_config(cfg, world_size=4)
-    assert (plan.pp, plan.dp, plan.micro_batch, plan.num_microbatches, plan.recompute) == (2, 2, 4, 4, True)
+    assert (plan.pp, plan.dp, plan.micro_batch, plan.num_microbatches, plan.recompute) == (2, 2, 4, 4, "full")
     assert dataclasses.replace(plan, precision="fp32").precision == "fp32"
 
 
@@ -126,3 +141,73 @@ def test_gpu_script_runs_every_gpu_marked_test_file():
     marked = {str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")
               if re.search(r"pytest\.mark\.gpu\b", p.read_text(encoding="utf-8"))}
     assert marked <= listed, f"tests/gpu/run.sh misses {sorted(marked - listed)}"
+
+
+# --- planner modes: bf16 weights, sequence parallelism, recompute, overlap ------------------------------------------
+
+
+def test_bytes_per_parameter_follow_megatron_mixed_precision_and_the_distributed_optimizer():
+    from m2megatron.planning.memory import bytes_per_parameter
+
+    # train.precision=bf16 + distributed optimizer: bf16 weights in DDP's param buffer, fp32 main grads in its
+    # grad buffer (never sharded), fp32 main weights + two Adam moments sharded over DP
+    assert bytes_per_parameter(_plan(precision="bf16", distributed_optimizer=True)) == (2, 4, 12, 3)
+    assert bytes_per_parameter(_plan(precision="fp16")) == (2, 4, 12, 3)
+    # fp32 and bf16-autocast: the fp32 weights are the main weights, no copy
+    assert bytes_per_parameter(_plan(precision="fp32")) == (4, 4, 8, 2)
+    assert bytes_per_parameter(_plan(precision="bf16-autocast")) == (4, 4, 8, 2)
+
+
+def test_overlap_settings_add_no_memory():
+    base = plan_memory(_plan(distributed_optimizer=True))
+    overlapped = plan_memory(_plan(distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True))
+    assert [r.total for r in base] == [r.total for r in overlapped]
+
+
+def test_sequence_parallel_shards_the_replicated_activations_and_pads_segments():
+    from m2megatron.planning import activations as act
+
+    plain, sp = _plan(tp=4), _plan(tp=4, sequence_parallel=True)
+    assert act.segments(sp.model, sp.activation_mode()) == (200, 52)  # 197 image tokens padded to 4·50
+    a, b = plan_memory(plain)[1], plan_memory(sp)[1]
+    assert b.activations_per_microbatch < 0.85 * a.activations_per_microbatch
+    assert b.bytes["communication"] < a.bytes["communication"] / 3  # the stage output is sequence-sharded
+    assert plan_memory(_plan(tp=1, sequence_parallel=True))[1].total == plan_memory(_plan(tp=1))[1].total
+
+
+def test_selective_recompute_drops_only_the_attention_probabilities():
+    import dataclasses as dc
+
+    none, selective = plan_memory(_plan())[1], plan_memory(_plan(recompute="selective"))[1]
+    assert selective.activations_per_microbatch < none.activations_per_microbatch
+    assert selective.activations_per_microbatch > plan_memory(_plan(recompute="full"))[1].activations_per_microbatch
+    fused = dc.replace(preset("m2-1b"), attention="sdpa")  # fused attention keeps no probabilities anyway
+    assert (plan_memory(_plan(model=fused, recompute="selective"))[1].total
+            == pytest.approx(plan_memory(_plan(model=fused))[1].total))
+
+
+def test_full_recompute_methods_keep_what_megatron_keeps():
+    def kept(**kw):
+        return plan_memory(_plan(recompute="full", **kw))[1].activations_per_microbatch
+
+    # a stage of 7 layers per tower. uniform: one input per group of k layers; block: the first k layers
+    # keep their input, the others everything
+    assert kept(recompute_num_layers=7) < kept(recompute_num_layers=1)
+    assert kept(recompute_method="block", recompute_num_layers=7) == pytest.approx(kept())
+    everything = plan_memory(_plan())[1].activations_per_microbatch
+    assert kept() < kept(recompute_method="block", recompute_num_layers=3) < everything
+
+
+def test_plan_input_reads_every_memory_mode_from_the_run_config():
+    from m2megatron.config import load_config
+
+    cfg = load_config(overrides=["--parallel.tensor_parallel=2", "--parallel.pipeline_parallel=2",
+                                 "--model.num_layers=3", "--parallel.first_stage_layers=1",
+                                 "--parallel.sequence_parallel=true", "--train.precision=bf16",
+                                 "--train.recompute=selective", "--parallel.distributed_optimizer=true",
+                                 "--parallel.overlap_grad_reduce=true", "--parallel.overlap_param_gather=true"])
+    plan = PlanInput.from_run_config(cfg, world_size=8)
+    assert (plan.first_stage_layers, plan.sequence_parallel, plan.precision, plan.recompute) == (1, True, "bf16",
+                                                                                                   "selective")
+    assert plan.overlap_grad_reduce and plan.overlap_param_gather and plan.distributed_optimizer
+    assert [r.layer_ranges for r in plan_memory(plan)] == [[(0, 1)], [(1, 3)]]
