@@ -31,7 +31,7 @@ META = torch.device("meta")
 RUNTIME_RESERVE_GIB = 4.0
 """CUDA context, NCCL buffers and allocator slack per GPU (the layout planner's reserve)."""
 STAGE_FLOP_TOLERANCE = 0.10
-"""Largest allowed deviation of a pipeline stage's forward FLOPs from the mean stage's."""
+"""Largest allowed spread (max / min − 1) of the pipeline ranks' forward FLOPs with uneven stages."""
 PLANNER_TOLERANCE = 0.15
 """The memory planner's stated tolerance (docs/PERFORMANCE.md §2)."""
 
@@ -120,6 +120,9 @@ def _activation_bytes(stages, cfg: RunConfig) -> int:
             saved[storage._cdata] = storage.nbytes()
         return tensor
 
+    for chunk in stages.chunks:  # overlap_param_gather's pre-hooks would all-gather shapes that hold no data
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.disable_forward_pre_hook(param_sync=False)
     kept = []  # the graphs keep the saved tensors alive until the end of the measurement
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         for module in stages.modules:
@@ -200,25 +203,12 @@ def schedule_figures(cfg: RunConfig, world_size: int) -> dict:
             "layout": layout}
 
 
-def stage_flops(cfg: RunConfig, pp: int) -> list[float]:
-    """Forward FLOPs per sample of each pipeline stage: its tower layers, the embeddings on the first stage,
-    the VL block and heads on the last."""
-    from m2megatron.planning.flops import layer_forward_flops
-    from m2megatron.runtime.stages import stage_specs
+def _split(cfg: RunConfig):
+    from m2megatron.planning.stage_balance import stage_split
 
-    m = cfg.model
-    pair = layer_forward_flops(m, m.num_image_tokens) + layer_forward_flops(m, m.max_text_len)
-    out = []
-    for p in range(pp):
-        total = 0.0
-        for spec in stage_specs(m.num_layers, pp, p, cfg.parallel.virtual_pipeline):
-            total += (spec.layer_range[1] - spec.layer_range[0]) * pair
-            if spec.pre_process:
-                total += 2 * m.num_patches * m.num_channels * m.patch_size ** 2 * m.hidden_size
-            if spec.post_process:
-                total += m.num_vl_layers * pair + 4 * m.hidden_size * m.embed_dim
-        out.append(total)
-    return out
+    par = cfg.parallel
+    return stage_split(cfg.model, par.pipeline_parallel, par.virtual_pipeline, par.first_stage_layers,
+                       par.last_stage_layers)
 
 
 def problems(cfg: RunConfig, world_size: int, reports: list[RankReport], gpu_memory_gib: float) -> list[str]:
@@ -242,14 +232,12 @@ def problems(cfg: RunConfig, world_size: int, reports: list[RankReport], gpu_mem
     if figures["microbatches"] < layout.pipeline_parallel:
         out.append(f"train.global_batch_size: {figures['microbatches']} microbatches per step < "
                    f"parallel.pipeline_parallel={layout.pipeline_parallel}: the pipeline never fills")
-    flops = stage_flops(cfg, layout.pipeline_parallel)
-    mean = sum(flops) / len(flops)
-    worst = max(abs(f - mean) / mean for f in flops)
+    split = _split(cfg)
     uneven = cfg.parallel.first_stage_layers is not None or cfg.parallel.last_stage_layers is not None
-    if uneven and worst > STAGE_FLOP_TOLERANCE:
-        out.append(f"parallel.first_stage_layers/last_stage_layers: stage forward FLOPs deviate by up to "
-                   f"{worst:.0%} from the mean (> {STAGE_FLOP_TOLERANCE:.0%}): "
-                   + ", ".join(f"{f / 1e12:.2f}" for f in flops) + " TFLOP/sample")
+    if uneven and split.spread > STAGE_FLOP_TOLERANCE:
+        out.append(f"parallel.first_stage_layers/last_stage_layers: the pipeline ranks' forward FLOPs differ by "
+                   f"{split.spread:.0%} (> {STAGE_FLOP_TOLERANCE:.0%}): "
+                   + ", ".join(f"{f / 1e12:.3f}" for f in split.rank_flops) + " TFLOP/sample")
     return out
 
 
@@ -304,8 +292,9 @@ def run_dry(cfg: RunConfig, world_size: int, *, rank: int | None = None, all_ran
                 for k in ("parameters", "gradients", "optimizer", "activations_per_microbatch") if rep.built[k])
     for line in found:
         print(f"problem: {line}", flush=True)
-    flops = stage_flops(cfg, layout.pipeline_parallel)
-    print("stage forward TFLOP/sample: " + ", ".join(f"{f / 1e12:.3f}" for f in flops), flush=True)
+    split = _split(cfg)
+    print("pipeline ranks' forward TFLOP/sample: " + ", ".join(f"{f / 1e12:.3f}" for f in split.rank_flops)
+          + f" (spread {split.spread:.1%})", flush=True)
     print(f"dry_run ranks_visited={len(reports)} problems={len(found)} worst_planner_diff={worst:.3f} "
           f"peak_gib={max(r.total_bytes for r in reports) / 2**30:.1f}", flush=True)
     return 1 if (found and all_ranks) else 0

@@ -29,6 +29,15 @@ def _summary(out: str) -> dict[str, float]:
     return {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", line)}
 
 
+def test_the_shipped_256_gpu_10b_recipe_builds_every_rank_class_within_the_planners_tolerance():
+    run = _dry_run("--config", "launch/examples/m2-10b_h100_256.yaml", "--all-ranks")
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = _summary(run.stdout)
+    assert summary["problems"] == 0 and summary["ranks_visited"] == 2  # one per pipeline rank
+    assert summary["worst_planner_diff"] <= 0.15 and summary["peak_gib"] < 79.6
+    assert "virtual stages [0, 2, 4, 6]" in run.stdout and "pipeline bubble" in run.stdout
+
+
 def test_a_1024_rank_10b_layout_builds_and_matches_the_planner():
     run = _dry_run("--world-size", "1024", "--all-ranks", *TEN_B_1024)
     assert run.returncode == 0, run.stdout + run.stderr
