@@ -53,7 +53,7 @@ class ModelConfig:
     """Initial value of the learnable log temperature."""
     layer_spec: Literal["local", "te"] = "local"
     """Layer implementation: 'local' (Megatron-Core modules, CPU and GPU) or 'te' (Transformer Engine, GPU only)."""
-    attention: Literal["megatron", "sdpa"] = "megatron"
+    attention: Literal["megatron", "sdpa"] = "sdpa"
     """Core attention of the 'local' spec: Megatron-Core's DotProductAttention, or torch's
     scaled_dot_product_attention (flash / memory-efficient kernels on GPU, without Transformer Engine)."""
     fp8: Literal["none", "delayed", "current"] = "none"

@@ -45,6 +45,9 @@ class ParallelConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
         tp, pp = self.tensor_parallel, self.pipeline_parallel
+        if self.sequence_parallel and tp < 2:
+            raise ConfigError("parallel.sequence_parallel: splits the sequence over the tensor-parallel ranks, "
+                              f"so it needs parallel.tensor_parallel > 1 (got {tp})")
         if num_attention_heads is not None and num_attention_heads % tp:
             raise ConfigError(
                 f"parallel.tensor_parallel: {tp} does not divide model.num_attention_heads={num_attention_heads}"

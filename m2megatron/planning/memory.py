@@ -138,6 +138,8 @@ def _rank_memory(inp: PlanInput, pp_rank: int) -> RankMemory:
                                           pre_process=s == 0, post_process=s == stages - 1) for s in mine)
     w_b, g_b, opt_b, opt_dist_b = _bytes_per_param(inp)
     prec = act.activation_precision(inp.precision, inp.layer_spec)
+    if inp.layer_spec == "local" and m.attention == "sdpa":  # torch's fused attention keeps no probabilities
+        prec = dataclasses.replace(prec, probs=0)
     elem = prec.hidden
     b, tokens = inp.micro_batch, m.num_image_tokens + m.max_text_len
     one_mb = act.stage_activation_bytes(m, micro_batch=b, tp=inp.tp, num_layers=layers, post_process=post,

@@ -72,6 +72,8 @@ def runtime_overrides(cfg: RunConfig, groups: ParallelGroups, hooks: ChunkSyncHo
     }
     if hooks is not None:
         overrides["no_sync_func"] = hooks.funcs("no_sync", num_chunks)
+    # Sequence parallelism: the model pads and scatters its segments (models.sequence_parallel).
+    overrides["sequence_parallel"] = cfg.parallel.sequence_parallel
     train = cfg.train
     if train.recompute == "full":
         overrides.update(recompute_granularity="full", recompute_method=train.recompute_method,
