@@ -9,8 +9,9 @@ Masks. `attention_mask` is Megatron's boolean key mask [b, 1, 1, s] (True = mask
 tokens, and the padding that sequence parallelism adds to a segment), or None. It becomes an additive
 mask with the dtype's most negative finite value, which (unlike a boolean mask or −inf) leaves a
 query whose keys are all masked with a uniform distribution instead of NaN, as Megatron's
-`masked_fill(-10000)` does; every other row gets the same probabilities as Megatron's (exp underflows
-to 0 either way).
+`masked_fill(-10000)` does (its gradient is not cut as masked_fill cuts it; our inputs never have such
+a row, the CLS token is always real); every other row gets the same probabilities as Megatron's (exp
+underflows to 0 either way).
 
 Which kernel runs (torch's SDPA dispatcher picks the first that accepts the inputs):
 - CUDA, bf16/fp16, no mask (the vision tower without SP padding): FlashAttention-2;
