@@ -14,7 +14,8 @@ a row, the CLS token is always real); every other row gets the same probabilitie
 underflows to 0 either way).
 
 Which kernel runs (torch's SDPA dispatcher picks the first that accepts the inputs):
-- CUDA, bf16/fp16, no mask (the vision tower without SP padding): FlashAttention-2;
+- CUDA, bf16/fp16, no mask (the vision tower without SP padding): FlashAttention-2 (or cuDNN attention
+  where torch ranks it first);
 - CUDA with a mask (text, VL block, padded segments), or fp32: memory-efficient attention (it takes
   additive masks; flash takes none), else cuDNN/math;
 - CPU: the fused flash-attention CPU kernel for fp32/bf16 (masks allowed), else the math kernel.

@@ -4,7 +4,9 @@ agrees with the math kernel and with Megatron-Core's DotProductAttention.
 - bf16, no mask (the vision tower without SP padding): FlashAttention alone must accept the call;
 - bf16 with our additive key-padding mask (text, VL, SP padding): the memory-efficient kernel alone must;
 - both match torch's math kernel and Megatron's DotProductAttention (bf16 tolerance), forward and
-  input gradients, at the m2-0.4b head shape (12 heads × 64) with 197 image / 52 text tokens.
+  input gradients, at the m2-0.4b head shape (12 heads × 64) with 197 image / 52 text tokens;
+- left to torch's dispatcher, the calls run a fused kernel (flash, memory-efficient or cuDNN), never
+  the math fallback (the profiler's op names say which; the test prints them).
 
 Skipped without CUDA (tests/conftest.py); run by tests/gpu/run.sh.
 """
@@ -87,3 +89,18 @@ def test_flash_refuses_a_mask_so_masked_calls_need_the_memory_efficient_kernel()
     qkv, mask = _inputs(cfg, True)
     with pytest.raises(RuntimeError):
         _forward_backward(sdpa, qkv, mask, SDPBackend.FLASH_ATTENTION)
+
+
+@pytest.mark.parametrize("masked,allowed", [(False, ("flash", "cudnn")), (True, ("efficient", "cudnn"))],
+                         ids=["no-mask", "padding-mask"])
+def test_default_dispatch_runs_a_fused_kernel_not_the_math_fallback(masked, allowed):
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg, sdpa, _ = _modules(masked)
+    qkv, mask = _inputs(cfg, masked)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _forward_backward(sdpa, qkv, mask)
+    ops = {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+    print(f"sdpa {'mask' if masked else 'no mask'}: {sorted(ops)}")
+    assert not any("math" in op for op in ops), ops
+    assert any(kind in op for op in ops for kind in allowed), ops
