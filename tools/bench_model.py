@@ -23,7 +23,16 @@ torch.distributed calls (collectives, and p2p until their requests complete, whi
 waits) over the step time, from wrappers around those calls. On a shared 2-core machine only the
 ordering of these numbers means something.
 
-Last line: a key=value summary with ratio_vs_reference= (median fp32 ratio of the larger shape).
+Part 3 (--attention), single process: the local spec's two core attentions, SDPA (model.attention=sdpa)
+against Megatron-Core's DotProductAttention, forward+backward of the module alone and of one Sub-LN
+layer around it, on the image segment (no mask) and the text segment (key-padding mask), at `tiny` and
+the m2-0.4b width (D=768, 12 heads, 197 image / 52 text tokens). The two alternate within each repeat
+(in reversed order every other repeat); speedup = t(megatron) / t(sdpa), median and min–max over repeats.
+
+    OMP_NUM_THREADS=1 .venv/bin/python tools/bench_model.py --no-reference --no-scaling --attention
+
+Last line: a key=value summary with ratio_vs_reference= (median fp32 ratio of the larger shape) when part 1
+ran, and sdpa_speedup_<shape>_<what>_<segment>= for part 3.
 """
 
 from __future__ import annotations
@@ -62,7 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--iters", type=int, default=2, help="steps per timed block")
+    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="part 1: ours vs the torchscale reference")
     p.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=False,
+                   help="part 3: SDPA vs Megatron core attention")
+    p.add_argument("--attention-batch", default="tiny=32,m2-0.4b=8", help="samples per step of part 3, per shape")
     p.add_argument("--scaling-batch", type=int, default=32, help="global batch of the scaling runs")
     p.add_argument("--scaling-steps", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the results here")
@@ -182,6 +196,82 @@ def single_process_groups():
     groups = build_groups(Layout(world_size=1))
     seed_everything(0, groups)
     return groups
+
+
+# --- part 3: SDPA vs Megatron core attention ----------------------------------------------------------
+
+
+def attention_modules(cfg, groups, mask_type, what: str) -> dict:
+    """{'megatron': module, 'sdpa': module}: the core attention alone, or one Sub-LN layer around it."""
+    import dataclasses
+
+    from megatron.core.transformer.spec_utils import build_module
+
+    from m2megatron.models import transformer_config
+    from m2megatron.models.layer_specs import CORE_ATTENTION, local_layer_spec
+
+    config = transformer_config(cfg)
+    out = {}
+    for name, cls in CORE_ATTENTION.items():
+        if what == "core":
+            out[name] = cls(config=config, layer_number=1, attn_mask_type=mask_type, attention_type="self",
+                            pg_collection=groups.collection)
+        else:
+            spec = local_layer_spec(dataclasses.replace(cfg, attention=name), mask_type)
+            out[name] = build_module(spec, config=config, layer_number=1, pg_collection=groups.collection)
+    if what == "layer":
+        out["sdpa"].load_state_dict(out["megatron"].state_dict())  # core attention has no parameters
+    return out
+
+
+def attention_inputs(cfg, batch: int, tokens: int, masked: bool, what: str):
+    gen = torch.Generator().manual_seed(0)
+    mask = None
+    if masked:
+        lengths = torch.randint(2, tokens + 1, (batch,), generator=gen)
+        mask = (torch.arange(tokens)[None] >= lengths[:, None])[:, None, None, :]  # [b, 1, 1, s], True = masked
+    if what == "core":
+        shape = (tokens, batch, cfg.num_attention_heads, cfg.head_dim)  # [s, b, np, hn]
+        return [torch.randn(shape, generator=gen).requires_grad_() for _ in range(3)], mask
+    return [torch.randn(tokens, batch, cfg.hidden_size, generator=gen).requires_grad_()], mask
+
+
+def attention_compare(shape: str, batch: int, what: str, segment: str, groups, args) -> dict:
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from m2megatron.config import preset
+
+    cfg = preset(shape)
+    masked = segment == "text"
+    tokens = cfg.max_text_len if masked else cfg.num_image_tokens
+    modules = attention_modules(cfg, groups, AttnMaskType.padding if masked else AttnMaskType.no_mask, what)
+    tensors, mask = attention_inputs(cfg, batch, tokens, masked, what)
+
+    def step_of(module):
+        def step():
+            out = module(*tensors, mask) if what == "core" else module(tensors[0], attention_mask=mask)[0]
+            out.float().sum().backward()
+        return step
+
+    steps = {name: step_of(m) for name, m in modules.items()}
+    for step in steps.values():
+        timed(step, 1, outside_mode=True)  # warm-up
+    times = {name: [] for name in steps}
+    order = list(steps)
+    for _ in range(args.repeats):
+        for name in order:
+            times[name].append(timed(steps[name], args.iters, outside_mode=True))
+        order.reverse()  # neither side always runs right after the other
+    speedups = [m / s for m, s in zip(times["megatron"], times["sdpa"])]
+    return dict(shape=shape, what=what, segment=segment, batch=batch, tokens=tokens,
+                megatron_ms=statistics.median(times["megatron"]) * 1e3, sdpa_ms=statistics.median(times["sdpa"]) * 1e3,
+                speedup=statistics.median(speedups), speedup_min=min(speedups), speedup_max=max(speedups))
+
+
+def attention_rows(groups, args) -> list[dict]:
+    batches = dict(item.split("=") for item in args.attention_batch.split(","))
+    return [attention_compare(shape, int(b), what, segment, groups, args)
+            for shape, b in batches.items() for what in ("core", "layer") for segment in ("image", "text")]
 
 
 # --- part 2: TP / PP scaling with communication share ---------------------------------------------
@@ -318,14 +408,7 @@ def scaling(args) -> list[dict]:
 # --- report -------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    batches = dict(item.split("=") for item in args.batch.split(","))
-    groups = single_process_groups()
-    started = time.perf_counter()
-    rows = [compare(shape, int(batches[shape]), precision, groups, args)
-            for shape in args.shapes.split(",") for precision in args.precisions.split(",")]
+def print_reference(rows: list[dict], args) -> None:
     print(f"# forward+backward, {args.repeats} alternating repeats × {args.iters} steps; "
           f"ratio = ours / reference in samples/s (median [min–max]); mode = cost of cpu_compat's TorchFunctionMode")
     print(f"{'shape':<12} {'prec':<5} {'b':>3} {'ours/s':>8} {'ref/s':>8} {'ratio':>6} {'spread':>13} "
@@ -334,6 +417,32 @@ def main(argv=None) -> None:
         print(f"{r['shape']:<12} {r['precision']:<5} {r['batch']:>3} {r['ours_samples_s']:8.2f} "
               f"{r['ref_samples_s']:8.2f} {r['ratio']:6.3f} [{r['ratio_min']:.3f}–{r['ratio_max']:.3f}] "
               f"{r['mode_cost']:+6.1%} {r['max_abs_diff']:11.2e}")
+
+
+def print_attention(rows: list[dict], args) -> None:
+    print(f"# core attention fp32 forward+backward, {args.repeats} alternating repeats × {args.iters} steps; "
+          f"speedup = t(megatron) / t(sdpa) (median [min–max]); text segments carry a key-padding mask")
+    print(f"{'shape':<8} {'what':<6} {'segment':<7} {'b':>3} {'s':>4} {'megatron ms':>11} {'sdpa ms':>8} "
+          f"{'speedup':>7} {'spread':>13}")
+    for r in rows:
+        print(f"{r['shape']:<8} {r['what']:<6} {r['segment']:<7} {r['batch']:>3} {r['tokens']:>4} "
+              f"{r['megatron_ms']:11.2f} {r['sdpa_ms']:8.2f} {r['speedup']:7.3f} "
+              f"[{r['speedup_min']:.3f}–{r['speedup_max']:.3f}]")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    batches = dict(item.split("=") for item in args.batch.split(","))
+    groups = single_process_groups()
+    started = time.perf_counter()
+    rows = [compare(shape, int(batches[shape]), precision, groups, args)
+            for shape in args.shapes.split(",") for precision in args.precisions.split(",")] if args.reference else []
+    if rows:
+        print_reference(rows, args)
+    attn_rows = attention_rows(groups, args) if args.attention else []
+    if attn_rows:
+        print_attention(attn_rows, args)
     scale_rows = []
     if args.scaling:
         dist.destroy_process_group()
@@ -344,12 +453,16 @@ def main(argv=None) -> None:
             print(f"{r['layout']:<6} {r['ranks']:>5} {r['step_s']:8.3f} {r['efficiency']:10.2f} "
                   f"{r['comm_share']:10.1%}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"throughput": rows, "scaling": scale_rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"throughput": rows, "attention": attn_rows, "scaling": scale_rows},
+                                              indent=2))
     print(f"# total {time.perf_counter() - started:.0f} s")
-    last = [r for r in rows if r["precision"] == rows[0]["precision"]][-1]
     summary = {f"ratio_{r['shape']}_{r['precision']}": f"{r['ratio']:.3f}" for r in rows}
+    summary.update({f"sdpa_speedup_{r['shape']}_{r['what']}_{r['segment']}": f"{r['speedup']:.3f}" for r in attn_rows})
     summary.update({f"eff_{r['layout']}": f"{r['efficiency']:.2f}" for r in scale_rows})
-    print(" ".join(f"{k}={v}" for k, v in summary.items()) + f" ratio_vs_reference={last['ratio']:.3f}")
+    if rows:
+        last = [r for r in rows if r["precision"] == rows[0]["precision"]][-1]
+        summary["ratio_vs_reference"] = f"{last['ratio']:.3f}"
+    print(" ".join(f"{k}={v}" for k, v in summary.items()))
 
 
 if __name__ == "__main__":

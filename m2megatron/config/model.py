@@ -53,9 +53,10 @@ class ModelConfig:
     """Initial value of the learnable log temperature."""
     layer_spec: Literal["local", "te"] = "local"
     """Layer implementation: 'local' (Megatron-Core modules, CPU and GPU) or 'te' (Transformer Engine, GPU only)."""
-    attention: Literal["megatron", "sdpa"] = "megatron"
-    """Core attention of the 'local' spec: Megatron-Core's DotProductAttention, or torch's
-    scaled_dot_product_attention (flash / memory-efficient kernels on GPU, without Transformer Engine)."""
+    attention: Literal["megatron", "sdpa"] = "sdpa"
+    """Core attention of the 'local' spec: torch's scaled_dot_product_attention (the default: flash /
+    memory-efficient kernels on GPU without Transformer Engine, no stored attention probabilities, faster on
+    CPU too; docs/MODEL.md), or Megatron-Core's DotProductAttention. The 'te' spec always uses TE's attention."""
     fp8: Literal["none", "delayed", "current"] = "none"
     """FP8 recipe for the 'te' spec: none, delayed scaling or current (per-tensor) scaling."""
     init_method_std: float = 0.06

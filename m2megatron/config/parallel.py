@@ -54,6 +54,9 @@ class ParallelConfig:
         if self.bucket_size_mb is not None and self.bucket_size_mb <= 0:
             raise ConfigError(f"parallel.bucket_size_mb: must be positive or null, got {self.bucket_size_mb}")
         tp, pp = self.tensor_parallel, self.pipeline_parallel
+        if self.sequence_parallel and tp < 2:
+            raise ConfigError("parallel.sequence_parallel: splits the sequence over the tensor-parallel ranks, "
+                              f"so it needs parallel.tensor_parallel > 1 (got {tp})")
         if num_attention_heads is not None and num_attention_heads % tp:
             raise ConfigError(
                 f"parallel.tensor_parallel: {tp} does not divide model.num_attention_heads={num_attention_heads}"

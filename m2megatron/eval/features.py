@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from m2megatron.models.sequence_parallel import packed_seq_length
 from m2megatron.runtime.schedule import run_schedule
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,8 @@ class ReplicaEncoder:
         for m in modules:
             m.eval()
         try:
-            seq = self.model.cfg.max_text_len if kind == "text" else self.model.cfg.num_image_tokens
+            seq = packed_seq_length(self.model.cfg, self.groups.layout.tensor_parallel,
+                                    self.model.config.sequence_parallel, segments=(kind,))
             outputs = run_schedule(self.chunks, self.groups, batches, lambda batch, out: _output(kind, out),
                                    forward_only=True, collect=True, seq_length=seq, num_microbatches=num_batches,
                                    micro_batch_size=batch_size)

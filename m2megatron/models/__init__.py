@@ -10,6 +10,7 @@ See docs/MODEL.md.
 
 from m2megatron.models.embeddings import padded_vocab_size
 from m2megatron.models.m2_encoder import EncoderOutput, M2Encoder, default_layer_ranges
+from m2megatron.models.sequence_parallel import packed_seq_length
 from m2megatron.models.state import (
     full_state_dict,
     gather_full,
@@ -26,5 +27,6 @@ from m2megatron.models.transformer_config import transformer_config
 __all__ = [
     "EncoderOutput", "M2Encoder", "SubLNRowParallelLinear", "TPLayerNorm", "default_layer_ranges",
     "full_state_dict", "gather_full", "init_weights", "load_full_state_dict", "local_state_dict",
-    "merge_tp_shards", "padded_vocab_size", "shard_full_state_dict", "tp_axis", "transformer_config",
+    "merge_tp_shards", "packed_seq_length", "padded_vocab_size", "shard_full_state_dict", "tp_axis",
+    "transformer_config",
 ]

@@ -19,11 +19,12 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from m2megatron.config.base import ConfigError
 from m2megatron.config.model import ModelConfig
+from m2megatron.models.layer_norm import LayerNorm
+from m2megatron.models.sdpa_attention import SDPAttention
 from m2megatron.models.sub_ln import SubLNRowParallelLinear
 
 # Plain state-dict names of the fused pre-LNs in the `te` spec ← the local spec's names.
@@ -90,15 +91,22 @@ def _sub_ln_layer(cfg: ModelConfig, attn_mask_type: AttnMaskType, drop_path: flo
     )
 
 
+CORE_ATTENTION = {"megatron": DotProductAttention, "sdpa": SDPAttention}
+"""The local spec's core attention by `model.attention`."""
+
+
 def local_layer_spec(cfg: ModelConfig, attn_mask_type: AttnMaskType, drop_path: float = 0.0) -> ModuleSpec:
-    """Megatron-Core modules only; runs on CPU and GPU."""
-    return _sub_ln_layer(cfg, attn_mask_type, drop_path, pre_norm=WrappedTorchNorm, qkv=ColumnParallelLinear,
-                         core_attention=DotProductAttention, fc1=ColumnParallelLinear, row=RowParallelLinear,
-                         keys_map=dict(TE_FUSED_NORM_NAMES))
+    """Megatron-Core modules (and our SP-capable LayerNorm, SDPA attention); runs on CPU and GPU."""
+    if cfg.attention not in CORE_ATTENTION:
+        raise ConfigError(f"model.attention: unknown {cfg.attention!r} (known: {', '.join(CORE_ATTENTION)})")
+    return _sub_ln_layer(cfg, attn_mask_type, drop_path, pre_norm=LayerNorm, qkv=ColumnParallelLinear,
+                         core_attention=CORE_ATTENTION[cfg.attention], fc1=ColumnParallelLinear,
+                         row=RowParallelLinear, keys_map=dict(TE_FUSED_NORM_NAMES))
 
 
 def te_layer_spec(cfg: ModelConfig, attn_mask_type: AttnMaskType, drop_path: float = 0.0) -> ModuleSpec:
-    """Transformer Engine modules (GPU only): LN fused into QKV/fc1, TE attention, FP8 via TE recipes."""
+    """Transformer Engine modules (GPU only): LN fused into QKV/fc1, TE attention (whatever `model.attention`
+    says: TE picks its fused or flash kernels itself), FP8 via TE recipes."""
     require_te()
     from megatron.core.extensions.transformer_engine import (
         TEDotProductAttention,

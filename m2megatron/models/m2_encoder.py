@@ -4,7 +4,8 @@ Stage s holds layers [start, end) of BOTH towers. Between stages the microbatch 
 tensor [S_img + S_txt, b, D]: image tokens first, then text tokens. Each stage runs its vision layers
 on the image segment and its text layers on the text segment (attention never crosses segments).
 The first stage embeds; the last stage runs the tower final LNs, the shared VL block, the VL final LN,
-the projections and the L2 normalization.
+the projections and the L2 normalization. With sequence parallelism each TP rank holds its shard of
+each padded segment instead (m2megatron.models.sequence_parallel).
 
 The text mask (1 = real token) is needed on every stage: it gives the segment split and the key mask.
 """
@@ -14,12 +15,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
@@ -31,7 +30,10 @@ from megatron.core.utils import get_pg_size
 from m2megatron.config.base import ConfigError
 from m2megatron.config.model import ModelConfig
 from m2megatron.models.embeddings import TextEmbedding, VisionEmbedding
+from m2megatron.models.layer_norm import LayerNorm
 from m2megatron.models.layer_specs import layer_spec
+from m2megatron.models.recompute import run_stack
+from m2megatron.models.sequence_parallel import SegmentShards
 from m2megatron.models.transformer_config import transformer_config
 
 LAYER_STACKS = ("vision_layers", "text_layers", "vl_layers")
@@ -105,7 +107,9 @@ class M2Encoder(MegatronModule):
             self.vision_embedding = VisionEmbedding(cfg, config, pg.tp)
             self.text_embedding = TextEmbedding(cfg, config, pg.tp)
         indices = range(start, end)
-        self.vision_layers = _build_stack(cfg, config, pg, indices, cfg.num_layers, AttnMaskType.no_mask)
+        # Images have no padding, hence no key mask (flash attention), unless SP pads their segment.
+        vision_mask = AttnMaskType.padding if self._segment(cfg.num_image_tokens).is_padded else AttnMaskType.no_mask
+        self.vision_layers = _build_stack(cfg, config, pg, indices, cfg.num_layers, vision_mask)
         self.text_layers = _build_stack(cfg, config, pg, indices, cfg.num_layers, AttnMaskType.padding)
         if post_process:
             self._build_heads(cfg, config, pg)
@@ -113,14 +117,14 @@ class M2Encoder(MegatronModule):
     def _build_heads(self, cfg: ModelConfig, config, pg) -> None:
         d, dtype = cfg.hidden_size, config.params_dtype
 
-        def norm():
-            return WrappedTorchNorm(config=config, hidden_size=d, eps=cfg.layernorm_eps)
+        def norm(**kw):
+            return LayerNorm(config, d, eps=cfg.layernorm_eps, **kw)
 
-        self.vision_final_norm, self.text_final_norm = norm(), norm()
-        # The VL block serves both modalities; images pass an all-valid padding mask.
+        self.vision_final_norm, self.text_final_norm = norm(), norm()  # sequence-split under SP
+        # The VL block serves both modalities (images: no key mask unless SP pads their segment).
         self.vl_layers = _build_stack(cfg, config, pg, range(cfg.num_vl_layers), cfg.num_vl_layers,
                                       AttnMaskType.padding)
-        self.vl_final_norm = norm()
+        self.vl_final_norm = norm(sequence_parallel=False)  # sees the CLS rows, the same on every TP rank
         self.vision_projection = torch.nn.Linear(d, cfg.embed_dim, bias=False, dtype=dtype)
         self.text_projection = torch.nn.Linear(d, cfg.embed_dim, bias=False, dtype=dtype)
         self.logit_scale = torch.nn.Parameter(torch.tensor(cfg.logit_scale_init, dtype=torch.float32))
@@ -138,39 +142,52 @@ class M2Encoder(MegatronModule):
 
         images: [b, C, H, W] normalized as (x − 0.5)/0.5 (first stage only).
         text_ids: [b, S_txt] token ids (first stage only). text_mask: [b, S_txt], 1 = real token (every stage).
-        Returns the packed activation [S_img + S_txt, b, D], or an EncoderOutput on the last stage.
+        Returns the packed activation [S_img + S_txt, b, D] (under SP this rank's
+        [S_img_pad/TP + S_txt_pad/TP, b, D]), or an EncoderOutput on the last stage.
         """
-        if self.pre_process:
-            parts = []
-            if images is not None:
-                parts.append(self.vision_embedding(images))
-            if text_ids is not None:
-                if text_mask is None or text_mask.shape != text_ids.shape:
-                    raise ValueError("text_mask: must be given with the shape of text_ids")
-                parts.append(self.text_embedding(text_ids, text_mask))
-            if not parts:
-                raise ValueError("forward: give images and/or text_ids")
-            hidden = torch.cat(parts, dim=0)  # [S_img + S_txt, b, D]
-        else:
-            if self.input_tensor is None:
-                raise RuntimeError("forward: no input tensor set on a non-first pipeline stage")
-            hidden = self.input_tensor
-        s_txt = 0 if text_mask is None else text_mask.shape[1]
+        if text_ids is not None and (text_mask is None or text_mask.shape != text_ids.shape):
+            raise ValueError("text_mask: must be given with the shape of text_ids")
+        image_seg = self._segment(self.cfg.num_image_tokens)
+        text_seg = None if text_mask is None else self._segment(text_mask.shape[1])
+        hidden = self._stage_input(images, text_ids, text_mask, image_seg, text_seg)
+        s_txt = 0 if text_seg is None else text_seg.local
         image, text = hidden[:hidden.shape[0] - s_txt], hidden[hidden.shape[0] - s_txt:]
-        key_mask = None if text_mask is None else (text_mask == 0)[:, None, None, :]  # [b,1,1,S], True = masked
+        if image.shape[0] not in (0, image_seg.local):
+            raise ValueError(f"forward: the packed activation has {hidden.shape[0]} rows: {image.shape[0]} image "
+                             f"rows, expected 0 or {image_seg.local} (+ {s_txt} text rows)")
+        batch, device = hidden.shape[1], hidden.device
         with self._fp8_context():
             if image.shape[0]:
-                image = self._run(self.vision_layers, image, None)
+                image = self._run(self.vision_layers, image, image_seg.key_mask(None, batch, device))
             if s_txt:
-                text = self._run(self.text_layers, text, key_mask)
+                text = self._run(self.text_layers, text, text_seg.key_mask(text_mask, batch, device))
             if not self.post_process:
                 return torch.cat([image, text], dim=0)
             return EncoderOutput(
-                image=self._head(image, self.vision_final_norm, None, self.vision_projection)
+                image=self._head(image, image_seg, None, self.vision_final_norm, self.vision_projection)
                 if image.shape[0] else None,
-                text=self._head(text, self.text_final_norm, text_mask, self.text_projection) if s_txt else None,
+                text=self._head(text, text_seg, text_mask, self.text_final_norm, self.text_projection)
+                if s_txt else None,
                 logit_scale=self.logit_scale,
             )
+
+    def _segment(self, tokens: int) -> SegmentShards:
+        return SegmentShards(tokens, self.tp_group, self.config.sequence_parallel)
+
+    def _stage_input(self, images, text_ids, text_mask, image_seg, text_seg) -> torch.Tensor:
+        """The first stage embeds (and under SP scatters each segment); later stages take the received tensor."""
+        if not self.pre_process:
+            if self.input_tensor is None:
+                raise RuntimeError("forward: no input tensor set on a non-first pipeline stage")
+            return self.input_tensor
+        parts = []
+        if images is not None:
+            parts.append(image_seg.scatter(self.vision_embedding(images)))
+        if text_ids is not None:
+            parts.append(text_seg.scatter(self.text_embedding(text_ids, text_mask)))
+        if not parts:
+            raise ValueError("forward: give images and/or text_ids")
+        return torch.cat(parts, dim=0)  # [S_img + S_txt, b, D] (this rank's shards under SP)
 
     def _fp8_context(self):
         from megatron.core.fp8_utils import get_fp8_context
@@ -178,25 +195,22 @@ class M2Encoder(MegatronModule):
         return get_fp8_context(self.config)
 
     def _run(self, stack: torch.nn.ModuleDict, hidden: torch.Tensor, key_mask) -> torch.Tensor:
-        full_recompute = self.config.recompute_granularity == "full" and self.training
-        for layer in stack.values():
-            if full_recompute:
-                hidden = tensor_parallel.checkpoint(
-                    lambda h, m, layer=layer: layer(h, attention_mask=m)[0], False, hidden, key_mask)
-            else:
-                hidden, _ = layer(hidden, attention_mask=key_mask)
-        return hidden
+        return run_stack(stack.values(), hidden, key_mask, self.config, self.tp_group, self.training)
 
-    def _head(self, x: torch.Tensor, final_norm, text_mask, projection) -> torch.Tensor:
+    def _head(self, x: torch.Tensor, seg: SegmentShards, text_mask, final_norm, projection) -> torch.Tensor:
         """Tower final LN → VL block → VL final LN on the CLS token → projection → L2 normalization."""
-        x = final_norm(x)  # [S, b, D]
+        x = final_norm(x)  # [S, b, D] (this rank's rows under SP)
+        batch = x.shape[1]
         if text_mask is None:
-            key_mask = torch.zeros(x.shape[1], 1, 1, x.shape[0], dtype=torch.bool, device=x.device)
+            key_mask = seg.key_mask(None, batch, x.device)
+            if key_mask is None and self.cfg.layer_spec == "te":  # TE's padding mask type is given a mask
+                key_mask = torch.zeros(batch, 1, 1, seg.padded, dtype=torch.bool, device=x.device)
         else:
-            x = x * text_mask.t().unsqueeze(-1).to(x.dtype)  # VL entry zeroes padded positions again
-            key_mask = (text_mask == 0)[:, None, None, :]
+            valid = seg.valid(text_mask, batch, x.device)  # [b, S_pad]
+            x = x * seg.local_rows(valid.t()).unsqueeze(-1).to(x.dtype)  # VL entry zeroes padded positions again
+            key_mask = (valid == 0)[:, None, None, :]
         x = self._run(self.vl_layers, x, key_mask)
-        cls = self.vl_final_norm(x[0])  # [b, D]; LN is per token, so only the CLS token is needed
+        cls = self.vl_final_norm(seg.first_row(x))  # [b, D]; LN is per token, so only the CLS token is needed
         z = projection(cls)  # [b, E]
         return z / z.norm(dim=-1, keepdim=True)  # no eps, as the reference
 

@@ -32,6 +32,8 @@ def transformer_config(cfg: ModelConfig, *, tp_size: int = 1, params_dtype: torc
     if cfg.ffn_hidden_size % tp_size:
         raise ConfigError(f"model.ffn_hidden_size: {cfg.ffn_hidden_size} is not divisible by "
                           f"tensor_parallel={tp_size}")
+    if overrides.get("sequence_parallel") and tp_size < 2:
+        raise ConfigError(f"parallel.sequence_parallel: needs parallel.tensor_parallel > 1 (got {tp_size})")
     fp8 = {}
     if cfg.fp8 != "none":
         fp8 = {"fp8": "hybrid", "fp8_recipe": FP8_RECIPES[cfg.fp8]}

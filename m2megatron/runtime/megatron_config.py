@@ -87,6 +87,8 @@ def runtime_overrides(cfg: RunConfig, groups: ParallelGroups, hooks: ChunkSyncHo
         overrides["param_sync_func"] = hooks.funcs("start_param_sync", num_chunks)
     if hooks is not None and cfg.train.precision == "fp16":
         overrides["grad_scale_func"] = hooks.scale_loss
+    # Sequence parallelism: the model pads and scatters its segments (models.sequence_parallel).
+    overrides["sequence_parallel"] = par.sequence_parallel
     train = cfg.train
     if train.recompute == "full":
         overrides.update(recompute_granularity="full", recompute_method=train.recompute_method,

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
+from m2megatron.models.sequence_parallel import packed_seq_length
 from m2megatron.parallel.device import to_device
 
 FIRST_STAGE_INPUTS = ("images", "text_ids")
@@ -61,12 +62,13 @@ def run_schedule(chunks: Sequence, groups, microbatches: Iterable[dict], fn: Cal
 
     microbatches: a sequence, or an iterator (streamed; then give `num_microbatches` and
     `micro_batch_size`). Every microbatch must have the same number of rows (the receive buffers'
-    shape). seq_length: tokens of the packed activation between stages (default: image + text tokens).
+    shape). seq_length: tokens of the packed activation between stages as `packed_seq_length` counts them
+    (default: image + text segments; padded under sequence parallelism, which Megatron then divides by TP).
     """
     layout = groups.layout
     first = _unwrap(chunks[0])
     if seq_length is None:
-        seq_length = first.cfg.num_image_tokens + first.cfg.max_text_len
+        seq_length = packed_seq_length(first.cfg, layout.tensor_parallel, first.config.sequence_parallel)
     if num_microbatches is None or micro_batch_size is None:
         microbatches = list(microbatches)
         num_microbatches, micro_batch_size = len(microbatches), _rows(microbatches[0])

@@ -198,13 +198,15 @@ class Trainer:
         }
         if self.cfg.train.precision == "fp16":
             record["loss_scale"] = float(self.optimizer.get_loss_scale().item())
-        train_flops = flops.train_flops_per_sample(self.cfg.model, self.cfg.train.recompute == "full")
-        achieved = train_flops * speed["samples_per_s"] / 1e12
-        record["model_tflops"] = achieved
+        # MFU counts the model's FLOPs; HFU also the forward that recompute re-runs (planning.flops).
+        model_flops, hardware_flops = flops.run_flops_per_sample(self.cfg)
+        record["model_tflops"] = model_flops * speed["samples_per_s"] / 1e12
+        record["hardware_tflops"] = hardware_flops * speed["samples_per_s"] / 1e12
         if torch.cuda.is_available():
             peak = flops.peak_tflops(torch.cuda.get_device_name(), "fp8" if self.cfg.model.fp8 != "none" else "bf16")
             if peak:
-                record["mfu"] = achieved / (peak * dist.get_world_size())
+                record["mfu"] = record["model_tflops"] / (peak * dist.get_world_size())
+                record["hfu"] = record["hardware_tflops"] / (peak * dist.get_world_size())
         for reason, count in self.batches.skipped().items():
             record[f"skipped_{reason}"] = float(count)
         return record
