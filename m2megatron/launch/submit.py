@@ -5,7 +5,11 @@ Resolves the run config (recipe + overrides, the `launch.*` section included), v
 job's world size, makes the paths in it absolute, snapshots the source tree into `<run_dir>/code`,
 writes the resolved config to `<run_dir>/config.yaml`, renders `<run_dir>/slurm/<kind>.sbatch` and
 submits it with sbatch. `--eval` also submits the eval job with `--dependency=afterok:<train job>`.
-`--dry-run` does everything but sbatch. Prints one JSON line: run directory, scripts and job ids.
+`--dry-run` does everything but sbatch. Before a training job is submitted, its layout is checked by the
+trainer's dry run on this machine (every rank class built on the meta device, `python -m m2megatron.train
+--dry-run --all-ranks`): any problem (memory, loss groups across nodes, microbatches < PP, unbalanced
+stages, parameter count) refuses the submission with its one-line reason; `--no-layout-check` skips it.
+Prints one JSON line: run directory, scripts and job ids.
 Arguments after `--` replace the module's configured arguments (required for --kind reshard).
 """
 
@@ -80,9 +84,27 @@ def prepare_run_dir(cfg: RunConfig, kind: str) -> tuple[Path, Path]:
     return run_dir, code_dir
 
 
+def check_layout(run_dir: Path, world_size: int) -> str:
+    """The trainer's dry run of the resolved config at `world_size` (a process of its own: it joins a fake
+    world). Returns its report (also written to slurm/layout_check.txt); raises UserError on a problem."""
+    cmd = [sys.executable, "-m", "m2megatron.train", "--dry-run", "--all-ranks", "--config",
+           str(run_dir / "config.yaml"), "--world-size", str(world_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=SOURCE_ROOT)
+    (run_dir / "slurm" / "layout_check.txt").write_text(proc.stdout + proc.stderr)
+    problems = [line.removeprefix("problem: ") for line in proc.stdout.splitlines() if line.startswith("problem: ")]
+    if proc.returncode == 1 and problems:
+        raise UserError("the layout check refuses this job (--no-layout-check skips it):\n  " + "\n  ".join(problems))
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:]
+        raise UserError(f"the layout check failed to run ({' '.join(tail)}); see {run_dir / 'slurm/layout_check.txt'}")
+    return proc.stdout
+
+
 def submit(cfg: RunConfig, *, kind: str = "train", chain_eval: bool = False, module_args: list[str] | None = None,
-           after: str | None = None, dry_run: bool = False, config_source: str = "a run config") -> Submission:
-    """Prepare the run directory, render the job(s) and submit them unless `dry_run`."""
+           after: str | None = None, dry_run: bool = False, config_source: str = "a run config",
+           layout_check: bool = False) -> Submission:
+    """Prepare the run directory, render the job(s) and submit them unless `dry_run`. `layout_check` runs the
+    trainer's dry run of a training job first (the command line does unless --no-layout-check)."""
     if kind not in KINDS:
         raise UserError(f"--kind: {kind!r} is not one of {list(KINDS)}")
     if kind == "reshard" and not module_args:
@@ -96,6 +118,8 @@ def submit(cfg: RunConfig, *, kind: str = "train", chain_eval: bool = False, mod
         cfg.parallel.validate(launch.world_size(launch.eval_nodes), cfg.model.num_attention_heads,
                               cfg.model.num_layers)
     run_dir, code_dir = prepare_run_dir(cfg, kind)
+    if layout_check and kind == "train":
+        check_layout(run_dir, launch.world_size())
     result = Submission(run_dir=run_dir)
     jobs = [(kind, module_args)] + ([("eval", None)] if chain_eval else [])
     for job_kind, args in jobs:
@@ -133,10 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", action="store_true", help="chain an eval job after training (afterok)")
     parser.add_argument("--after", help="make the (first) job depend on this job id (afterok)")
     parser.add_argument("--dry-run", action="store_true", help="prepare and render, do not call sbatch")
+    parser.add_argument("--no-layout-check", action="store_true",
+                        help="do not run the trainer's dry run of the layout before submitting a training job")
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides, preset_name=args.preset)
     result = submit(cfg, kind=args.kind, chain_eval=args.eval, module_args=module_args, after=args.after,
-                    dry_run=args.dry_run, config_source=args.config or "defaults and command-line overrides")
+                    dry_run=args.dry_run, config_source=args.config or "defaults and command-line overrides",
+                    layout_check=not args.no_layout_check)
     print(result.to_json(), flush=True)
     return 0
 

@@ -90,8 +90,8 @@ def test_submit_passes_the_dependency_to_sbatch(tmp_path, monkeypatch):
 
 
 def test_command_line_prints_one_json_line_and_reports_bad_settings_in_one_line(tmp_path):
-    run = [sys.executable, "-m", "m2megatron.launch.submit", "--dry-run", f"--train.run_dir={tmp_path / 'r'}",
-           "--launch.snapshot=false"]
+    run = [sys.executable, "-m", "m2megatron.launch.submit", "--dry-run", "--no-layout-check",
+           f"--train.run_dir={tmp_path / 'r'}", "--launch.snapshot=false"]
     out = subprocess.run(run, capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["scripts"]["train"] == str(tmp_path / "r" / "slurm" / "train.sbatch")
@@ -113,3 +113,15 @@ def test_snapshot_copies_what_git_knows_and_leaves_ignored_files_out(tmp_path):
     (src / "pkg" / "a.py").write_text("x = 2\n")
     snapshot_code(src, tmp_path / "dest")  # a second snapshot replaces the first
     assert (tmp_path / "dest" / "pkg" / "a.py").read_text() == "x = 2\n"
+
+
+def test_a_training_job_whose_layout_does_not_fit_is_refused_before_sbatch(tmp_path):
+    # 10B at TP1 without the distributed optimizer: the trainer's dry run finds the memory problem.
+    run = [sys.executable, "-m", "m2megatron.launch.submit", "--dry-run", f"--train.run_dir={tmp_path / 'big'}",
+           "--launch.snapshot=false", "--preset", "m2-10b", "--launch.procs_per_node=8", "--train.precision=bf16",
+           "--train.micro_batch_size=2"]
+    out = subprocess.run(run, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.startswith("error: the layout check refuses this job (--no-layout-check skips it):")
+    assert "memory: rank 0 (pp 0) needs" in out.stderr
+    assert "dry_run ranks_visited=1" in (tmp_path / "big" / "slurm" / "layout_check.txt").read_text()
