@@ -101,7 +101,8 @@ def test_every_tested_command_of_the_eval_docs_runs_as_written(demo_run, docs_ru
     assert names["synthetic"]["step"] == 4 and names["synthetic"]["checkpoint_format"] == "ours"
     assert (names["synthetic"]["tensor_parallel"], names["synthetic"]["pipeline_parallel"]) == (1, 1)
     end_of_training = json.loads((demo_run / "runs" / "tiny" / "results.json").read_text())  # scored at TP2·PP2
-    assert all(names["synthetic"]["metrics"][k] == end_of_training[k] for k in names["synthetic"]["metrics"])
+    assert all(names["synthetic"]["metrics"][k] == end_of_training[f"eval/synthetic/{k}"]
+               for k in names["synthetic"]["metrics"])
     assert names["captions"]["metrics"] == names["wds_captions"]["metrics"]  # the same scenes in two formats
     report = (demo_run / "runs" / "tiny" / "report.md").read_text()
     assert all(f"| {name} |" in report for name in names)
