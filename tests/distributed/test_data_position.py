@@ -129,3 +129,40 @@ def test_resume_at_dp4_and_at_tp2_dp1_reads_each_unread_sample_of_the_epoch_once
         assert all(any(e == 1 for e, _ in r["seen"]) for r in after if r["reader"])
         assert after[0]["skipped_at_resume"] == dict(saved_skips)  # carried over, summed into DP rank 0
         assert all(r["skipped_at_resume"] == {} for r in after[1:])
+
+
+TRAINER = ["--model.hidden_size=32", "--model.ffn_hidden_size=64", "--model.num_layers=2", "--model.num_vl_layers=1",
+           "--model.image_size=16", "--model.patch_size=8", "--model.max_text_len=12", "--model.embed_dim=16",
+           "--train.micro_batch_size=8", "--train.eval_at_end=false", "--train.tensorboard=false",
+           "--data.synthetic_train_samples=64"]
+
+
+def _train(run_dir: str, overrides: list[str]) -> None:
+    from m2megatron.config import load_config
+    from m2megatron.train.run import train_and_evaluate
+
+    train_and_evaluate(load_config(overrides=TRAINER + [f"--train.run_dir={run_dir}"] + overrides))
+
+
+def _resumed_reader_work(run_dir: str, overrides: list[str]) -> dict | None:
+    """Build the trainer at another layout (it resumes from the run's checkpoint); the reader's loader state."""
+    from m2megatron.config import load_config
+    from m2megatron.train.trainer import Trainer
+
+    trainer = Trainer(load_config(overrides=TRAINER + [f"--train.run_dir={run_dir}"] + overrides), progress=False)
+    try:
+        return trainer.batches.state_dict() if trainer.batches.is_reader else None
+    finally:
+        trainer.close()
+
+
+@pytest.mark.slow
+def test_the_trainer_resumes_at_another_dp_size_with_the_unread_samples(dist_pool, tmp_path):
+    pool, run_dir = dist_pool(2), str(tmp_path / "run")
+    pool.run(_train, run_dir, ["--train.train_steps=2"])  # DP 2: 2 steps × 2 readers × 8 = 32 of 64 samples
+    state = pool.run(_resumed_reader_work, run_dir, ["--parallel.pipeline_parallel=2", "--train.train_steps=3"])[0]
+    from m2megatron.data.position import Segment
+
+    slots = sorted(s for seg in state["plan"] for s in Segment.from_list(seg).slots)
+    assert state["dp_size"] == 1 and state["then"] == 1 and state["batches"] == 2
+    assert slots == list(range(32, 64))  # no skips: the 32 consumed samples are the order's first 32 slots
