@@ -295,3 +295,30 @@ def test_state_errors_and_version_1_states(tok):
     resumed = _loader(cfg, tok, 0, 2)
     resumed.load_state_dict(old)
     assert [k for _ in range(5) for k in next(resumed)["keys"]] == straight[3:]
+
+
+def test_the_trainer_hands_over_saved_positions_also_from_a_resharded_checkpoint():
+    from types import SimpleNamespace
+
+    from m2megatron.train.checkpointing import restore_data_position
+
+    class Batches:
+        def load_state_dict(self, state):
+            self.got = ("own", state)
+
+        def load_global_state(self, states):
+            self.got = ("global", states)
+
+    a, b = {"kind": "x", "dp_rank": 0}, {"kind": "x", "dp_rank": 1}
+    cases = [  # (rank_state, saved_rank_states, extra_state) → what the loader gets
+        ({"loader": a}, None, {}, ("own", a)),
+        (None, {(0, 0, 0): {"loader": a}, (0, 1, 0): {"loader": {"stage_batches": "follower"}},
+                (0, 0, 1): {"loader": b}}, {}, ("global", [a, {"stage_batches": "follower"}, b])),
+        ({}, None, {"saved_rank_states": {"0,0,0": {"loader": a}, "0,0,1": {"loader": b}}}, ("global", [a, b])),
+        (None, {(0, 0, 0): {}}, {"saved_rank_states": {"0,0,0": {"loader": a}}}, ("global", [a])),
+    ]
+    for rank_state, saved, extra, want in cases:
+        batches = Batches()
+        restore_data_position(batches, SimpleNamespace(rank_state=rank_state, saved_rank_states=saved,
+                                                       extra_state=extra))
+        assert batches.got == want
