@@ -26,6 +26,11 @@ REASONS = {
     "bad_utf8": "a caption file that is not valid UTF-8",
     "bad_json": "a .json member that is not a JSON object",
     "truncated_tar": "a tar shard that ends in the middle of a member (the rest of the shard is lost)",
+    # Not bad data: what an epoch's order leaves out so that every data-parallel rank gets the same count
+    # (counted once per epoch, by DP rank 0).
+    "left_out_samples": "a sample left out of an epoch's order (the remainder of num_samples % dp_size)",
+    "left_out_shards": "a shard left out of an epoch's order, all its records (the remainder of "
+                       "len(shards) % dp_size)",
 }
 
 

@@ -1,20 +1,24 @@
-"""Per-rank sample streams with a small, resumable position.
+"""Per-rank sample streams with a small, resumable position that does not depend on the layout.
 
-Each source turns (seed, epoch, dp_rank, dp_size) into a deterministic order and yields
-`(item, position)` pairs forever (epoch after epoch). `position` is a small dict of ints: handing it
-back to `stream(position)` continues with exactly the next item the uninterrupted stream would yield.
+Each source turns (seed, epoch) into an epoch's global order of units (samples, or shards) and yields
+one data-parallel rank's share of it, `(item, position)` pairs forever (epoch after epoch). The share
+and the position are `m2megatron.data.position`'s `Work` and position dict: handing the position back
+to `stream(position)` continues with exactly the next item the uninterrupted stream would yield, and
+every saved rank's (work, position) tells exactly which records of an epoch are read, at any layout.
 
-- synthetic / jsonl: a seeded permutation of all samples per epoch; rank r takes every dp_size-th
-  sample from offset r, cut to the same length on every rank.
-- webdataset: a seeded permutation of the shards per epoch; rank r takes every dp_size-th shard (the
-  same count on every rank, so the leftover shards change from epoch to epoch). Inside a shard, records
-  are read in tar order in blocks of `shuffle_block` and each block is permuted. Position = (epoch,
-  shard slot, records emitted from that shard); resuming reopens the shard and skips whole records
-  without reading their data.
+- synthetic / jsonl: the unit is a sample; the order a seeded permutation of all samples per epoch;
+  rank r of P takes every P-th slot from slot r, the same count on every rank (the N mod P last slots
+  are left out of the epoch and counted as `left_out_samples` by DP rank 0).
+- webdataset: the unit is a shard; the order a seeded permutation of the shards per epoch; rank r takes
+  every P-th shard (the same count on every rank, so the left-out shards, counted as `left_out_shards`,
+  change from epoch to epoch). Inside a shard, records are read in tar order in blocks of
+  `shuffle_block` and each block is permuted. A position inside a shard is the count of records emitted
+  from it; resuming reopens the shard and skips whole records without reading their data.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +27,11 @@ import numpy as np
 
 from m2megatron.config.base import ConfigError
 from m2megatron.data.formats import JsonlItem, iter_tar_records, read_file, record_sample
+from m2megatron.data.position import Work
 from m2megatron.data.skips import BadSample
 from m2megatron.data.synthetic import SyntheticScenes
+
+log = logging.getLogger("m2megatron.data")
 
 # Distinct RNG stream tags, so no two uses of the seed collide.
 _ORDER, _SHARDS, _BLOCK, _CAPTION, _AUG = 101, 102, 103, 104, 105
@@ -45,35 +52,98 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([k & 0xFFFFFFFF for k in key])
 
 
-class IndexedSource:
-    """Random-access samples (synthetic scenes, jsonl records) in a per-epoch seeded order."""
+class _Source:
+    """The stream of one data-parallel rank over its `Work` (m2megatron.data.position): units in the epoch's
+    global order, their records, and the left-out slots of each epoch as counted skips."""
+
+    kind, left_out_reason, unit_name = "", "", "units"
+    records_per_unit: int | None = None  # one for samples; a shard's count is known only at its end
+
+    def __init__(self, num_units: int, seed: int, dp_rank: int, dp_size: int, order_tag: int):
+        self.seed, self._order_tag = seed, order_tag
+        self.work = Work(num_units, dp_rank, dp_size)
+        self._order: tuple[int, np.ndarray] | None = None
+
+    @property
+    def num_units(self) -> int:
+        return self.work.num_units
+
+    @property
+    def dp_rank(self) -> int:
+        return self.work.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.work.dp_size
+
+    def global_order(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s seeded permutation of the units (the same at any layout)."""
+        cached = self._order  # one read: the loader thread and the caller may both ask
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, _rng(self.seed, self._order_tag, epoch).permutation(self.num_units))
+            self._order = cached
+        return cached[1]
+
+    def epoch_units(self, epoch: int) -> list[int]:
+        """This rank's units of epoch `epoch` at its standard share (no plan)."""
+        seg = Work(self.num_units, self.dp_rank, self.dp_size, (), epoch).segment(0)
+        return [int(u) for u in self.global_order(epoch)[seg.start:seg.stop:seg.step]]
+
+    def start_position(self) -> dict:
+        return self.work.position()
+
+    def stream(self, position: dict) -> Iterator[tuple[Item | BadSample, dict]]:
+        index, unit, record = int(position["segment"]), int(position["unit"]), int(position["record"])
+        while True:
+            seg, work = self.work.segment(index), self.work
+            order = self.global_order(seg.epoch)
+            if (unit, record) == (0, 0):
+                yield from self._left_out(seg.epoch, order, work.left_out(index), work.position(index))
+            for k in range(unit, len(seg)):
+                start = seg.start_record(k, record if k == unit else 0)
+                for done, item in self._unit_items(seg.epoch, int(order[seg.slots[k]]), start):
+                    if done == self.records_per_unit:
+                        yield item, work.position(index, k + 1, 0)
+                    else:
+                        yield item, work.position(index, k, done)
+            index, unit, record = index + 1, 0, 0
+
+    def _left_out(self, epoch: int, order: np.ndarray, slots: range, position: dict):
+        if not slots:
+            return
+        log.info("data: epoch %d leaves out %d of %d %s (the remainder of %d %% %d data-parallel ranks), "
+                 "counted as %s", epoch, len(slots), self.num_units, self.unit_name, self.num_units, self.dp_size,
+                 self.left_out_reason)
+        for s in slots:
+            yield BadSample(self.left_out_reason, self.describe(int(order[s]))), position
+
+    def _unit_items(self, epoch: int, unit: int, start: int) -> Iterator[tuple[int, Item | BadSample]]:
+        """(records done after it, item) for the records of `unit` from record `start` on."""
+        raise NotImplementedError
+
+    def describe(self, unit: int) -> str:
+        raise NotImplementedError
+
+
+class IndexedSource(_Source):
+    """Random-access samples (synthetic scenes, jsonl records): the unit is a sample."""
+
+    left_out_reason, unit_name, records_per_unit = "left_out_samples", "samples", 1
 
     def __init__(self, num_samples: int, seed: int, dp_rank: int, dp_size: int):
         if num_samples < dp_size:
             raise ConfigError(f"data: {num_samples} samples cannot feed {dp_size} data-parallel ranks")
-        self.num_samples, self.seed, self.dp_rank, self.dp_size = num_samples, seed, dp_rank, dp_size
-        self.per_rank = num_samples // dp_size
+        super().__init__(num_samples, seed, dp_rank, dp_size, _ORDER)
+        self.num_samples = num_samples
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        perm = _rng(self.seed, _ORDER, epoch).permutation(self.num_samples)
-        return perm[self.dp_rank::self.dp_size][: self.per_rank]
-
-    def start_position(self, epoch: int = 0) -> dict:
-        return {"epoch": epoch, "index": 0}
-
-    def stream(self, position: dict) -> Iterator[tuple[Item | BadSample, dict]]:
-        epoch, index = int(position["epoch"]), int(position["index"])
-        while True:
-            order = self.epoch_order(epoch)
-            for i in range(index, len(order)):
-                sample = int(order[i])
-                pos = {"epoch": epoch, "index": i + 1}
-                try:
-                    item = self.item(sample, epoch)
-                except BadSample as bad:
-                    item = bad
-                yield item, pos
-            epoch, index = epoch + 1, 0
+    def _unit_items(self, epoch: int, unit: int, start: int):
+        if start >= 1:
+            return
+        try:
+            item = self.item(unit, epoch)
+        except BadSample as bad:
+            item = bad
+        yield 1, item
 
     def item(self, sample: int, epoch: int) -> Item:
         raise NotImplementedError
@@ -89,6 +159,9 @@ class SyntheticSource(IndexedSource):
     def item(self, sample: int, epoch: int) -> Item:
         s = self.scenes[sample]
         return Item(key=s.key, caption=s.caption, pixels=s.image)
+
+    def describe(self, unit: int) -> str:
+        return f"synthetic sample {unit}"
 
 
 class JsonlSource(IndexedSource):
@@ -107,34 +180,29 @@ class JsonlSource(IndexedSource):
         data = read_file(self.image_root / rec.image)
         return Item(key=rec.image, caption=caption, encoded=data, aug_key=(self.seed, _AUG, epoch, sample))
 
+    def describe(self, unit: int) -> str:
+        return self.items[unit].image
 
-class WebdatasetSource:
-    kind = "webdataset"
+
+class WebdatasetSource(_Source):
+    kind, left_out_reason, unit_name = "webdataset", "left_out_shards", "shards"
 
     def __init__(self, shards: list[str], seed: int, dp_rank: int, dp_size: int, shuffle_block: int = 256):
         if len(shards) < dp_size:
             raise ConfigError(f"data.shards: {len(shards)} shard(s) cannot feed {dp_size} data-parallel ranks "
                               f"(each rank reads whole, distinct shards)")
-        self.shards, self.seed, self.dp_rank, self.dp_size = list(shards), seed, dp_rank, dp_size
-        self.block = shuffle_block
-        self.per_rank = len(shards) // dp_size
+        super().__init__(len(shards), seed, dp_rank, dp_size, _SHARDS)
+        self.shards, self.block = list(shards), shuffle_block
 
     def epoch_shards(self, epoch: int) -> list[int]:
-        perm = _rng(self.seed, _SHARDS, epoch).permutation(len(self.shards))
-        return [int(s) for s in perm[self.dp_rank::self.dp_size][: self.per_rank]]
+        """This rank's shard indices of epoch `epoch` at its standard share."""
+        return self.epoch_units(epoch)
 
-    def start_position(self, epoch: int = 0) -> dict:
-        return {"epoch": epoch, "shard": 0, "record": 0}
+    def describe(self, unit: int) -> str:
+        return self.shards[unit]
 
-    def stream(self, position: dict) -> Iterator[tuple[Item | BadSample, dict]]:
-        epoch, slot, record = int(position["epoch"]), int(position["shard"]), int(position["record"])
-        while True:
-            shards = self.epoch_shards(epoch)
-            for k in range(slot, len(shards)):
-                for n, item in enumerate(self._shard_items(epoch, shards[k], record), start=record + 1):
-                    yield item, {"epoch": epoch, "shard": k, "record": n}
-                record = 0
-            epoch, slot = epoch + 1, 0
+    def _unit_items(self, epoch: int, unit: int, start: int):
+        yield from enumerate(self._shard_items(epoch, unit, start), start=start + 1)
 
     def _shard_items(self, epoch: int, shard: int, start: int) -> Iterator[Item | BadSample]:
         """Records of one shard in emitted (block-shuffled) order, from emitted number `start` on."""

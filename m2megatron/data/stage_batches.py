@@ -5,6 +5,7 @@
     microbatches = batches.next_step()   # every rank, once per step (collectives inside, same order)
     state = batches.state_dict()         # every rank: into the checkpoint's per-rank state
     batches.load_state_dict(state)       # on resume, before the first next_step()
+    batches.load_global_state(states)    # or, after a layout change: every saved rank's state
     batches.skipped()                    # skip counts by reason: the reading rank's ({} on the others)
     batches.close()
 
@@ -31,7 +32,9 @@ skipped.
 
 State: the reading rank returns its loader's state (`TrainLoader.state_dict()`, unchanged), the other
 ranks `FOLLOWER_STATE`; each accepts what it returned (a non-reading rank ignores any state). Exact
-resume and skip accounting are therefore those of the single loader. Global rank 0 (tp 0, pp 0, dp 0)
+resume and skip accounting are therefore those of the single loader. After a layout change,
+`load_global_state(states)` takes every saved rank's state: each new reading rank continues with its
+share of the samples no saved reader had returned (TrainLoader.load_global_state). Global rank 0 (tp 0, pp 0, dp 0)
 is a reading rank, so the logging rank has its replica's skip counts.
 """
 
@@ -156,6 +159,16 @@ class StageBatches:
             raise ValueError("data state: this rank reads the data, but the state it got is a non-reading rank's "
                              "(was the checkpoint written at another layout?)")
         self.loader.load_state_dict(state)
+
+    def load_global_state(self, states: list[dict]) -> None:
+        """Continue from the states of every rank of a checkpoint saved at another layout (the trainer hands
+        over `LoadedCheckpoint.saved_rank_states`): the reading rank's loader shares out the unread rest of
+        the saved epochs over this run's readers (`TrainLoader.load_global_state`; FOLLOWER_STATE entries
+        are skipped); the other ranks drop what they hold for the next step."""
+        if self._follower is not None:
+            self._follower.reset()
+        if self.is_reader:
+            self.loader.load_global_state([s for s in states if s != FOLLOWER_STATE])
 
     def skipped(self) -> dict[str, int]:
         """Skipped samples by reason as of the last step: the reading rank's counts ({} on the others)."""

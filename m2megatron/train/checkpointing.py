@@ -1,9 +1,9 @@
 """The trainer's side of checkpoints: when to save, what goes in, and resuming at start-up.
 
-The data position is per data-parallel rank (`rank_state`): after a resume at the same layout every
-rank continues exactly where it stopped. After a layout change the positions cannot be mapped rank
-by rank, so every rank's loader starts its data order from the beginning (a warning is logged);
-the model, optimizer, schedule and step counter still resume.
+The data position is per reading rank (`rank_state["loader"]`): after a resume at the same layout every
+rank continues exactly where it stopped. After a layout change every saved rank's position is handed to
+the new reading ranks (`StageBatches.load_global_state`), which continue with exactly the samples of
+the saved epochs that had not been returned: none repeated, none dropped (docs/DATA.md).
 """
 
 from __future__ import annotations
@@ -64,10 +64,7 @@ class TrainCheckpointer:
             source = str(self.root)
         loaded = load_checkpoint(source, t.modules, t.optimizer, t.scheduler, groups=t.groups, config=t.cfg)
         t.skipped_steps = int(loaded.extra_state.get("skipped_steps", 0))
-        if loaded.rank_state and "loader" in loaded.rank_state:
-            t.batches.load_state_dict(loaded.rank_state["loader"])
-        elif dist.get_rank() == 0:
-            log.warning("resumed at another layout: data order restarts for the new data-parallel ranks")
+        restore_data_position(t.batches, loaded)
         if dist.get_rank() == 0:
             log.info("resumed from %s at step %d", loaded.path, loaded.step)
         self._last_saved, self.last_path = loaded.step, loaded.path
@@ -77,6 +74,23 @@ class TrainCheckpointer:
         """Wait for a background save in flight, so the run ends with its checkpoint visible."""
         self.writer.wait()
         self.writer.close()
+
+
+def restore_data_position(batches, loaded) -> None:
+    """Hand the saved data position to `batches` (StageBatches): this rank's own state at the same layout,
+    else every saved rank's (`saved_rank_states`, or those tools/reshard_checkpoint.py kept in the extra
+    state), whose unread samples the new reading ranks share out."""
+    if loaded.rank_state and "loader" in loaded.rank_state:
+        batches.load_state_dict(loaded.rank_state["loader"])
+        return
+    saved = loaded.saved_rank_states or {}
+    if not any("loader" in s for s in saved.values()):
+        saved = loaded.extra_state.get("saved_rank_states") or {}
+    states = [s["loader"] for s in saved.values() if isinstance(s, dict) and "loader" in s]
+    if states:
+        batches.load_global_state(states)
+    elif dist.get_rank() == 0:
+        log.warning("the checkpoint holds no data position: the data order starts from the beginning")
 
 
 def _has_checkpoint(root: Path) -> bool:

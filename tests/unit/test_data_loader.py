@@ -68,17 +68,6 @@ def test_synthetic_resume_is_exact(tok, prefetch):
     assert again != straight  # the order depends on the seed
 
 
-def test_resume_at_another_dp_size_restarts_the_epoch(tok):
-    cfg = DataConfig(synthetic_train_samples=40)
-    one = build_train_loader(cfg, tokenizer=tok, image_size=32, micro_batch_size=5, seed=1)
-    _take(one, 10)  # 50 samples: into epoch 1
-    two = build_train_loader(cfg, tokenizer=tok, image_size=32, micro_batch_size=5, seed=1, dp_rank=1, dp_size=2)
-    two.load_state_dict(one.state_dict())
-    fresh = build_train_loader(cfg, tokenizer=tok, image_size=32, micro_batch_size=5, seed=1, dp_rank=1, dp_size=2)
-    fresh.load_state_dict({**fresh.state_dict(), "position": {"epoch": 1, "index": 0}})
-    assert two.epoch == 1 and _take(two, 2)[0] == _take(fresh, 2)[0]
-
-
 def test_synthetic_ranks_disjoint(tok):
     cfg = DataConfig(synthetic_train_samples=48)
     keys = [set(_take(build_train_loader(cfg, tokenizer=tok, image_size=32, micro_batch_size=8, seed=1,
