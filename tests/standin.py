@@ -143,19 +143,10 @@ def _answer_scalar_reads() -> None:
 
 def join_fake_world(rank: int, world_size: int) -> None:
     """(Re)join a fake world as `rank` of `world_size`; the runtime device is the stand-in."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from m2megatron.parallel.fake_world import join_fake_world as join
 
-    from m2megatron.parallel import cpu_compat
-    from m2megatron.parallel.device import use_stand_in_accelerator
-    from m2megatron.parallel.groups import _release_owned_groups
-
-    if dist.is_initialized():
-        _release_owned_groups()
-        dist.destroy_process_group()
-    use_stand_in_accelerator(DEVICE)
-    cpu_compat.apply(DEVICE)
+    join(rank, world_size, DEVICE)
     _answer_scalar_reads()
-    dist.init_process_group("cpu:fake,meta:fake", store=FakeStore(), rank=rank, world_size=world_size)
 
 
 def _child(fn, args, out) -> None:

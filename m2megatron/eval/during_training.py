@@ -64,6 +64,16 @@ def configured_sets(cfg) -> list[EvalSet]:
     return out
 
 
+def by_set(values: dict) -> dict[str, dict]:
+    """{set: {metric: value}} of the flat `eval/<set>/<metric>` entries of a record (other keys ignored)."""
+    sets: dict[str, dict] = {}
+    for key, value in values.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == KEY_PREFIX:
+            sets.setdefault(parts[1], {})[parts[2]] = value
+    return sets
+
+
 def flat_metrics(name: str, report: dict, skipped: dict[str, int]) -> dict[str, float]:
     """`eval/<name>/<metric>` entries of one set's report and its skipped-input counts."""
     prefix = f"{KEY_PREFIX}/{name}"

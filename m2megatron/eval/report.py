@@ -58,13 +58,10 @@ def read_metrics_jsonl(path: Path) -> list[dict]:
 
 def _eval_rows(values: dict, step, source: str, checkpoint: str) -> list[dict]:
     """Rows of the `eval/<set>/<metric>` keys of one record (during training, or a results.json of that form)."""
-    sets: dict[str, dict] = {}
-    for key, value in values.items():
-        parts = key.split("/")
-        if len(parts) == 3 and parts[0] == "eval":
-            sets.setdefault(parts[1], {})[parts[2]] = value
+    from m2megatron.eval.during_training import by_set
+
     rows = []
-    for name, entries in sets.items():
+    for name, entries in by_set(values).items():
         metrics = {k: v for k, v in entries.items() if k in RETRIEVAL_KEYS or k in ZEROSHOT_KEYS}
         skipped = {k.removeprefix("skipped_"): int(v) for k, v in entries.items() if k.startswith("skipped_")}
         if metrics:

@@ -20,14 +20,13 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from m2megatron.config.model import count_parameters
 from m2megatron.config.run import RunConfig
+from m2megatron.parallel.fake_world import META, join_fake_world
 from m2megatron.parallel.layout import Layout
 
 log = logging.getLogger("m2megatron.train")
-META = torch.device("meta")
 RUNTIME_RESERVE_GIB = 4.0
 """CUDA context, NCCL buffers and allocator slack per GPU (the layout planner's reserve)."""
 STAGE_FLOP_TOLERANCE = 0.10
@@ -53,21 +52,6 @@ class RankReport:
     """The memory planner's bytes of the same categories, and its total for the rank."""
     total_bytes: float = 0.0
     """The rank's estimated peak: built categories with the planner's in-flight activations and the rest."""
-
-
-def _fake_world(rank: int, world_size: int) -> None:
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from m2megatron.parallel import cpu_compat
-    from m2megatron.parallel.device import use_stand_in_accelerator
-    from m2megatron.parallel.groups import _release_owned_groups
-
-    if dist.is_initialized():
-        _release_owned_groups()
-        dist.destroy_process_group()
-    use_stand_in_accelerator(META)
-    cpu_compat.apply(META)
-    dist.init_process_group("cpu:fake,meta:fake", store=FakeStore(), rank=rank, world_size=world_size)
 
 
 def rank_classes(layout: Layout) -> list[int]:
@@ -134,6 +118,14 @@ def _activation_bytes(stages, cfg: RunConfig) -> int:
     return sum(saved.values())
 
 
+def measured_config(cfg: RunConfig) -> RunConfig:
+    """What the dry run builds: the local spec with Megatron's attention. Their tensors are the same on every
+    device, whereas TE and SDPA run other kernels on a CPU than on a GPU (fused ones keep no s × s
+    probabilities); the planner's difference between the two is added back for the estimate."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layer_spec="local", fp8="none",
+                                                              attention="megatron"))
+
+
 def _unique_parameters(stages, tp: int) -> int:
     from m2megatron.models.embeddings import padded_vocab_size
     from m2megatron.models.state import VOCAB_KEY, local_state_dict, tp_axis
@@ -147,43 +139,45 @@ def _unique_parameters(stages, tp: int) -> int:
     return total
 
 
-def visit(cfg: RunConfig, world_size: int, rank: int) -> RankReport:
-    """Build rank `rank` of `world_size` on meta under a fake world and measure it."""
-    from m2megatron.parallel import initialize, seed_everything
+def _planned(cfg: RunConfig, world_size: int, pp_rank: int):
     from m2megatron.planning.memory import PlanInput, plan_memory
+
+    plan = PlanInput.from_run_config(cfg, world_size, runtime_reserve_bytes=int(RUNTIME_RESERVE_GIB * 2**30))
+    return plan_memory(plan)[pp_rank]
+
+
+def visit(cfg: RunConfig, world_size: int, rank: int) -> RankReport:
+    """Build rank `rank` of `world_size` on meta under a fake world and measure it (module docstring)."""
+    from m2megatron.parallel import initialize, seed_everything
     from m2megatron.runtime import build_stages
 
-    _fake_world(rank, world_size)
-    groups = initialize(cfg.parallel)
-    seed_everything(cfg.train.seed, groups)  # Megatron's attention forks the TP RNG stream
-    stages = build_stages(cfg, groups)
+    built_cfg = measured_config(cfg)
+    join_fake_world(rank, world_size)
+    groups = initialize(built_cfg.parallel)
+    seed_everything(built_cfg.train.seed, groups)  # Megatron's attention forks the TP RNG stream
+    stages = build_stages(built_cfg, groups)
     layout = groups.layout
-    nodes_of = _gpus_per_node(cfg)
     spans = _groups_of(layout, rank)
-    mixed = cfg.train.precision in ("bf16", "fp16")
     built = {
         "parameters": _bytes(p for m in stages.modules for p in m.parameters()),
         "gradients": _bytes(b.grad_data for c in stages.chunks for b in c.buffers + c.expert_parallel_buffers),
-        "optimizer": _optimizer_bytes(stages.optimizer, mixed),
-        "activations_per_microbatch": _activation_bytes(stages, cfg),
+        "optimizer": _optimizer_bytes(stages.optimizer, cfg.train.precision in ("bf16", "fp16")),
+        "activations_per_microbatch": _activation_bytes(stages, built_cfg),
     }
-    plan_input = PlanInput.from_run_config(cfg, world_size, runtime_reserve_bytes=int(RUNTIME_RESERVE_GIB * 2**30))
-    planned_rank = plan_memory(plan_input)[groups.pp_rank]
-    planned = {k: planned_rank.bytes[k] for k in ("parameters", "gradients", "optimizer")}
-    planned["activations_per_microbatch"] = planned_rank.activations_per_microbatch
-    # Built categories replace the planner's; the rest (recompute peak, input data, loss, send buffers,
-    # workspace, runtime reserve) is the planner's.
-    in_flight = planned_rank.microbatches_in_flight
-    planned_kept = in_flight * planned_rank.activations_per_microbatch
-    total = planned_rank.total + sum(built[k] - planned[k] for k in ("parameters", "gradients", "optimizer")) \
-        + in_flight * built["activations_per_microbatch"] - planned_kept
+    like_built = _planned(built_cfg, world_size, groups.pp_rank)  # the planner for what was built
+    planned = {k: like_built.bytes[k] for k in ("parameters", "gradients", "optimizer")}
+    planned["activations_per_microbatch"] = like_built.activations_per_microbatch
+    # The estimate: the planner for the real config, with the built categories' measured differences.
+    real = _planned(cfg, world_size, groups.pp_rank)
+    total = real.total + sum(built[k] - planned[k] for k in ("parameters", "gradients", "optimizer")) + \
+        real.microbatches_in_flight * (built["activations_per_microbatch"] - planned["activations_per_microbatch"])
     tp_rank, dp_rank, pp_rank = layout.coordinates(rank)
     return RankReport(
         rank=rank, coordinates={"pp": pp_rank, "tp": tp_rank, "dp": dp_rank,
                                 "vp": [s.stage for s in stages.specs] if layout.virtual_pipeline else None},
-        groups=spans, loss_group_nodes=sorted({r // nodes_of for r in spans["loss"]}),
+        groups=spans, loss_group_nodes=sorted({r // _gpus_per_node(cfg) for r in spans["loss"]}),
         unique_parameters=_unique_parameters(stages, layout.tensor_parallel), built=built,
-        planned={**planned, "total": planned_rank.total}, total_bytes=total)
+        planned={**planned, "total": real.total}, total_bytes=total)
 
 
 def _gpus_per_node(cfg: RunConfig) -> int:
@@ -269,10 +263,10 @@ def run_dry(cfg: RunConfig, world_size: int, *, rank: int | None = None, all_ran
             gpu_memory_gib: float | None = None) -> int:
     """The dry run's command: print the visited ranks; with --all-ranks, fail (exit 1) on any problem."""
     cfg.validate(world_size=world_size)
-    if cfg.model.layer_spec == "te":  # TE builds only on a GPU; the local spec has the same parameters
-        print("note: model.layer_spec=te is built with the local spec (the same parameters and buffers); "
-              "activations are the local spec's", flush=True)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layer_spec="local", fp8="none"))
+    if (cfg.model.layer_spec, cfg.model.attention) != ("local", "megatron"):
+        print(f"note: built with the local spec and Megatron's attention (layer_spec={cfg.model.layer_spec}, "
+              f"attention={cfg.model.attention} have the same parameters; their fused GPU attention keeps less, "
+              "which the estimate takes from the planner)", flush=True)
     figures = schedule_figures(cfg, world_size)
     layout = figures["layout"]
     ranks = rank_classes(layout) if all_ranks else [rank or 0]

@@ -33,13 +33,10 @@ def train_and_evaluate(cfg: RunConfig) -> dict | None:
 
 def format_results(results: dict) -> str:
     """One line per evaluated set of a flat `eval/<set>/<metric>` dict (the held-out synthetic set with its chance)."""
-    sets: dict[str, dict] = {}
-    for key, value in results.items():
-        parts = key.split("/")
-        if len(parts) == 3 and parts[0] == "eval":
-            sets.setdefault(parts[1], {})[parts[2]] = value
+    from m2megatron.eval.during_training import by_set
+
     lines = []
-    for name, m in sets.items():
+    for name, m in by_set(results).items():
         n = int(m.get("num_images", 0))
         if "i2t_r1" in m:
             label = "held-out retrieval" if name == "synthetic" else f"{name} retrieval"
