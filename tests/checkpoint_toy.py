@@ -79,7 +79,11 @@ def build_toy(groups, *, hidden: int = 32, layers: int = 4, optimizer: str = "ad
     layout = groups.layout
     seed_everything(seed, groups)
     config = toy_config(hidden=hidden, layers=layers, tp=layout.tensor_parallel, pp=layout.pipeline_parallel)
+    # Megatron's CPU initialization draws full weights from the default generator: the same seed on every
+    # rank gives the same full weights at every layout. Then each rank gets its own streams for training.
+    torch.manual_seed(seed)
     model = ToyModel(config, groups.collection)
+    seed_everything(seed, groups)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=distributed),
                                   model, pg_collection=groups.collection)
     cfg = OptimConfig(optimizer=optimizer, lr=1e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.01, clip_grad=0.0)

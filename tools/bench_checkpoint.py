@@ -43,9 +43,9 @@ def _bench(out: str, preset: str, with_optimizer: bool, repeat: int, result_file
     chunks, opt, sched = build_m2_from_config(cfg.to_dict(), groups)
     build_s = time.perf_counter() - t0
     if with_optimizer:
-        from m2megatron.checkpoint.state import ensure_optimizer_state
+        from m2megatron.checkpoint.optimizer_state import ensure_state
 
-        ensure_optimizer_state(opt)  # Adam moments allocated as after a first step
+        ensure_state(opt)  # Adam moments allocated as after a first step
     else:
         opt = sched = None
     tensors = {k: v for k, v in chunks[0].module.state_dict().items() if torch.is_tensor(v)}

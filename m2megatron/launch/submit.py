@@ -6,7 +6,9 @@ job's world size, makes the paths in it absolute, snapshots the source tree into
 writes the resolved config to `<run_dir>/config.yaml`, renders `<run_dir>/slurm/<kind>.sbatch` and
 submits it with sbatch. `--eval` also submits the eval job with `--dependency=afterok:<train job>`.
 `--dry-run` does everything but sbatch. Prints one JSON line: run directory, scripts and job ids.
-Arguments after `--` replace the module's configured arguments (required for --kind reshard).
+Arguments after `--` replace the module's configured arguments (required for --kind reshard: the
+reshard tool's `SRC DST --tp T --pp P [--vp V] [--no-optimizer]`, checked before anything is queued;
+{run_dir} is replaced by the run directory).
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ from pathlib import Path
 
 from m2megatron.cli import UserError, run_main
 from m2megatron.config import RunConfig, load_config
-from m2megatron.launch.render import KINDS, SOURCE_ROOT, default_spec, render
+from m2megatron.launch.render import KINDS, SOURCE_ROOT, default_spec, expand_args, render
 from m2megatron.launch.snapshot import snapshot_code
+
+
+RESHARD_MODULE = "m2megatron.checkpoint.reshard"
+"""The reshard tool; its arguments are checked before a reshard job is queued."""
 
 
 @dataclass(kw_only=True)
@@ -95,6 +101,10 @@ def submit(cfg: RunConfig, *, kind: str = "train", chain_eval: bool = False, mod
     if chain_eval:
         cfg.parallel.validate(launch.world_size(launch.eval_nodes), cfg.model.num_attention_heads,
                               cfg.model.num_layers)
+    if kind == "reshard" and launch.reshard_module == RESHARD_MODULE:
+        from m2megatron.checkpoint.reshard import check_job_arguments
+
+        check_job_arguments(list(expand_args(module_args, Path(cfg.train.run_dir))), launch.world_size())
     run_dir, code_dir = prepare_run_dir(cfg, kind)
     result = Submission(run_dir=run_dir)
     jobs = [(kind, module_args)] + ([("eval", None)] if chain_eval else [])
