@@ -167,3 +167,82 @@ def test_distributed_optimizer_state_resumes_at_other_tp_and_pp(dist_pool, tmp_p
         _assert_close(resumed, reference)
         # The same steps at the saved layout: the losses agree (parameters differ by rounding order only).
         assert resumed[0] == pytest.approx(went_on[0], abs=1e-5)
+
+
+# --- bf16 parameters: the fp32 main weights are part of the state and come back at another layout ---------
+
+def _toy(tp: int, distributed: bool, seed: int = 1234):
+    import multiprocessing as mp
+
+    from m2megatron.parallel import Layout, build_groups
+    from tests.checkpoint_toy import build_toy
+
+    mp.current_process()._config["daemon"] = False  # Megatron's writer forks; pool workers are daemons
+    groups = build_groups(Layout(world_size=dist.get_world_size(), tensor_parallel=tp))
+    return groups, *build_toy(groups, distributed=distributed, bf16=True, seed=seed)
+
+
+def _local_main_weights(chunks, optimizer, groups) -> dict[str, tuple[torch.Tensor, slice, tuple]]:
+    """{checkpoint key: (this rank's fp32 main weights, their flat range in the TP-local tensor, TP region)}."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from m2megatron.checkpoint import optimizer_state, state
+    from m2megatron.checkpoint.consolidate import sharded_region
+
+    sharded = state.model_sharded_state_dict(chunks, optimizer_state.sharding_metadata(groups, None))
+    by_data = {sh.data.data_ptr(): sh for sh in nested_values(sharded) if isinstance(sh, ShardedTensor)}
+    out = {}
+    for part in optimizer_state.parts(optimizer):
+        if isinstance(part, DistributedOptimizer):
+            for model_param in part.model_param_group_index_map:
+                sh = by_data[model_param.data_ptr()]
+                where = part._get_model_param_range_map(model_param)["param"]
+                main = part._get_main_param_and_optimizer_states(model_param)["param"]
+                out[sh.key] = (main.detach().clone(), slice(where.start, where.end), sharded_region(sh))
+        else:  # Float16OptimizerWithFloat16Params: fp32 copies beside the bf16 groups
+            for model_group, main_group in zip(part.float16_groups, part.fp32_from_float16_groups):
+                for model_param, main in zip(model_group, main_group):
+                    sh = by_data[model_param.data_ptr()]
+                    out[sh.key] = (main.detach().clone().flatten(), slice(None), sharded_region(sh))
+    return out
+
+
+def _bf16_save(root: str, distributed: bool) -> None:
+    from m2megatron.checkpoint import save_checkpoint
+    from tests.checkpoint_toy import train_toy
+
+    groups, chunks, opt, sched = _toy(2, distributed)
+    train_toy(chunks, opt, sched, groups, 0, 3)
+    save_checkpoint(root, 3, chunks, opt, sched, groups=groups)
+
+
+def _bf16_load_at_tp1(root: str, distributed: bool) -> dict:
+    from m2megatron.checkpoint import load_checkpoint
+    from m2megatron.checkpoint.atomic import resolve
+    from m2megatron.checkpoint.consolidate import read_full_tensors, tensor_index
+
+    groups, chunks, opt, sched = _toy(1, distributed, seed=999)
+    load_checkpoint(root, chunks, opt, sched, groups=groups)
+    path = resolve(root)
+    name = "param" if distributed else "fp32_param"
+    index = tensor_index(path, include_optimizer=True)
+    full = dict(read_full_tensors(path, {k: v for k, v in index.items() if k.startswith(f"optimizer.state.{name}.")}))
+    model = dict(read_full_tensors(path, tensor_index(path)))
+    checked, finer = 0, 0
+    for key, (main, flat, region) in _local_main_weights(chunks, opt, groups).items():
+        saved = full[f"optimizer.state.{name}.{key}"]
+        assert saved.dtype == torch.float32 and model[key].dtype == torch.bfloat16
+        assert torch.equal(main, saved[region].flatten()[flat]), key
+        finer += int(not torch.equal(saved, model[key].float()))  # more than the bf16 weights hold
+        checked += 1
+    return {"checked": checked, "finer": finer}
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["float16_optimizer", "distributed_optimizer"])
+def test_bf16_fp32_main_weights_are_saved_and_resharded(dist_pool, tmp_path, distributed):
+    pool = dist_pool(2)
+    pool.run(_bf16_save, str(tmp_path), distributed)  # TP2
+    results = pool.run(_bf16_load_at_tp1, str(tmp_path), distributed)  # TP1 (× DP2)
+    assert all(r["checked"] > 0 and r["finer"] > 0 for r in results), results

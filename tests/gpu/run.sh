@@ -19,7 +19,8 @@ START=$SECONDS
 
 # Every file with gpu-marked tests (tests/unit/test_planning.py checks this list is complete).
 # test_nccl.py makes its own NCCL world, so it runs in its own pytest process.
-GPU_TESTS=(tests/gpu/test_te_spec.py tests/gpu/test_dali_mixed.py tests/gpu/test_loss_kernel.py)
+GPU_TESTS=(tests/gpu/test_te_spec.py tests/gpu/test_dali_mixed.py tests/gpu/test_loss_kernel.py
+           tests/gpu/test_checkpoint_fused_adam.py)
 NCCL_TESTS=(tests/gpu/test_nccl.py)
 
 echo "== gpu-marked tests (python: $PY, out: $OUT)"
