@@ -8,7 +8,9 @@ with Adam state, then times in the same run (rank 0's clock, every rank between 
   ours    a sync save (torch_dist + each rank's CRCs of its own files + manifest + atomic publish): all of it
           blocks training;
           an async save: the blocking part (planning + the fork of the writer), and the publishing poll()
-          after the writer is done (manifest from the writers' CRCs + rename; no shard is re-read);
+          after the writer is done (Megatron's metadata, manifest from the writers' CRCs, rename, pruning of
+          the previous checkpoint; no shard is re-read); and, for comparison, the CRC of the rank's shards in
+          the training process, which that poll() did before the writer took it over;
           load_checkpoint with and without the CRC pass (each file read once, by one rank).
 Prints seconds, MB/s and the ratios ours/torch. Not a test; numbers go to docs/CHECKPOINTS.md.
 
@@ -45,6 +47,18 @@ def _publish_time(ckpt) -> float:
     while not ckpt.poll():  # collective; returns the published step once every rank's writer is done
         time.sleep(0.01)
     return time.perf_counter() - started
+
+
+def _crc_own_shards(root: Path) -> None:
+    """What an async save's publishing poll() did in the training process before the writer took it over:
+    the CRC of this rank's shards."""
+    import torch.distributed as dist
+
+    from m2megatron.checkpoint.atomic import resolve
+    from m2megatron.checkpoint.safety import describe_files
+
+    path = resolve(root)
+    describe_files(path, [p.name for p in path.glob(f"__{dist.get_rank()}_*.distcp")])
 
 
 def _state_tensors(chunks, opt) -> dict:
@@ -85,7 +99,7 @@ def _bench(out: str, preset: str, with_optimizer: bool, repeat: int, result_file
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     torch_file = root.parent / "torch_bench.pt"
     rows = {k: [] for k in ("torch_save", "torch_load", "ours_save", "ours_async_blocking", "ours_async_publish",
-                            "ours_load_verify", "ours_load")}
+                            "crc_in_process", "ours_load_verify", "ours_load")}
     for i in range(repeat):
         if rank == 0:
             shutil.rmtree(root, ignore_errors=True)
@@ -94,6 +108,7 @@ def _bench(out: str, preset: str, with_optimizer: bool, repeat: int, result_file
         step = i + 1
         rows["ours_save"].append(_timed(lambda: save_checkpoint(root, step, chunks, opt, sched,  # noqa: B023
                                                                 groups=groups, config=cfg, keep_last=1)))
+        rows["crc_in_process"].append(_timed(lambda: _crc_own_shards(root)))
         rows["ours_load_verify"].append(_timed(lambda: load_checkpoint(root, chunks, opt, sched, groups=groups)))
         rows["ours_load"].append(_timed(lambda: load_checkpoint(root, chunks, opt, sched, groups=groups,
                                                                 verify=False)))

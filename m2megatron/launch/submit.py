@@ -28,7 +28,6 @@ from m2megatron.config import RunConfig, load_config
 from m2megatron.launch.render import KINDS, SOURCE_ROOT, default_spec, expand_args, render
 from m2megatron.launch.snapshot import snapshot_code
 
-
 RESHARD_MODULE = "m2megatron.checkpoint.reshard"
 """The reshard tool; its arguments are checked before a reshard job is queued."""
 

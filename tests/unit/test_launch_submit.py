@@ -73,7 +73,7 @@ def test_reshard_needs_tool_arguments_and_eval_chains_only_after_training(tmp_pa
                     dry_run=True)
     run_dir = tmp_path / "r"
     script = result.scripts["reshard"].read_text()
-    assert (f"exec python3 -m torch.distributed.run --nnodes=\"$SLURM_NNODES\"" in script
+    assert ("exec python3 -m torch.distributed.run --nnodes=\"$SLURM_NNODES\"" in script
             and f"-m m2megatron.checkpoint.reshard {run_dir}/checkpoints {run_dir}/resharded --pp 1" in script)
     assert "--no-requeue" in script
 
