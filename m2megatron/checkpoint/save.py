@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -47,13 +48,14 @@ class Checkpointer:
         self.async_save = async_save
         self._queue = AsyncCallsQueue(persistent=False) if async_save else None
         self._pending: dict[int, int] = {}  # async call index -> step
+        self._pruning: threading.Thread | None = None
 
     def save(self, step: int, model_chunks: list, optimizer=None, scheduler=None, *, config=None,
              extra_state: dict | None = None, rank_state: dict | None = None) -> Path:
         """Write the checkpoint of `step` (collective). Returns its final path; with async_save it
         becomes visible when a later poll()/wait() finalizes it."""
         if self._queue is not None:
-            self.wait()  # one save in flight at a time
+            self.wait()  # one save in flight at a time (and its pruning done)
         started = time.perf_counter()
         temp = _agree_on_temp_dir(self.root, step)
         sharded, meta_parts = _build_save_state(step, model_chunks, optimizer, scheduler, self.groups,
@@ -80,7 +82,11 @@ class Checkpointer:
         return [self._pending.pop(i) for i in done]
 
     def wait(self) -> list[int]:
-        return self.poll(blocking=True)
+        done = self.poll(blocking=True)
+        if self._pruning is not None:
+            self._pruning.join()
+            self._pruning = None
+        return done
 
     def close(self) -> None:
         self.wait()
@@ -97,10 +103,18 @@ class Checkpointer:
             manifest.write(temp, manifest.build(files=files, **meta_parts))
             atomic.fsync_dir(temp)
             final = atomic.publish(temp, self.root, step)
-            removed = atomic.prune(self.root, self.keep_last)
-            log.info("checkpoint %d: saved to %s in %.2fs%s", step, final, time.perf_counter() - started,
-                     f" (removed {', '.join(p.name for p in removed)})" if removed else "")
+            log.info("checkpoint %d: saved to %s in %.2fs", step, final, time.perf_counter() - started)
+            if self._queue is None:
+                self._prune()
+            else:  # deleting an old checkpoint can take long on a parallel file system: not in the training loop
+                self._pruning = threading.Thread(target=self._prune, name="checkpoint-prune", daemon=True)
+                self._pruning.start()
         dist.barrier()
+
+    def _prune(self) -> None:
+        removed = atomic.prune(self.root, self.keep_last)
+        if removed:
+            log.info("checkpoints: removed %s", ", ".join(p.name for p in removed))
 
 
 def save_strategy(groups):
