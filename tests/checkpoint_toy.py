@@ -18,13 +18,14 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 def toy_config(hidden: int = 32, layers: int = 4, heads: int = 4, ffn: int | None = None,
-               tp: int = 1, pp: int = 1) -> TransformerConfig:
+               tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32) -> TransformerConfig:
     return TransformerConfig(
+        params_dtype=dtype, bf16=dtype == torch.bfloat16,
         num_layers=layers, hidden_size=hidden, num_attention_heads=heads, ffn_hidden_size=ffn or 4 * hidden,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, use_cpu_initialization=True,
         hidden_dropout=0.0, attention_dropout=0.0, perform_initialization=True, init_method_std=0.02,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        pipeline_dtype=torch.float32,
+        pipeline_dtype=dtype,
     )
 
 
@@ -59,18 +60,24 @@ class ToyModel(MegatronModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_process:
-            h, _ = self.in_col(x)  # [s, b, ffn/tp]
+            h, _ = self.in_col(x.to(self.config.params_dtype))  # [s, b, ffn/tp]
             x, _ = self.in_row(h)  # [s, b, hidden]
         else:
             x = None
         out = self.block(x, attention_mask=None)
-        return self.head(out) if self.post_process else out
+        return self.head(out).float() if self.post_process else out
 
 
 def build_toy(groups, *, hidden: int = 32, layers: int = 4, optimizer: str = "adam", distributed: bool = False,
-              seed: int = 1234, train_steps: int = 100):
-    """(model_chunks, optimizer, scheduler) of the toy at `groups`' layout, DDP-wrapped like the trainer."""
+              seed: int = 1234, train_steps: int = 100, bf16: bool = False):
+    """(model_chunks, optimizer, scheduler) of the toy at `groups`' layout, DDP-wrapped like the trainer.
+
+    bf16: Megatron mixed precision, bf16 parameters with fp32 main gradients and the optimizer's fp32 main
+    weights (Float16OptimizerWithFloat16Params, or the DistributedOptimizer's fp32 shards)."""
+    import dataclasses
+
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import get_megatron_optimizer
 
     from m2megatron.config.optim import OptimConfig
     from m2megatron.parallel import seed_everything
@@ -78,12 +85,27 @@ def build_toy(groups, *, hidden: int = 32, layers: int = 4, optimizer: str = "ad
 
     layout = groups.layout
     seed_everything(seed, groups)
-    config = toy_config(hidden=hidden, layers=layers, tp=layout.tensor_parallel, pp=layout.pipeline_parallel)
-    model = ToyModel(config, groups.collection)
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=distributed),
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    config = toy_config(hidden=hidden, layers=layers, tp=layout.tensor_parallel, pp=layout.pipeline_parallel,
+                        dtype=dtype)
+    # Megatron's CPU initialization draws full weights from the default generator: the same seed on every
+    # rank gives the same full weights at every layout. Then each rank gets its own streams for training.
+    torch.manual_seed(seed)
+    model = ToyModel(config, groups.collection).to(device=groups.device, dtype=dtype)
+    seed_everything(seed, groups)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=distributed,
+                                                                        grad_reduce_in_fp32=bf16),
                                   model, pg_collection=groups.collection)
     cfg = OptimConfig(optimizer=optimizer, lr=1e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.01, clip_grad=0.0)
-    opt = build_optimizer([ddp], cfg, groups.collection, distributed=distributed)
+    if bf16:
+        from m2megatron.runtime.optimizer import megatron_optimizer_config
+
+        opt_config = dataclasses.replace(megatron_optimizer_config(cfg, distributed=distributed), bf16=True,
+                                         params_dtype=dtype)
+        opt = get_megatron_optimizer(opt_config, [ddp], use_gloo_process_groups=False,
+                                     pg_collection=groups.collection)
+    else:
+        opt = build_optimizer([ddp], cfg, groups.collection, distributed=distributed)
     return [ddp], opt, build_scheduler(opt, cfg, train_steps)
 
 
@@ -105,7 +127,7 @@ def train_toy(chunks, optimizer, scheduler, groups, first_step: int, num_steps: 
     (ddp,) = chunks
     losses = []
     for step in range(first_step, first_step + num_steps):
-        x, y = toy_batch(step, groups)
+        x, y = (t.to(groups.device) for t in toy_batch(step, groups))
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         loss = torch.nn.functional.mse_loss(ddp(x), y)

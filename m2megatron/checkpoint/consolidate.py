@@ -42,9 +42,10 @@ def tensor_index(ckpt_dir: Path, include_optimizer: bool = False) -> dict[str, d
     meta = manifest.read(ckpt_dir)
     index = dict(meta["model_tensors"])
     if include_optimizer:
-        if meta["optimizer"]["kind"] == "distributed":
-            raise safety.CheckpointError(f"{ckpt_dir}: distributed-optimizer state is stored in flat buckets, "
-                                         "not per tensor; consolidate the model only")
+        if meta["optimizer"]["kind"] == "distributed" and meta["optimizer"].get("format") == "dp_reshardable":
+            raise safety.CheckpointError(f"{ckpt_dir}: its distributed-optimizer state (dp_reshardable, an older "
+                                         "checkpoint) is stored in flat buckets, not per tensor; consolidate the "
+                                         "model only")
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         dcp_meta = safety.read_dcp_metadata(ckpt_dir)
@@ -174,7 +175,7 @@ def load_consolidated(file: str | Path, model_chunks: list, groups) -> None:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from safetensors import safe_open
 
-    from m2megatron.checkpoint import state
+    from m2megatron.checkpoint import optimizer_state, state
 
     with safe_open(str(file), framework="pt") as f:
         m2_format = "model_config" in (f.metadata() or {})
@@ -188,7 +189,7 @@ def load_consolidated(file: str | Path, model_chunks: list, groups) -> None:
         for chunk in unwrap_model(model_chunks):
             load_full_state_dict(chunk, full)
         return
-    sharded = state.model_sharded_state_dict(model_chunks, state.sharding_metadata(groups, None))
+    sharded = state.model_sharded_state_dict(model_chunks, optimizer_state.sharding_metadata(groups, None))
     with safe_open(str(file), framework="pt") as f, torch.no_grad():
         available = set(f.keys())
         for sh in nested_values(sharded["model"]):

@@ -4,7 +4,14 @@ Checks, in order, before any tensor is read: the saved model config matches the 
 differing field named); the model's tensor names and global shapes match; the optimizer state can
 be resharded to this layout; every file is present with its recorded size (and CRC-32 with
 `verify=True`); every pickle in the checkpoint loads with weights_only / the restricted unpickler.
-Then Megatron's dist_checkpointing reads each rank's slices (resharding on load).
+Then Megatron's dist_checkpointing reads each rank's slices (resharding on load); with several
+data-parallel replicas, Megatron's FullyParallelLoadStrategyWrapper splits the reading of what the
+replicas share among them and exchanges it over the DP group.
+
+The CRC pass reads every file exactly once per load, on one rank: the files are dealt out to the ranks
+by size, so each rank reads about 1/world of the checkpoint for it. Sizes are checked for every file.
+What this guarantees: a file that is missing, truncated, or has any byte changed since it was written
+is refused, with its name, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
 
-from m2megatron.checkpoint import atomic, manifest, safety, state
+from m2megatron.checkpoint import atomic, manifest, optimizer_state, safety, state
 from m2megatron.checkpoint.safety import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -57,23 +66,25 @@ def load_checkpoint(path_or_root: str | Path, model_chunks: list, optimizer=None
     path = _agree_on_path(path_or_root)
     meta = manifest.read(path)
     _check_config(path, meta, config)
-    metadata = state.sharding_metadata(groups, optimizer)
+    dist_opt_format = meta["optimizer"].get("format") or optimizer_state.FULLY_RESHARDABLE
+    metadata = optimizer_state.sharding_metadata(groups, optimizer, dist_opt_format)
     sharded = state.model_sharded_state_dict(model_chunks, metadata)
     _check_model_tensors(path, meta, sharded["model"])
     _check_optimizer(path, meta, optimizer, groups)
     _check_files(path, meta, verify)
     same_layout = _same_layout(meta["layout"], groups.layout)
     _add_rank_objects(sharded, meta, groups, same_layout, restore_rng)
-    with torch.no_grad():  # DistributedOptimizer's dp_reshardable load writes into views of leaf params
+    with torch.no_grad():  # DistributedOptimizer's loads write into views of leaf params
         if optimizer is not None:
-            state.ensure_optimizer_state(optimizer)
+            optimizer_state.ensure_state(optimizer)
             sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=metadata)
-        loaded = dist_checkpointing.load(sharded, str(path), common_strategy=safety.SafeCommonLoadStrategy())
+        loaded = dist_checkpointing.load(sharded, str(path), sharded_strategy=load_strategy(path, groups),
+                                         common_strategy=safety.SafeCommonLoadStrategy())
         state.load_model_state(model_chunks, loaded)
         if optimizer is not None:
-            state.fill_missing_common_step(loaded["optimizer"])
-            optimizer.load_state_dict(loaded["optimizer"])
-            state.restore_optimizer_steps(optimizer)
+            optimizer_state.load_loaded_state(optimizer, loaded["optimizer"],
+                                              dist_opt_format if meta["optimizer"]["kind"] == "distributed"
+                                              else None)
     common = loaded[state.COMMON_KEY]
     _load_scheduler(path, scheduler, common.get("scheduler"))
     result = LoadedCheckpoint(step=int(common["step"]), extra_state=common.get("extra_state") or {}, path=path,
@@ -91,6 +102,14 @@ def load_checkpoint(path_or_root: str | Path, model_chunks: list, optimizer=None
                         "per-rank state is passed on as saved_rank_states", path, meta["layout"],
                         manifest.layout_dict(groups.layout))
     return result
+
+
+def load_strategy(path: Path, groups):
+    """Megatron's torch_dist reader, its reading of what DP replicas share spread over the DP group."""
+    base = get_default_load_sharded_strategy(str(path))
+    if groups.layout.data_parallel == 1:
+        return base
+    return FullyParallelLoadStrategyWrapper(base, groups.dp)
 
 
 def _agree_on_path(path_or_root) -> Path:
@@ -123,26 +142,31 @@ def _check_model_tensors(path: Path, meta: dict, model_state: dict) -> None:
 def _check_optimizer(path: Path, meta: dict, optimizer, groups) -> None:
     if optimizer is None:
         return
-    saved, now = meta["optimizer"]["kind"], state.optimizer_kind(optimizer)
+    saved, now = meta["optimizer"]["kind"], optimizer_state.kind(optimizer)
     if saved == "none":
         raise CheckpointError(f"{path}: holds no optimizer state; load with optimizer=None (weights only)")
     if saved != now:
         raise CheckpointError(f"{path}: optimizer state was saved by the {saved} optimizer, the current one is "
                               f"{now}; load weights only (optimizer=None) or use the same optimizer kind")
+    fmt = meta["optimizer"].get("format")
+    if saved == "distributed" and fmt not in optimizer_state.DIST_OPT_FORMATS:
+        raise CheckpointError(f"{path}: distributed-optimizer state in format {fmt!r}, which we do not read "
+                              f"(known: {', '.join(optimizer_state.DIST_OPT_FORMATS)})")
     old, new = meta["layout"], groups.layout
-    if saved == "distributed" and (old["tensor_parallel"], old["pipeline_parallel"]) != (
+    if fmt == optimizer_state.DP_RESHARDABLE and (old["tensor_parallel"], old["pipeline_parallel"]) != (
             new.tensor_parallel, new.pipeline_parallel):
         raise CheckpointError(
-            f"{path}: distributed-optimizer state ({meta['optimizer']['format']}) reshards only across DP; it was "
+            f"{path}: distributed-optimizer state ({fmt}, an older checkpoint) reshards only across DP; it was "
             f"saved at TP={old['tensor_parallel']} PP={old['pipeline_parallel']}, now TP={new.tensor_parallel} "
-            f"PP={new.pipeline_parallel}. Load weights only (optimizer=None) or resume at the saved TP×PP.")
+            f"PP={new.pipeline_parallel}. Resume once at the saved TP×PP and save again (checkpoints written "
+            "now reshard across TP, PP and DP), or load weights only (checkpoint.load_mode=weights).")
 
 
 def _check_files(path: Path, meta: dict, verify: bool) -> None:
     """Every rank checks its share of the files; then rank 0 checks the pickles. All ranks raise together."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    names = sorted(meta["files"])
-    _raise_if_any(path, safety.check_files(path, meta["files"], names[rank::world], verify))
+    mine = deal_by_size({name: info["size"] for name, info in meta["files"].items()}, world)[rank]
+    _raise_if_any(path, safety.check_files(path, meta["files"], mine, verify))
     problems = []
     if rank == 0:
         try:
@@ -153,6 +177,17 @@ def _check_files(path: Path, meta: dict, verify: bool) -> None:
         except (CheckpointError, OSError) as exc:
             problems.append(str(exc))
     _raise_if_any(path, problems)
+
+
+def deal_by_size(sizes: dict[str, int], world: int) -> list[list[str]]:
+    """Files dealt out to `world` ranks, the largest first to the least loaded (the same on every rank)."""
+    hands: list[list[str]] = [[] for _ in range(world)]
+    loads = [0] * world
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        least = min(range(world), key=lambda r: (loads[r], r))
+        hands[least].append(name)
+        loads[least] += sizes[name]
+    return hands
 
 
 def _raise_if_any(path: Path, problems: list[str]) -> None:

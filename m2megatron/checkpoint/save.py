@@ -5,22 +5,34 @@
     ...                    # training continues; call ckpt.poll() once per step to publish finished saves
     ckpt.wait()            # before exit (or before the next save, which waits by itself)
 
-Async saves use Megatron's AsyncCallsQueue with a forked writer process (TemporalAsyncCaller): the fork
-is a copy-on-write snapshot, so training may update parameters in place while the child writes.
+Writing is spread over the data-parallel replicas: Megatron's FullyParallelSaveStrategyWrapper gives each
+DP rank an even share of the tensors its replicas all hold (weights, the distributed optimizer's gathered
+state), so every rank writes about 1/DP of its model-parallel shard.
+
+Each rank checksums only the files it wrote (size + CRC-32 for the manifest): with async saves inside the
+background writer, after its write, so the training process never re-reads a shard; with sync saves right
+after its own write. Async saves use Megatron's AsyncCallsQueue with a forked writer process
+(TemporalAsyncCaller): the fork is a copy-on-write snapshot, so training may update parameters in place
+while the child writes.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
+import threading
 import time
 from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-from m2megatron.checkpoint import atomic, manifest, state
+from m2megatron.checkpoint import atomic, manifest, optimizer_state, state
 from m2megatron.checkpoint.safety import COMMON_FILE, DCP_METADATA_FILE, describe_files
 
 log = logging.getLogger(__name__)
@@ -36,24 +48,27 @@ class Checkpointer:
         self.async_save = async_save
         self._queue = AsyncCallsQueue(persistent=False) if async_save else None
         self._pending: dict[int, int] = {}  # async call index -> step
+        self._pruning: threading.Thread | None = None
 
     def save(self, step: int, model_chunks: list, optimizer=None, scheduler=None, *, config=None,
              extra_state: dict | None = None, rank_state: dict | None = None) -> Path:
         """Write the checkpoint of `step` (collective). Returns its final path; with async_save it
         becomes visible when a later poll()/wait() finalizes it."""
         if self._queue is not None:
-            self.wait()  # one save in flight at a time
+            self.wait()  # one save in flight at a time (and its pruning done)
         started = time.perf_counter()
         temp = _agree_on_temp_dir(self.root, step)
         sharded, meta_parts = _build_save_state(step, model_chunks, optimizer, scheduler, self.groups,
                                                 config, extra_state, rank_state)
-        request = dist_checkpointing.save(sharded, str(temp), async_sharded_save=self._queue is not None,
-                                          validate_access_integrity=True)
-        finalize = functools.partial(self._finalize, temp, step, meta_parts, started)
+        request = dist_checkpointing.save(sharded, str(temp), sharded_strategy=save_strategy(self.groups),
+                                          async_sharded_save=True, validate_access_integrity=True)
+        if request.async_fn is not None:  # checksum this rank's files where they are written
+            request = request._replace(async_fn=functools.partial(_write_then_checksum, request.async_fn,
+                                                                  str(temp), dist.get_rank()))
+        request.finalize_fns.append(functools.partial(self._finalize, temp, step, meta_parts, started))
         if self._queue is None:
-            finalize()
+            request.execute_sync()
         else:
-            request.finalize_fns.append(finalize)
             self._pending[self._queue.schedule_async_request(request)] = step
             log.info("checkpoint %d: writing in the background (%.2fs blocking)", step,
                      time.perf_counter() - started)
@@ -67,7 +82,11 @@ class Checkpointer:
         return [self._pending.pop(i) for i in done]
 
     def wait(self) -> list[int]:
-        return self.poll(blocking=True)
+        done = self.poll(blocking=True)
+        if self._pruning is not None:
+            self._pruning.join()
+            self._pruning = None
+        return done
 
     def close(self) -> None:
         self.wait()
@@ -75,9 +94,8 @@ class Checkpointer:
     def _finalize(self, temp: Path, step: int, meta_parts: dict, started: float) -> None:
         atomic.crash_point("after_shards")
         rank = dist.get_rank()
-        mine = sorted(p.name for p in temp.iterdir() if p.name.startswith(f"__{rank}_") and p.suffix == ".distcp")
         parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, describe_files(temp, mine))
+        dist.all_gather_object(parts, own_file_checksums(temp, rank))
         if rank == 0:
             files = {name: info for part in parts for name, info in part.items()}
             common = [n for n in (DCP_METADATA_FILE, COMMON_FILE, "metadata.json") if (temp / n).is_file()]
@@ -85,10 +103,57 @@ class Checkpointer:
             manifest.write(temp, manifest.build(files=files, **meta_parts))
             atomic.fsync_dir(temp)
             final = atomic.publish(temp, self.root, step)
-            removed = atomic.prune(self.root, self.keep_last)
-            log.info("checkpoint %d: saved to %s in %.2fs%s", step, final, time.perf_counter() - started,
-                     f" (removed {', '.join(p.name for p in removed)})" if removed else "")
+            log.info("checkpoint %d: saved to %s in %.2fs", step, final, time.perf_counter() - started)
+            if self._queue is None:
+                self._prune()
+            else:  # deleting an old checkpoint can take long on a parallel file system: not in the training loop
+                self._pruning = threading.Thread(target=self._prune, name="checkpoint-prune", daemon=True)
+                self._pruning.start()
         dist.barrier()
+
+    def _prune(self) -> None:
+        removed = atomic.prune(self.root, self.keep_last)
+        if removed:
+            log.info("checkpoints: removed %s", ", ".join(p.name for p in removed))
+
+
+def save_strategy(groups):
+    """Megatron's torch_dist writer, spread over the DP replicas when there are several."""
+    base = get_default_save_sharded_strategy("torch_dist")
+    if groups.layout.data_parallel == 1:
+        return base
+    return FullyParallelSaveStrategyWrapper(base, groups.dp, do_cache_distribution=False)
+
+
+def _own_shards(temp: Path, rank: int) -> list[str]:
+    return sorted(p.name for p in temp.iterdir() if p.name.startswith(f"__{rank}_") and p.suffix == ".distcp")
+
+
+def _checksum_file(temp: Path, rank: int) -> Path:
+    return temp / f".m2crc.{rank}.json"
+
+
+def _write_then_checksum(write_fn, temp: str, rank: int, *args, **kwargs) -> None:
+    """The writer's job (in the forked background writer, or in-process for a sync save): write this rank's
+    shards, then record their sizes and CRC-32s for the manifest."""
+    write_fn(*args, **kwargs)
+    temp_dir = Path(temp)
+    described = describe_files(temp_dir, _own_shards(temp_dir, rank))
+    target = _checksum_file(temp_dir, rank)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(described))
+    os.replace(tmp, target)
+
+
+def own_file_checksums(temp: Path, rank: int) -> dict[str, dict]:
+    """This rank's files as its writer recorded them (the record is removed; a rank without a writer job
+    wrote no shard, and anything found is described here)."""
+    record = _checksum_file(temp, rank)
+    if record.is_file():
+        described = json.loads(record.read_text())
+        record.unlink()
+        return described
+    return describe_files(temp, _own_shards(temp, rank))
 
 
 def save_checkpoint(ckpt_root: str | Path, step: int, model_chunks: list, optimizer=None, scheduler=None, *,
@@ -112,11 +177,11 @@ def _agree_on_temp_dir(root: Path, step: int) -> Path:
 
 
 def _build_save_state(step, model_chunks, optimizer, scheduler, groups, config, extra_state, rank_state):
-    metadata = state.sharding_metadata(groups, optimizer)
+    metadata = optimizer_state.sharding_metadata(groups, optimizer)
     sharded = state.model_sharded_state_dict(model_chunks, metadata)
     model_tensors = state.gather_model_tensor_shapes(sharded["model"])
     if optimizer is not None:
-        state.ensure_optimizer_state(optimizer)
+        optimizer_state.ensure_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False, metadata=metadata)
     sharded[state.COMMON_KEY] = {
         "step": int(step),
@@ -126,10 +191,10 @@ def _build_save_state(step, model_chunks, optimizer, scheduler, groups, config, 
     grid, coords = state.grid(groups.layout), state.coordinates(groups)
     sharded[state.RNG_KEY] = state.rank_object(state.RNG_KEY, state.capture_rng(), grid, coords)
     sharded[state.USER_KEY] = state.rank_object(state.USER_KEY, dict(rank_state or {}), grid, coords)
-    kind = state.optimizer_kind(optimizer)
+    kind = optimizer_state.kind(optimizer)
     meta_parts = {
         "step": step, "layout": groups.layout, "optimizer_kind": kind,
-        "optimizer_format": state.DIST_OPT_FORMAT if kind == "distributed" else None,
+        "optimizer_format": optimizer_state.WRITE_FORMAT if kind == "distributed" else None,
         "has_scheduler": scheduler is not None, "config": manifest.config_to_dict(config),
         "model_tensors": model_tensors,
     }

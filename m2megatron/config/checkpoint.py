@@ -1,8 +1,9 @@
-"""Distributed checkpoints: where, how often, how many."""
+"""Distributed checkpoints: where, how often, how many, and what a start from one takes over."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from m2megatron.config.base import ConfigError
 
@@ -17,7 +18,15 @@ class CheckpointConfig:
     """Complete checkpoints to keep; older ones are deleted after a newer one is visible."""
     load: str | None = "auto"
     """Checkpoint to start from: 'auto' resumes from save_dir/latest if present, a path loads that,
-    None starts fresh."""
+    None starts fresh. A checkpoint of this run's own save_dir always wins: a preempted or requeued run
+    resumes its own progress, whatever load names."""
+    load_mode: Literal["resume", "weights", "finetune"] = "resume"
+    """What a start from checkpoint.load takes over. resume: everything (model, optimizer, LR schedule, step,
+    data position, RNG streams). weights: the model weights only; the optimizer (zero moments), LR schedule,
+    step 0, data order and RNG start fresh, so the optimizer kind may differ. finetune: the model weights and
+    the optimizer state (moments, fp32 main weights, Adam's own step count); the step counter, LR schedule
+    (warm-up again, the current optim.* settings), data order and RNG start fresh. Resumes of this run's
+    own checkpoints are always full resumes."""
     async_save: bool = False
     """Write checkpoints in the background while training continues."""
 
@@ -26,3 +35,8 @@ class CheckpointConfig:
             raise ConfigError(f"checkpoint.keep_last: must be >= 1, got {self.keep_last}")
         if self.save_interval < 0:
             raise ConfigError("checkpoint.save_interval: must be >= 0")
+        if self.load_mode not in ("resume", "weights", "finetune"):
+            raise ConfigError(f"checkpoint.load_mode: {self.load_mode!r} is not one of resume, weights, finetune")
+        if self.load_mode != "resume" and self.load in (None, "auto"):
+            raise ConfigError(f"checkpoint.load_mode: {self.load_mode} needs checkpoint.load to name the checkpoint "
+                              f"to start from (got {self.load!r})")

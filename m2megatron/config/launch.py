@@ -83,8 +83,9 @@ class LaunchConfig:
     """Nodes of the chained eval job (it uses procs_per_node ranks per node)."""
     eval_time: str = "00:30:00"
     """Time limit of the chained eval job."""
-    reshard_module: str = "tools.reshard"
-    """Module the offline reshard job runs; its arguments come from the submit command line."""
+    reshard_module: str = "m2megatron.checkpoint.reshard"
+    """Module the offline reshard job runs with python -m; its arguments come after '--' on the submit command
+    line: SRC DST --tp T --pp P [--vp V] [--no-optimizer] ({run_dir} is replaced; the ranks are the job's)."""
 
     @property
     def tasks_per_node(self) -> int:

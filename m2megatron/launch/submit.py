@@ -10,7 +10,9 @@ trainer's dry run on this machine (every rank class built on the meta device, `p
 --dry-run --all-ranks`): any problem (memory, loss groups across nodes, microbatches < PP, unbalanced
 stages, parameter count) refuses the submission with its one-line reason; `--no-layout-check` skips it.
 Prints one JSON line: run directory, scripts and job ids.
-Arguments after `--` replace the module's configured arguments (required for --kind reshard).
+Arguments after `--` replace the module's configured arguments (required for --kind reshard: the
+reshard tool's `SRC DST --tp T --pp P [--vp V] [--no-optimizer]`, checked before anything is queued;
+{run_dir} is replaced by the run directory).
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ from pathlib import Path
 
 from m2megatron.cli import UserError, run_main
 from m2megatron.config import RunConfig, load_config
-from m2megatron.launch.render import KINDS, SOURCE_ROOT, default_spec, render
+from m2megatron.launch.render import KINDS, SOURCE_ROOT, default_spec, expand_args, render
 from m2megatron.launch.snapshot import snapshot_code
+
+RESHARD_MODULE = "m2megatron.checkpoint.reshard"
+"""The reshard tool; its arguments are checked before a reshard job is queued."""
 
 
 @dataclass(kw_only=True)
@@ -117,6 +122,10 @@ def submit(cfg: RunConfig, *, kind: str = "train", chain_eval: bool = False, mod
     if chain_eval:
         cfg.parallel.validate(launch.world_size(launch.eval_nodes), cfg.model.num_attention_heads,
                               cfg.model.num_layers)
+    if kind == "reshard" and launch.reshard_module == RESHARD_MODULE:
+        from m2megatron.checkpoint.reshard import check_job_arguments
+
+        check_job_arguments(list(expand_args(module_args, Path(cfg.train.run_dir))), launch.world_size())
     run_dir, code_dir = prepare_run_dir(cfg, kind)
     if layout_check and kind == "train":
         check_layout(run_dir, launch.world_size())

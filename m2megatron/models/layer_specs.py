@@ -10,8 +10,11 @@ Both specs give the same sharded-checkpoint keys: the `te` spec fuses the pre-LN
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -26,6 +29,7 @@ from m2megatron.config.model import ModelConfig
 from m2megatron.models.layer_norm import LayerNorm
 from m2megatron.models.sdpa_attention import SDPAttention
 from m2megatron.models.sub_ln import SubLNRowParallelLinear
+from m2megatron.parallel.rng import DATA_PARALLEL_STREAM
 
 # Plain state-dict names of the fused pre-LNs in the `te` spec ← the local spec's names.
 TE_FUSED_NORM_NAMES = {
@@ -37,8 +41,14 @@ TE_FUSED_NORM_NAMES = {
 class DropPathBiasAdd:
     """`bias_dropout_add` replacement: residual + drop_path(out + bias), one keep/drop per sample.
 
-    The sample dimension is 1 in Megatron's [s, b, h] layout. Draws from the default generator,
-    which is seeded identically on every TP rank, so all TP ranks drop the same samples.
+    The sample dimension is 1 in Megatron's [s, b, h] layout. The mask is drawn from Megatron's tracked
+    `data-parallel-rng` stream, which `m2megatron.parallel.seed_everything` seeds per data-parallel replica
+    and pipeline stage and the same on the TP ranks of a replica: replicas drop different samples, and the
+    TP ranks (which hold shards, or under sequence parallelism sequence chunks, of the same samples) drop
+    the same ones, also where Megatron runs the layers in its TP-distinct stream (sequence parallelism).
+    Megatron's activation recompute and our two-pass accumulated step restore the tracker, so replays draw
+    the same masks. Without that stream (no seeding, e.g. a bare module in a unit test) it draws from the
+    default generator.
     """
 
     def __init__(self, drop_prob: float):
@@ -51,11 +61,19 @@ class DropPathBiasAdd:
                 out = out + bias
             if training and self.drop_prob > 0.0:
                 keep = 1.0 - self.drop_prob
-                mask = torch.empty((1, out.shape[1], 1), dtype=out.dtype, device=out.device).bernoulli_(keep)
+                with _data_parallel_stream():
+                    mask = torch.empty((1, out.shape[1], 1), dtype=out.dtype, device=out.device).bernoulli_(keep)
                 out = out * mask / keep
             return residual + out
 
         return bias_droppath_add
+
+
+def _data_parallel_stream():
+    tracker = get_cuda_rng_tracker()
+    if DATA_PARALLEL_STREAM in getattr(tracker, "states_", {}):
+        return tracker.fork(DATA_PARALLEL_STREAM)
+    return contextlib.nullcontext()
 
 
 def _bda(drop_path: float):

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from m2megatron.config.base import ConfigError
 from m2megatron.config.parallel import ParallelConfig
-from m2megatron.parallel import cpu_compat
+from m2megatron.parallel import cpu_compat, rng
 from m2megatron.parallel.device import choose_device
 from m2megatron.parallel.groups import ParallelGroups, build_groups, process_device
 from m2megatron.parallel.layout import Layout
@@ -118,12 +118,14 @@ def initialize(cfg: ParallelConfig, env: LaunchEnv | None = None, *,
     return build_groups(layout, timeout=datetime.timedelta(seconds=cfg.timeout_s), device=device)
 
 
-def seed_everything(seed: int, groups: ParallelGroups) -> None:
-    """Seed the default generator (same across TP ranks) and Megatron's tracked RNG states."""
-    from megatron.core import tensor_parallel
+def seed_everything(seed: int, groups: ParallelGroups, *, step: int = 0) -> int:
+    """Seed this rank's random streams as Megatron-LM does (m2megatron.parallel.rng): per-rank seeds, distinct
+    across DP replicas and PP stages, the same on the TP ranks of a replica, and the TP-distinct tracker.
 
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed, tp_rank=groups.tp_rank, ep_rank=0, etp_rank=0)
+    `step` > 0 re-derives the streams of a run continuing at that step whose saved streams cannot be
+    restored (a resume at another layout). Returns the rank seed.
+    """
+    return rng.seed_rank(seed, tp_rank=groups.tp_rank, pp_rank=groups.pp_rank, dp_rank=groups.dp_rank, step=step)
 
 
 def shutdown() -> None:

@@ -1,9 +1,21 @@
-"""The trainer's side of checkpoints: when to save, what goes in, and resuming at start-up.
+"""The trainer's side of checkpoints: when to save, what goes in, and what a start takes over.
 
-The data position is per reading rank (`rank_state["loader"]`): after a resume at the same layout every
-rank continues exactly where it stopped. After a layout change every saved rank's position is handed to
-the new reading ranks (`StageBatches.load_global_state`), which continue with exactly the samples of
-the saved epochs that had not been returned: none repeated, none dropped (docs/DATA.md).
+At start-up (`TrainCheckpointer.resume`), in this order:
+1. this run's own checkpoints (checkpoint.save_dir, or run_dir/checkpoints) win: a preempted, requeued or
+   restarted run resumes its own progress, whatever checkpoint.load names (unless it is None: a fresh
+   start);
+2. otherwise checkpoint.load ('auto' finds nothing more) is loaded as checkpoint.load_mode says:
+   - resume: model, optimizer, LR schedule, step, data position and RNG streams;
+   - weights: the model weights only, everything else fresh from step 0;
+   - finetune: the model weights and optimizer state, with the step counter, LR schedule (the current
+     optim.* settings), data order and RNG fresh from step 0.
+
+A resume at the saved layout restores every rank's data position and RNG streams exactly. At another
+layout (docs/CHECKPOINTS.md, "What carries over"): the model, optimizer (plain and distributed),
+schedule and step carry over; each rank's RNG streams are re-derived from (seed, step) as Megatron seeds
+them; the data position is handed to the new reading ranks (`StageBatches.load_global_state`), which continue with
+exactly the samples of the saved epochs that had not been returned: none repeated, none dropped
+(docs/DATA.md).
 """
 
 from __future__ import annotations
@@ -15,15 +27,21 @@ import torch.distributed as dist
 
 from m2megatron.checkpoint.load import load_checkpoint
 from m2megatron.checkpoint.save import Checkpointer
+from m2megatron.parallel import seed_everything
 
 log = logging.getLogger("m2megatron.train")
+
+
+def checkpoint_root(cfg) -> Path:
+    """Where this run's checkpoints go (and come back from)."""
+    return Path(cfg.checkpoint.save_dir or Path(cfg.train.run_dir) / "checkpoints")
 
 
 class TrainCheckpointer:
     def __init__(self, trainer):
         self.trainer = trainer
         cfg = trainer.cfg
-        self.root = Path(cfg.checkpoint.save_dir or Path(cfg.train.run_dir) / "checkpoints")
+        self.root = checkpoint_root(cfg)
         self.writer = Checkpointer(self.root, trainer.groups, keep_last=cfg.checkpoint.keep_last,
                                    async_save=cfg.checkpoint.async_save)
         self._last_saved: int | None = None
@@ -53,22 +71,50 @@ class TrainCheckpointer:
             self.writer.poll()
 
     def resume(self) -> int:
-        """Load checkpoint.load ('auto': the latest under the save dir, if any); return the step reached."""
-        t = self.trainer
-        source = t.cfg.checkpoint.load
-        if source is None:
+        """Load what the run starts from (module docstring); return the step reached."""
+        ckpt = self.trainer.cfg.checkpoint
+        if ckpt.load is None:
             return 0
-        if source == "auto":
-            if not _has_checkpoint(self.root):
-                return 0
-            source = str(self.root)
+        if _has_checkpoint(self.root):
+            return self._resume(str(self.root))
+        if ckpt.load == "auto":
+            return 0
+        if ckpt.load_mode == "resume":
+            return self._resume(ckpt.load)
+        return self._start_from(ckpt.load, finetune=ckpt.load_mode == "finetune")
+
+    def _resume(self, source: str) -> int:
+        t = self.trainer
         loaded = load_checkpoint(source, t.modules, t.optimizer, t.scheduler, groups=t.groups, config=t.cfg)
         t.skipped_steps = int(loaded.extra_state.get("skipped_steps", 0))
         restore_data_position(t.batches, loaded)
+        if not loaded.rng_restored:
+            seed_everything(t.cfg.train.seed, t.groups, step=loaded.step)
         if dist.get_rank() == 0:
             log.info("resumed from %s at step %d", loaded.path, loaded.step)
         self._last_saved, self.last_path = loaded.step, loaded.path
         return loaded.step
+
+    def _start_from(self, source: str, *, finetune: bool) -> int:
+        """Weights (and for a fine-tune the optimizer state) of `source`; a new run from step 0."""
+        t = self.trainer
+        optimizer = t.optimizer if finetune else None
+        settings = _hyper_parameters(optimizer) if finetune else None
+        loaded = load_checkpoint(source, t.modules, optimizer, None, groups=t.groups, config=t.cfg,
+                                 restore_rng=False)
+        if finetune:
+            for group, values in zip(optimizer.param_groups, settings, strict=True):
+                group.update(values)  # this run's optim.* settings, not the checkpoint's
+            t.scheduler.step(increment=0)  # the fresh schedule's first LR and weight decay
+        else:
+            # bf16/fp16 mixed precision: the optimizer's fp32 main weights were copied from the model when it
+            # was built; without this the first step would write the stale copies back over the loaded weights.
+            t.optimizer.reload_model_params()
+        if dist.get_rank() == 0:
+            log.info("started from %s of %s (saved at its step %d); step, LR schedule, data order and RNG "
+                     "start fresh", "the weights and optimizer state" if finetune else "the weights",
+                     loaded.path, loaded.step)
+        return 0
 
     def finalize(self) -> None:
         """Wait for a background save in flight, so the run ends with its checkpoint visible."""
@@ -91,6 +137,11 @@ def restore_data_position(batches, loaded) -> None:
         batches.load_global_state(states)
     elif dist.get_rank() == 0:
         log.warning("the checkpoint holds no data position: the data order starts from the beginning")
+
+
+def _hyper_parameters(optimizer) -> list[dict]:
+    """Every param group's settings except its parameters and Adam's step count."""
+    return [{k: v for k, v in group.items() if k not in ("params", "step")} for group in optimizer.param_groups]
 
 
 def _has_checkpoint(root: Path) -> bool:

@@ -20,9 +20,10 @@ from m2megatron.data.stage_batches import StageBatches
 from m2megatron.parallel import initialize, seed_everything
 from m2megatron.planning import flops
 from m2megatron.runtime import ContrastiveStep, build_stages
-from m2megatron.train.checkpointing import TrainCheckpointer
+from m2megatron.train.checkpointing import TrainCheckpointer, checkpoint_root
 from m2megatron.train.metrics import MetricsWriter, ThroughputMeter
 from m2megatron.train.preemption import PreemptionHandler
+from m2megatron.train.run_lock import lock_run_directories
 
 log = logging.getLogger("m2megatron.train")
 
@@ -41,6 +42,7 @@ class Trainer:
         cfg.validate(world_size=dist.get_world_size())
         self.run_dir = Path(cfg.train.run_dir)
         self.is_logging_rank = dist.get_rank() == 0
+        self.run_locks = lock_run_directories([self.run_dir, checkpoint_root(cfg)])  # one trainer per run
         self.cfg = self._resolve_tokenizer(cfg)
         seed_everything(self.cfg.train.seed, self.groups)
         if self.is_logging_rank:
@@ -224,3 +226,5 @@ class Trainer:
         self.checkpointer.finalize()
         self.batches.close()
         self.preemption.uninstall()
+        for lock in self.run_locks:
+            lock.release()

@@ -104,11 +104,11 @@ def _shards_match_full(root, tp, pp):
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from m2megatron.checkpoint import state
+    from m2megatron.checkpoint import optimizer_state, state
 
     groups, chunks, opt, sched = _setup(tp, pp, seed=77)
     loaded = load_checkpoint(root, chunks, opt, sched, groups=groups)
-    metadata = state.sharding_metadata(groups, opt)
+    metadata = optimizer_state.sharding_metadata(groups, opt)
     sharded = state.model_sharded_state_dict(chunks, metadata)
     sharded["optimizer"] = opt.sharded_state_dict(sharded, is_loading=False, metadata=metadata)
     full = _full(root)
@@ -131,6 +131,17 @@ def test_reshard_on_load_to_other_tp_pp_dp(dist_pool, tmp_path):
             (tp, pp, results)
 
 
+def _first_half_old_format(root, tp, steps):
+    """A distributed-optimizer checkpoint as written before issue 15 (dp_reshardable buckets)."""
+    from m2megatron.checkpoint import optimizer_state
+
+    optimizer_state.WRITE_FORMAT = optimizer_state.DP_RESHARDABLE
+    try:
+        return _first_half(root, tp, steps, True)
+    finally:
+        optimizer_state.WRITE_FORMAT = optimizer_state.FULLY_RESHARDABLE
+
+
 def _dist_opt_to_tp2(root):
     groups, chunks, opt, sched = _setup(2, distributed=True)
     try:
@@ -140,14 +151,18 @@ def _dist_opt_to_tp2(root):
     return "loaded"
 
 
-def test_distributed_optimizer_reshards_over_dp_and_refuses_tp_change(dist_pool, tmp_path):
+def test_old_dp_reshardable_checkpoints_still_load_across_dp_and_refuse_a_tp_change(dist_pool, tmp_path):
+    from m2megatron.checkpoint import manifest
+    from m2megatron.checkpoint.atomic import resolve
+
     pool2, pool4 = dist_pool(2), dist_pool(4)
     straight = pool2.run(_straight, None, 1, 4, True)
-    pool2.run(_first_half, str(tmp_path), 1, 2, True)
+    pool2.run(_first_half_old_format, str(tmp_path), 1, 2)
+    assert manifest.read(resolve(tmp_path))["optimizer"]["format"] == "dp_reshardable"
     second = pool4.run(_second_half, str(tmp_path), 1, 2, True)  # DP2 → DP4
     assert second[0][0] == pytest.approx(straight[0][0][2:], abs=1e-5)
     message = pool2.run(_dist_opt_to_tp2, str(tmp_path))[0]
-    assert "reshards only across DP" in message and "TP=1" in message
+    assert "reshards only across DP" in message and "TP=1" in message and "load_mode=weights" in message
 
 
 def _async_vs_sync(root_sync, root_async):

@@ -40,13 +40,13 @@ def _load_consolidated_matches(file, tp, pp):
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from safetensors import safe_open
 
-    from m2megatron.checkpoint import state
+    from m2megatron.checkpoint import optimizer_state, state
     from m2megatron.checkpoint.consolidate import load_consolidated
 
     groups = build_groups(Layout(world_size=dist.get_world_size(), tensor_parallel=tp, pipeline_parallel=pp))
     chunks, _, _ = build_toy(groups, seed=5, **TOY["toy"])
     load_consolidated(file, chunks, groups)
-    sharded = state.model_sharded_state_dict(chunks, state.sharding_metadata(groups, None))
+    sharded = state.model_sharded_state_dict(chunks, optimizer_state.sharding_metadata(groups, None))
     checked = 0
     with safe_open(file, framework="pt") as f:
         for sh in nested_values(sharded):

@@ -38,7 +38,7 @@ for name, what in (("megatron.core", "Megatron-Core"), ("transformer_engine", "T
 EOF
 
 GPU_TESTS=(tests/gpu/test_loss_kernel.py tests/gpu/test_loss_ring.py tests/gpu/test_attention.py
-           tests/gpu/test_te_spec.py tests/gpu/test_dali_mixed.py)
+           tests/gpu/test_te_spec.py tests/gpu/test_dali_mixed.py tests/gpu/test_checkpoint_fused_adam.py)
 NCCL_TESTS=(tests/gpu/test_nccl.py)  # makes its own NCCL world: its own pytest process
 present=(); for f in "${GPU_TESTS[@]}"; do [ -f "$f" ] && present+=("$f"); done
 echo "== gpu-marked tests (python: $PY, out: $OUT)"

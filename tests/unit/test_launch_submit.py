@@ -64,8 +64,18 @@ def test_reshard_needs_tool_arguments_and_eval_chains_only_after_training(tmp_pa
         submit(cfg, kind="reshard", dry_run=True)
     with pytest.raises(UserError, match="--eval"):
         submit(cfg, kind="eval", chain_eval=True, dry_run=True)
-    result = submit(cfg, kind="reshard", module_args=["--to-tp", "2"], dry_run=True)
-    assert "-m tools.reshard --to-tp 2" in result.scripts["reshard"].read_text()
+    with pytest.raises(UserError, match="unrecognized arguments: --to-tp"):
+        submit(cfg, kind="reshard", module_args=["{run_dir}/checkpoints", "{run_dir}/b", "--to-tp", "2"],
+               dry_run=True)
+    with pytest.raises(UserError, match="--tp 2 × --pp 2 does not divide the job's 1 ranks"):
+        submit(cfg, kind="reshard", module_args=["a", "b", "--tp", "2", "--pp", "2"], dry_run=True)
+    result = submit(cfg, kind="reshard", module_args=["{run_dir}/checkpoints", "{run_dir}/resharded", "--pp", "1"],
+                    dry_run=True)
+    run_dir = tmp_path / "r"
+    script = result.scripts["reshard"].read_text()
+    assert ("exec python3 -m torch.distributed.run --nnodes=\"$SLURM_NNODES\"" in script
+            and f"-m m2megatron.checkpoint.reshard {run_dir}/checkpoints {run_dir}/resharded --pp 1" in script)
+    assert "--no-requeue" in script
 
 
 def test_without_sbatch_on_path_the_error_says_so(tmp_path, monkeypatch):
