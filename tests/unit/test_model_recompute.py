@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from m2megatron.config import preset
 from m2megatron.models import M2Encoder, init_weights
 from m2megatron.models.recompute import recomputed_layers
+from m2megatron.parallel import seed_everything
 from tests.reference_model import sample_inputs, single_groups
 
 pytestmark = pytest.mark.unit
@@ -48,7 +49,7 @@ def _step(overrides: dict, cfg=CFG):
             layer.register_forward_hook(count("layer"))
             layer.self_attention.core_attention.register_forward_hook(count("core_attention"))
     images, ids, mask = sample_inputs(cfg)
-    torch.manual_seed(11)  # the drop-path draws
+    seed_everything(11, single_groups())  # the drop-path draws (Megatron's data-parallel stream)
     out = model(images=images, text_ids=ids, text_mask=mask)
     logits = out.image @ out.text.t() * out.logit_scale.exp()
     labels = torch.arange(logits.shape[0])
@@ -103,7 +104,7 @@ def _step_loss_with_seed(seed: int) -> float:
     init_weights(model, 5)
     model.train()
     images, ids, mask = sample_inputs(CFG)
-    torch.manual_seed(seed)
+    seed_everything(seed, single_groups())
     out = model(images=images, text_ids=ids, text_mask=mask)
     logits = out.image @ out.text.t() * out.logit_scale.exp()
     labels = torch.arange(logits.shape[0])
