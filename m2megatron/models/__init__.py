@@ -1,8 +1,8 @@
 """The M2-Encoder on Megatron-Core: Sub-LN layer specs (local / te), towers, VL block, heads, stage module.
 
     groups = m2megatron.parallel.initialize(cfg.parallel)
-    model = M2Encoder(cfg.model, groups)                       # whole model (one pipeline stage)
-    stage = M2Encoder(cfg.model, groups, pre_process=False, post_process=True, layer_range=(4, 9))
+    stages = m2megatron.runtime.build_stages(cfg, groups)      # every entry point builds its stages there
+    (model,) = stages.modules                                  # the whole model at PP=1
     emb = model.encode_image(pixels)                           # [b, E], L2-normalized
 
 See docs/MODEL.md.
