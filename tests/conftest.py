@@ -22,15 +22,23 @@ def reference_dir() -> Path:
     return REFERENCE_DIR
 
 
+MAX_IDLE_POOLS = 2
+"""Pools kept alive at once. An idle pool is not free: each worker holds a hundred gloo threads that wake up
+now and then, and twenty idle workers took a core of the two away from the tests that ran."""
+
+
 @pytest.fixture(scope="session")
 def dist_pool():
-    """`dist_pool(n)` → a DistributedPool of n gloo ranks, started once per session and size."""
-    pools: dict[int, DistributedPool] = {}
+    """`dist_pool(n)` → a DistributedPool of n gloo ranks, kept for the session while it is among the
+    MAX_IDLE_POOLS most recently used sizes."""
+    pools: dict[int, DistributedPool] = {}  # in order of last use
 
     def get(world_size: int) -> DistributedPool:
-        if world_size not in pools:
-            pools[world_size] = DistributedPool(world_size)
-        return pools[world_size]
+        pool = pools.pop(world_size, None) or DistributedPool(world_size)
+        pools[world_size] = pool
+        while len(pools) > MAX_IDLE_POOLS:
+            pools.pop(next(iter(pools))).close()
+        return pool
 
     yield get
     for pool in pools.values():
