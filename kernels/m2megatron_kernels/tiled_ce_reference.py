@@ -38,9 +38,14 @@ def _positives_in_tile(m: int, row_offset: int, start: int, width: int, device) 
     return rows, cols[rows]
 
 
-def ce_forward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoothing: float,
-               tile: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(ℓ, row_max, log_sum), each [m] in the compute dtype; backward needs row_max and log_sum."""
+def ce_forward_stats(q: Tensor, k: Tensor, scale: Tensor, row_offset: int,
+                     tile: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row statistics of z = scale · q kᵀ over the columns k, each [m] in the compute dtype.
+
+    (row_max, row_sum = Σ_j exp(z_ij − row_max), z_pos = z_i,pos (0 where the positive is not among
+    these columns), z_sum = Σ_j z_ij). Statistics of disjoint column blocks fold with `fold_stats`,
+    which is how the ring exchange streams its blocks (m2megatron/loss/ring.py).
+    """
     (m, _), n = q.shape, k.shape[0]
     dtype = compute_dtype(q)
     scaled_q = scale.to(dtype) * q.to(dtype)
@@ -55,20 +60,44 @@ def ce_forward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoot
         rows, cols = _positives_in_tile(m, row_offset, start, z.shape[1], q.device)
         z_pos[rows] = z[rows, cols]
         del z
+    return row_max, row_sum, z_pos, z_sum
+
+
+def fold_stats(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The statistics of two disjoint column sets from theirs (online log-sum-exp: rescale to the new max)."""
+    (max_a, sum_a, pos_a, zsum_a), (max_b, sum_b, pos_b, zsum_b) = a, b
+    row_max = torch.maximum(max_a, max_b)
+    row_sum = sum_a * torch.exp(max_a - row_max) + sum_b * torch.exp(max_b - row_max)
+    return row_max, row_sum, pos_a + pos_b, zsum_a + zsum_b
+
+
+def loss_from_stats(row_max: Tensor, row_sum: Tensor, z_pos: Tensor, z_sum: Tensor, num_columns: int,
+                    label_smoothing: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(ℓ, row_max, log_sum) from the statistics over all `num_columns` columns."""
     log_sum = torch.log(row_sum)
-    loss = ((row_max - z_pos) + log_sum) + label_smoothing * (z_pos - z_sum / n)
+    loss = ((row_max - z_pos) + log_sum) + label_smoothing * (z_pos - z_sum / num_columns)
     return loss, row_max, log_sum
 
 
+def ce_forward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoothing: float,
+               tile: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(ℓ, row_max, log_sum), each [m] in the compute dtype; backward needs row_max and log_sum."""
+    stats = ce_forward_stats(q, k, scale, row_offset, tile)
+    return loss_from_stats(*stats, k.shape[0], label_smoothing)
+
+
 def ce_backward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoothing: float, row_max: Tensor,
-                log_sum: Tensor, grad_loss: Tensor, tile: int,
-                grad_k_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                log_sum: Tensor, grad_loss: Tensor, tile: int, grad_k_out: Tensor | None = None,
+                total_columns: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(∂L/∂q, ∂L/∂k, ∂L/∂scale) given g = ∂L/∂ℓ, recomputing each logits tile once.
 
     ∂L/∂k is written tile by tile into `grad_k_out` ([n, d], any float dtype, may be a strided view)
     or a new tensor of k's dtype, so no full-size fp32 copy of it exists; ∂L/∂q has q's dtype.
+    When k is one block of the loss's columns (the ring exchange), row_max and log_sum are those over
+    all columns and `total_columns` their number (the n of the ε/n term); None: k is all of them.
     """
     (m, _), n = q.shape, k.shape[0]
+    uniform = label_smoothing / (total_columns or n)  # ε/n, the smoothed target of every column
     dtype = compute_dtype(q)
     q_up, g, scale_up = q.to(dtype), grad_loss.to(dtype), scale.to(dtype)
     scaled_q = scale_up * q_up
@@ -78,7 +107,7 @@ def ce_backward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoo
     for start in range(0, n, tile):
         k_tile = k[start:start + tile].to(dtype)  # [t, d]
         z = scaled_q @ k_tile.T  # [m, t]
-        grad_z = torch.exp((z - row_max[:, None]) - log_sum[:, None]) - label_smoothing / n  # p − ε/n
+        grad_z = torch.exp((z - row_max[:, None]) - log_sum[:, None]) - uniform  # p − ε/n
         rows, cols = _positives_in_tile(m, row_offset, start, z.shape[1], q.device)
         grad_z[rows, cols] -= 1.0 - label_smoothing
         grad_z *= g[:, None]
