@@ -26,8 +26,8 @@ from m2megatron.loss.traffic import gather_sent_bytes, ring_sent_bytes
 from m2megatron.parallel import Layout, build_groups
 from tests.distributed.test_loss_accumulated import accumulated_vs_one_big_microbatch
 from tests.distributed.test_loss_parity import (
-    B,
     INIT_LOG_SCALE,
+    B,
     loss_and_grads,
     make_batch,
     max_rel_err,
@@ -139,15 +139,17 @@ def test_ring_grouped_mode_equals_mean_of_group_losses(dist_pool, world, group_s
 def _accumulated_rank(group_size, num_microbatches):
     groups = build_groups(Layout(world_size=dist.get_world_size(), loss_group_size=group_size))
     gen = torch.Generator().manual_seed(groups.dp_rank)
-    embs = [F.normalize(torch.randn(2, B, 6, generator=gen, dtype=torch.float64), dim=2) for _ in range(num_microbatches)]
+    embs = [F.normalize(torch.randn(2, B, 6, generator=gen, dtype=torch.float64), dim=2)  # [image/text, b, d]
+            for _ in range(num_microbatches)]
     scale = torch.tensor(INIT_LOG_SCALE, dtype=torch.float64)
     cached = {exchange: accumulated_loss_and_grads([e[0] for e in embs], [e[1] for e in embs], scale,
                                                    group=groups.loss,
                                                    config=LossConfig(exchange=exchange, label_smoothing=0.1))
               for exchange in ("gather", "ring")}
     ring, gather = cached["ring"], cached["gather"]
+    pairs = zip(ring.image_grads + ring.text_grads, gather.image_grads + gather.text_grads)
     fp64 = max([rel_err(ring.loss, gather.loss), rel_err(ring.logit_scale_grad, gather.logit_scale_grad)]
-               + [rel_err(a, b) for a, b in zip(ring.image_grads + ring.text_grads, gather.image_grads + gather.text_grads)])
+               + [rel_err(a, b) for a, b in pairs])
     two_pass = accumulated_vs_one_big_microbatch(groups.loss, groups.dp_rank, num_microbatches,
                                                  LossConfig(exchange="ring", chunk_size=3, label_smoothing=0.1))
     return {"ring_vs_gather_fp64": fp64, "two_pass_vs_one_microbatch": two_pass}
