@@ -205,28 +205,34 @@ def ce_forward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoot
 
 def ce_backward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoothing: float, row_max: Tensor,
                 log_sum: Tensor, grad_loss: Tensor, tile: int | None = None, grad_k_out: Tensor | None = None,
-                total_columns: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                total_columns: int | None = None, row_grads: bool = True,
+                col_grads: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(∂L/∂q, ∂L/∂k, ∂L/∂scale) given g = ∂L/∂ℓ; ∂L/∂k goes into `grad_k_out` when given; `total_columns`:
-    the n of the ε/n term when k is one block of the columns (see the reference)."""
+    the n of the ε/n term when k is one block of the columns; row_grads / col_grads launch only the rows
+    kernel (∂q, ∂scale) / the columns kernel (∂k), the other outputs come back None (see the reference)."""
     q, k, scale32 = _prepare(q, k, scale)
     (m, d), n = q.shape, k.shape[0]
     b = BLOCKS
     uniform = label_smoothing / (total_columns or n)
     row_max, log_sum, g = row_max.contiguous(), log_sum.contiguous(), grad_loss.float().contiguous()
-    num_splits, cols_per_split = _column_splits(m, n, tile, triton.cdiv(m, b["BLOCK_M"]) * triton.cdiv(d, b["BLOCK_D"]))
-    partial = torch.empty((num_splits, m, d), dtype=torch.float32, device=q.device)
-    partial_scale = torch.empty((num_splits, m), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(m, b["BLOCK_M"]), triton.cdiv(d, b["BLOCK_D"]), num_splits)
-    _ce_bwd_rows_kernel[grid](q, k, scale32, row_max, log_sum, g, partial, partial_scale, m, n, d, q.stride(0),
-                              k.stride(0), cols_per_split, row_offset, label_smoothing, uniform,
-                              b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["BLOCK_D"], _precision(q))
-    grad_k = torch.empty((n, d), dtype=k.dtype, device=q.device) if grad_k_out is None else grad_k_out
-    if grad_k.stride(1) != 1:
-        raise ValueError("tiled ce: grad_k_out must have a dense last dimension")
-    grid = (triton.cdiv(n, b["BLOCK_N"]), triton.cdiv(d, b["BLOCK_D"]))
-    _ce_bwd_cols_kernel[grid](q, k, scale32, row_max, log_sum, g, grad_k, m, n, d, q.stride(0), k.stride(0),
-                              grad_k.stride(0), row_offset, label_smoothing, uniform,
-                              b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["BLOCK_D"], _precision(q))
-    grad_q = scale32 * partial.sum(dim=0)  # [m, d]
-    grad_scale = (partial_scale.sum() / scale32).reshape(scale.shape)
-    return grad_q.to(q.dtype), grad_k, grad_scale.to(scale.dtype)
+    grad_q = grad_k = grad_scale = None
+    if row_grads:
+        programs = triton.cdiv(m, b["BLOCK_M"]) * triton.cdiv(d, b["BLOCK_D"])
+        num_splits, cols_per_split = _column_splits(m, n, tile, programs)
+        partial = torch.empty((num_splits, m, d), dtype=torch.float32, device=q.device)
+        partial_scale = torch.empty((num_splits, m), dtype=torch.float32, device=q.device)
+        grid = (triton.cdiv(m, b["BLOCK_M"]), triton.cdiv(d, b["BLOCK_D"]), num_splits)
+        _ce_bwd_rows_kernel[grid](q, k, scale32, row_max, log_sum, g, partial, partial_scale, m, n, d, q.stride(0),
+                                  k.stride(0), cols_per_split, row_offset, label_smoothing, uniform,
+                                  b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["BLOCK_D"], _precision(q))
+        grad_q = (scale32 * partial.sum(dim=0)).to(q.dtype)  # [m, d]
+        grad_scale = (partial_scale.sum() / scale32).reshape(scale.shape).to(scale.dtype)
+    if col_grads:
+        grad_k = torch.empty((n, d), dtype=k.dtype, device=q.device) if grad_k_out is None else grad_k_out
+        if grad_k.stride(1) != 1:
+            raise ValueError("tiled ce: grad_k_out must have a dense last dimension")
+        grid = (triton.cdiv(n, b["BLOCK_N"]), triton.cdiv(d, b["BLOCK_D"]))
+        _ce_bwd_cols_kernel[grid](q, k, scale32, row_max, log_sum, g, grad_k, m, n, d, q.stride(0), k.stride(0),
+                                  grad_k.stride(0), row_offset, label_smoothing, uniform,
+                                  b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["BLOCK_D"], _precision(q))
+    return grad_q, grad_k, grad_scale

@@ -17,8 +17,9 @@ class LossConfig:
     exchange: Literal["gather", "ring"] = "gather"
     """How the columns of the loss group reach each rank. gather: one all-gather of the group's G·A·b
     columns (peak memory grows with G). ring: column blocks pass around the group with p2p, G − 1 hops
-    overlapped with the tile work, the log-sum-exp accumulated online; peak memory O(A·b·d + A·b·tile),
-    independent of G, for ~1.5× (fp32) – 2× (bf16) the bytes of gather (docs/LOSS.md §5). Same loss and gradients."""
+    each way overlapped with the tile work, the log-sum-exp accumulated online; peak memory
+    O(A·b·d + A·b·tile), independent of G, for about the bytes of gather (docs/LOSS.md §5).
+    Same loss and gradients."""
     chunk_size: int | None = None
     """Column tile of the chunked log-sum-exp; None materialises the full logits matrix (with exchange=ring:
     each rank's block of A·b columns is one tile)."""

@@ -10,15 +10,18 @@ Forward: per block and direction the tiled kernel returns (row max, Σ exp(z −
 Σ z) for that block; they fold online (`fold_stats`: rescale to the running max), and the per-row
 loss follows from the folded statistics exactly as in the one-shot kernel. Only [m] vectors are kept.
 
-Backward: the blocks travel the ring again; each rank recomputes its tiles against the block in
-hand with the global row max / log-sum, adding ∂L_r/∂(its rows) and ∂L_r/∂s locally, and writing
-∂L_r/∂(block columns) into an fp32 accumulator [2, m, d] that follows the block: the accumulator of
-block o starts at rank o + 1, gains one rank's contribution per hop and reaches o after G − 1 hops,
-where o adds its own. So each rank receives Σ_{r' ∈ group} ∂L_{r'}/∂(its embeddings), the gather
-path's semantics (contrastive.py), and ∂L_r/∂s.
+Backward: the blocks travel the ring again, each with its owner's row state (per row: max, log-sum
+and upstream gradient of both directions, [6, m]). A rank's rows are also its column block, so rank r
+holding block o recomputes two tiles per direction: its rows against o's columns, giving
+∂L_r/∂(its rows) and ∂L_r/∂s, and o's rows against its own columns, giving ∂L_o/∂(its columns) with
+o's row state. Summed over the G blocks, each rank gets Σ_{r' ∈ group} ∂L_{r'}/∂(its embeddings) (the
+gather path's semantics, contrastive.py) and ∂L_r/∂s without any gradient leaving the rank: backward
+sends what forward sends plus O(m) row state. The kernels' row_grads / col_grads switches keep the
+work at one backward per tile pair on Triton (the rows kernel for the first tile, the columns kernel
+for the second); the torch kernel recomputes each logits tile twice.
 
-Memory per rank: two blocks in the embedding dtype, three fp32 accumulators, the fp32 result, one
-kernel tile — O(m·d + m·tile), independent of G (docs/LOSS.md §5). Bytes: loss/traffic.py.
+Memory per rank: two blocks in flight in the embedding dtype, the fp32 result [2, m, d], an [m, d]
+column buffer, one kernel tile — O(m·d + m·tile), independent of G (docs/LOSS.md §5). Bytes: traffic.py.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from m2megatron_kernels import tiled_ce_reference
 from m2megatron_kernels.tiled_ce_reference import compute_dtype, fold_stats, loss_from_stats
 from torch import Tensor
 
-from m2megatron.loss.ring_p2p import BLOCK_TAG, GRAD_TAG, Hop, RingPeers, start_hop
+from m2megatron.loss.ring_p2p import BLOCK_TAG, RingPeers, start_hop
 from m2megatron.loss.tiled_ce import resolve_kernel
 
 
@@ -42,10 +45,11 @@ def _positive_offset(step: int, rows: int) -> int:
 
 
 class _BlockRing:
-    """Column blocks (image, text) travelling the ring: the one in hand, the next one arriving."""
+    """Blocks travelling the ring (image, text rows of a rank; in backward also its row state): the one in
+    hand and the next one arriving."""
 
-    def __init__(self, peers: RingPeers, image: Tensor, text: Tensor):
-        self.peers, self.block, self._spare, self._hop = peers, (image, text), None, None
+    def __init__(self, peers: RingPeers, *block: Tensor):
+        self.peers, self.block, self._spare, self._hop = peers, block, None, None
 
     def prefetch(self, step: int) -> None:
         """Post the hop that sends the block in hand on and receives the block of step + 1 (none after the last)."""
@@ -79,34 +83,25 @@ def _ring_forward(image: Tensor, text: Tensor, scale: Tensor, peers: RingPeers, 
     return i2t, t2i
 
 
-class _GradientRing:
-    """The fp32 column-gradient accumulators [2, m, d] travelling to their owners (backward)."""
+def _direction_backward(step: int, mine: tuple[Tensor, Tensor, Tensor], theirs: tuple[Tensor, Tensor, Tensor],
+                        scale: Tensor, home_rows: Tensor, home_cols: Tensor, spare: Tensor, args: tuple) -> Tensor:
+    """One direction against the block in hand; adds to home_rows / home_cols, returns ∂L_r/∂s of it.
 
-    def __init__(self, peers: RingPeers, like: Tensor):
-        self.peers, self._like = peers, like
-        self._free: list[Tensor] = []
-        self._hop: Hop | None = None
-        self._outgoing = self._incoming = None
-
-    def buffer(self) -> Tensor:
-        return self._free.pop() if self._free else torch.empty_like(self._like)
-
-    def pass_on(self, contribution: Tensor, step: int) -> None:
-        """Add the accumulator that arrived for this step's block (from step 2 on) and send the sum on."""
-        if step >= 2:
-            contribution += self._wait()
-        self._incoming = self.buffer()
-        self._outgoing = contribution
-        self._hop = start_hop(self.peers, [contribution], [self._incoming], GRAD_TAG)
-
-    def _wait(self) -> Tensor:
-        received = self._hop.wait()[0]
-        self._free += [self._outgoing, self._incoming]  # both free once the caller has added `received`
-        return received
-
-    def collect(self) -> Tensor | None:
-        """After the last step: Σ over the other ranks of ∂L/∂(this rank's block), None for G = 1."""
-        return self._wait() if self._hop is not None else None
+    mine / theirs: (rows, columns, row state [3, m] = max, log-sum, upstream gradient) of this rank and of
+    the block's owner o. As rows: ∂L_r/∂(my rows) against o's columns. As columns: ∂L_o/∂(my columns)
+    from o's rows and row state. At step 0 (o = r) one call gives both.
+    """
+    peers, smoothing, tile, impl = args
+    (rows, cols, state), (their_rows, their_cols, their_state) = mine, theirs
+    offset, total, own = _positive_offset(step, rows.shape[0]), peers.size * rows.shape[0], step == 0
+    grad_rows, _, grad_scale = impl.ce_backward(rows, their_cols, scale, offset, smoothing, *state, tile,
+                                                grad_k_out=spare, total_columns=total, col_grads=own)
+    if not own:
+        impl.ce_backward(their_rows, cols, scale, offset, smoothing, *their_state, tile, grad_k_out=spare,
+                         total_columns=total, row_grads=False)
+    home_rows += grad_rows
+    home_cols += spare
+    return grad_scale
 
 
 class _RingClipCrossEntropy(torch.autograd.Function):
@@ -126,36 +121,20 @@ class _RingClipCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         image, text, scale, i2t_max, i2t_log_sum, t2i_max, t2i_log_sum = ctx.saved_tensors
-        peers, smoothing, tile, impl = ctx.args
-        (m, d), total = image.shape, peers.size * image.shape[0]
-        g_i2t, g_t2i = grad_loss[0].contiguous(), grad_loss[1].contiguous()
-
-        def block_grads(step: int, block: tuple[Tensor, Tensor], cols_out: Tensor):
-            """∂L_r/∂(image rows), ∂L_r/∂(text rows), ∂L_r/∂s against one block; ∂L_r/∂block → cols_out [2, m, d]."""
-            offset = _positive_offset(step, m)
-            grad_image, _, scale_i2t = impl.ce_backward(image, block[1], scale, offset, smoothing, i2t_max, i2t_log_sum,
-                                                        g_i2t, tile, grad_k_out=cols_out[1], total_columns=total)
-            grad_text, _, scale_t2i = impl.ce_backward(text, block[0], scale, offset, smoothing, t2i_max, t2i_log_sum,
-                                                       g_t2i, tile, grad_k_out=cols_out[0], total_columns=total)
-            return grad_image, grad_text, scale_i2t + scale_t2i
-
-        # home[0], home[1]: ∂/∂(this rank's image, text) [m, d], in fp32; first its own block's column gradients.
-        home = torch.empty((2, m, d), dtype=compute_dtype(image), device=image.device)
-        blocks, grads = _BlockRing(peers, image, text), _GradientRing(peers, home)
+        # [6, m]: per row (max, log-sum, upstream gradient) of i2t, then of t2i; it travels with the block.
+        state = torch.stack([i2t_max, i2t_log_sum, grad_loss[0], t2i_max, t2i_log_sum, grad_loss[1]])
+        home = torch.zeros((2, *image.shape), dtype=compute_dtype(image), device=image.device)  # ∂/∂(image, text)
+        spare = torch.empty_like(home[0])  # [m, d] column gradients of one call
+        blocks = _BlockRing(ctx.args[0], image, text, state)
         grad_scale = torch.zeros((), dtype=scale.dtype, device=scale.device)
-        for step in range(peers.size):
+        for step in range(blocks.peers.size):
             blocks.prefetch(step)
-            cols = home if step == 0 else grads.buffer()
-            grad_image, grad_text, grad_s = block_grads(step, blocks.block, cols)
-            home[0] += grad_image
-            home[1] += grad_text
-            grad_scale += grad_s
-            if step > 0:
-                grads.pass_on(cols, step)
+            image_o, text_o, state_o = blocks.block  # of the owner o of the block in hand
+            i2t = (image, text, state[:3]), (image_o, text_o, state_o[:3])
+            t2i = (text, image, state[3:]), (text_o, image_o, state_o[3:])
+            grad_scale += _direction_backward(step, *i2t, scale, home[0], home[1], spare, ctx.args)
+            grad_scale += _direction_backward(step, *t2i, scale, home[1], home[0], spare, ctx.args)
             blocks.advance(step)
-        from_others = grads.collect()
-        if from_others is not None:
-            home += from_others
         return (home[0].to(image.dtype), home[1].to(text.dtype), grad_scale.reshape(scale.shape),
                 None, None, None, None)
 

@@ -3,10 +3,9 @@
 Every hop is one `batch_isend_irecv` of matched pairs (this rank's sends to `next`, its receives from
 `prev`): on NCCL the pair becomes one group call, which cannot deadlock even when prev == next
 (G = 2); on gloo the sends and receives are posted asynchronously. Every rank of the group issues the
-same sequence of hops, and each kind of message has its own tag, so messages between two peers match
-in order on both backends. Peers are global ranks (dist.get_global_rank), as P2POp expects.
-The hop returns at once; the caller computes on the tensors in hand and calls `wait()` before reading
-what it receives or reusing what it sends.
+same sequence of hops, so messages between two peers match in order on both backends. Peers are global
+ranks (dist.get_global_rank), as P2POp expects. The hop returns at once; the caller computes on the
+tensors in hand and calls `wait()` before reading what it receives or reusing what it sends.
 """
 
 from __future__ import annotations
@@ -18,9 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 BLOCK_TAG = 1
-"""Tag of column blocks (image, text rows of a rank) travelling around the ring."""
-GRAD_TAG = 2
-"""Tag of column-gradient accumulators travelling to their owner (backward)."""
+"""Tag of the blocks travelling around the ring (a rank's image and text rows; in backward its row state)."""
 
 
 @dataclass(frozen=True)

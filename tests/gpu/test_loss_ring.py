@@ -5,8 +5,9 @@ Run on a lent GPU: `pytest -q -s tests/gpu/test_loss_ring.py` (skipped without C
 What one GPU can show:
 - the compiled Triton kernel does what a ring step asks of it: statistics of a column block without
   the rows' positives, folded online over G = 4 blocks, and each block's backward against the global
-  log-sum-exp with ε/n over all columns, equal the kernel over all columns at once and the torch
-  reference (in-process, no process group);
+  log-sum-exp with ε/n over all columns, rows' and columns' gradients in separate launches
+  (row_grads / col_grads), equal the kernel over all columns at once and the torch reference
+  (in-process, no process group);
 - in a world of one NCCL rank (a child process, so that its process group leaves this pytest process
   alone) the ring over the real loss group (G = 1: the rank's own block, no hop) equals the gather path
   in loss and gradients, fp32 and bf16 embeddings, Triton (auto) and torch kernels; every output is a
@@ -58,11 +59,14 @@ def test_triton_kernel_on_ring_blocks_equals_the_whole_and_the_reference(dtype, 
             block = impl.ce_forward_stats(q, k[b * m:(b + 1) * m], scale, offsets[b], tile)
             stats = block if stats is None else reference.fold_stats(stats, block)
         loss, ring_max, ring_log_sum = reference.loss_from_stats(*stats, m * blocks, smoothing)
-        per_block = [impl.ce_backward(q, k[b * m:(b + 1) * m], scale, offsets[b], smoothing, ring_max, ring_log_sum,
-                                      g, tile, total_columns=m * blocks) for b in range(blocks)]
-        grad_q = sum(p[0].float() for p in per_block)
-        grad_k = torch.cat([p[1] for p in per_block])
-        grad_s = sum(p[2] for p in per_block)
+        state = (smoothing, ring_max, ring_log_sum, g)
+        rows = [impl.ce_backward(q, k[b * m:(b + 1) * m], scale, offsets[b], *state, tile, total_columns=m * blocks,
+                                 col_grads=False) for b in range(blocks)]  # as the ring: rows' gradients only
+        cols = [impl.ce_backward(q, k[b * m:(b + 1) * m], scale, offsets[b], *state, tile, total_columns=m * blocks,
+                                 row_grads=False)[1] for b in range(blocks)]  # and the columns' only
+        grad_q = sum(r[0].float() for r in rows)
+        grad_k = torch.cat(cols)
+        grad_s = sum(r[2] for r in rows)
         results[name] = [loss, grad_q, grad_k, grad_s]
     want = [whole_loss, whole_bwd[0].float(), whole_bwd[1], whole_bwd[2]]
     assert _max_rel(results["triton"], want) < rel, _max_rel(results["triton"], want)

@@ -59,7 +59,8 @@ def _kernel_vs_reference(dtype_name: str) -> dict[str, float]:
 
 def _ring_block_kernel_vs_reference() -> float:
     """What a ring step asks of the kernel: statistics of one column block (with and without the rows'
-    positives in it) and its backward against the global log-sum-exp with ε/n over all n columns."""
+    positives in it) and its backward against the global log-sum-exp with ε/n over all n columns, also
+    with only the rows' (row_grads) or only the columns' (col_grads) gradients."""
     import torch
     import torch.nn.functional as F
     from m2megatron_kernels import tiled_ce_reference as reference
@@ -81,6 +82,12 @@ def _ring_block_kernel_vs_reference() -> float:
         want_bwd = reference.ce_backward(q, k, scale, offset, 0.1, row_max, log_sum, g, tile=7,
                                          grad_k_out=torch.empty(m, d), total_columns=total)
         errors.append(_max_rel(got_bwd, want_bwd))
+        rows_only = triton_impl.ce_backward(q, k, scale, offset, 0.1, row_max, log_sum, g, 16, total_columns=total,
+                                            col_grads=False)
+        cols_only = triton_impl.ce_backward(q, k, scale, offset, 0.1, row_max, log_sum, g, 16, total_columns=total,
+                                            grad_k_out=torch.empty(m, d), row_grads=False)
+        assert rows_only[1] is None and cols_only[0] is None and cols_only[2] is None
+        errors.append(_max_rel([rows_only[0], cols_only[1], rows_only[2]], want_bwd))
     return max(errors)
 
 
