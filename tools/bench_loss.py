@@ -117,9 +117,14 @@ def peak_allocated_bytes(step, rank: int) -> int:
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    # "Total Allocated" is the allocator's running total since the profiler started.
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    return max(totals, default=0)
+    events = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    if not events:
+        return 0
+    # "Total Allocated" runs on across the profiler sessions of a process, and a free outside every
+    # window is never recorded, so the raw total drifts up from one measurement to the next: take it
+    # relative to the total just before this window's first event.
+    start = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in events) - start
 
 
 def make_step(loss_fn, image, text, log_scale):
@@ -230,18 +235,19 @@ def model_peak_bytes(mode: str, rows: int, group: int, dim: int, elem: int, chun
     memory of the collectives is left out.
 
     dense: 2 saved log-softmax outputs + 2 backward temporaries [m, n] fp32; gathered pairs, fp32 ∂cols, their stack.
-    chunked: a logits tile, p − y, a product [m, t]; gathered pairs and the [n, 2, d] gradient buffer.
-    ring: two blocks [2, m, d] (the one in hand, the one arriving), three fp32 accumulators and the fp32
-    result [2, m, d], a scaled copy of the rows and ∂rows [m, d] fp32, and two [m, t] fp32 tiles; with
-    Triton (GPU) no tile is materialised, the row-gradient partials take [m, d] fp32 instead.
+    chunked: a logits tile and p − y [m, t] (the torch kernel works in place); gathered pairs and the
+    [n, 2, d] gradient buffer.
+    ring (backward): two blocks (image, text [m, d] and the [6, m] fp32 row state; the one in hand, the one
+    arriving), the fp32 result [2, m, d], an [m, d] fp32 column buffer and a row gradient [m, d], and two
+    [m, t] fp32 tiles of the torch kernel; Triton materialises no tile but ~3 [m, d] fp32 row-gradient partials.
     """
     cols = group * rows
     if mode == "dense":
         return 4 * rows * cols * FP32 + 2 * cols * dim * (2 * elem + FP32)
     if mode == "chunked":
-        return 3 * rows * min(chunk, cols) * FP32 + 4 * cols * dim * elem
-    tiles = rows * dim * FP32 if triton else 2 * rows * min(chunk or rows, rows) * FP32
-    return 2 * 2 * rows * dim * elem + 4 * 2 * rows * dim * FP32 + 2 * rows * dim * FP32 + tiles
+        return 2 * rows * min(chunk, cols) * FP32 + 4 * cols * dim * elem
+    work = 3 * rows * dim * FP32 if triton else 2 * rows * min(chunk or rows, rows) * FP32
+    return 2 * (2 * rows * dim * elem + 6 * rows * FP32) + 4 * rows * dim * FP32 + 2 * rows * dim * FP32 + work
 
 
 def analytic_rows(world=256, per_rank=64, dim=1024, elem=2, accumulation=(1, 16, 32), chunk=4096):
