@@ -1,6 +1,6 @@
 """Benchmark of the contrastive loss against OpenCLIP's ClipLoss: peak memory, bytes sent, wall time.
 
-    OMP_NUM_THREADS=1 .venv/bin/python tools/bench_loss.py            # P = 8 gloo ranks, ~10 min on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python tools/bench_loss.py            # P = 8 gloo ranks, 10-17 min on 2 cores
 
 Each of P gloo processes on this machine runs one loss step (forward + backward) per configuration:
 OpenCLIP's ClipLoss(local_loss=True, gather_with_grad=True) over the world, ours with the gather
@@ -247,7 +247,7 @@ def model_peak_bytes(mode: str, rows: int, group: int, dim: int, elem: int, chun
     if mode == "chunked":
         return 2 * rows * min(chunk, cols) * FP32 + 4 * cols * dim * elem
     work = 3 * rows * dim * FP32 if triton else 2 * rows * min(chunk or rows, rows) * FP32
-    return 2 * (2 * rows * dim * elem + 6 * rows * FP32) + 4 * rows * dim * FP32 + 2 * rows * dim * FP32 + work
+    return 2 * (2 * rows * dim * elem + 6 * rows * FP32) + (2 + 1 + 1) * rows * dim * FP32 + work
 
 
 def analytic_rows(world=256, per_rank=64, dim=1024, elem=2, accumulation=(1, 16, 32), chunk=4096):
@@ -325,7 +325,8 @@ def summary(rows, scaling, world: int) -> str:
     speed = at[f"G={world} dense"]["time"] / at["openclip"]["time"]
     ring_speed = at[f"G={world} ring"]["time"] / at["openclip"]["time"]
     peaks = [r["peak"] for r in scaling]
-    spread = f" ring_peak_spread={max(peaks) / min(peaks) - 1:.3f}" if len(peaks) > 1 else ""
+    by_world = ",".join(f"{r['world']}:{r['peak'] / 2**20:.2f}" for r in sorted(scaling, key=lambda r: r["world"]))
+    spread = f" ring_peak_spread={max(peaks) / min(peaks) - 1:.3f} ring_peak_mib={by_world}" if len(peaks) > 1 else ""
     return (f"grouped_comm_ratio={grouped:.4f} ring_grouped_comm_ratio={ring_grouped:.4f} "
             f"chunked_mem_ratio={memory:.2f} ring_mem_ratio={ring_memory:.2f} time_ratio={speed:.3f} "
             f"ring_time_ratio={ring_speed:.3f}{spread}")
