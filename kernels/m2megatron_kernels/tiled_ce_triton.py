@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from m2megatron_kernels.tiled_ce_reference import loss_from_stats
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # tl.dot needs every block dimension >= 16; the interpreter is slow, so it gets the smallest blocks.
 BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_D=16) if INTERPRETED else \
@@ -53,12 +55,12 @@ def _logits_tile(q_ptr, k_ptr, rows, cols, m, n, d, stride_q, stride_k, scale,
 
 
 @triton.jit
-def _grad_logits(z, rows, cols, m, n, valid_cols, max_ptr, logsum_ptr, g_ptr, row_offset, smoothing):
-    """∂L/∂z = g (p − (1 − ε)[col = pos] − ε/n) for a tile; 0 outside the valid rows and columns."""
+def _grad_logits(z, rows, cols, m, valid_cols, max_ptr, logsum_ptr, g_ptr, row_offset, smoothing, uniform):
+    """∂L/∂z = g (p − (1 − ε)[col = pos] − ε/n) for a tile (uniform = ε/n); 0 outside the valid rows and columns."""
     row_max = tl.load(max_ptr + rows, mask=rows < m, other=0.0)
     log_sum = tl.load(logsum_ptr + rows, mask=rows < m, other=0.0)
     g = tl.load(g_ptr + rows, mask=rows < m, other=0.0)  # 0 on padded rows
-    p = tl.exp((z - row_max[:, None]) - log_sum[:, None]) - smoothing / n
+    p = tl.exp((z - row_max[:, None]) - log_sum[:, None]) - uniform
     p = tl.where(cols[None, :] == rows[:, None] + row_offset, p - (1.0 - smoothing), p)
     return tl.where(valid_cols[None, :], p * g[:, None], 0.0)
 
@@ -96,7 +98,7 @@ def _ce_fwd_kernel(q_ptr, k_ptr, scale_ptr, max_ptr, sum_ptr, pos_ptr, zsum_ptr,
 
 @triton.jit
 def _ce_bwd_rows_kernel(q_ptr, k_ptr, scale_ptr, max_ptr, logsum_ptr, g_ptr, out_ptr, gscale_ptr,
-                        m, n, d, stride_q, stride_k, cols_per_split, row_offset, smoothing,
+                        m, n, d, stride_q, stride_k, cols_per_split, row_offset, smoothing, uniform,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """out[split, i, slice] = Σ_{j in split} ∂L/∂z_ij k_j[slice]; gscale[split, i] = Σ_j ∂L/∂z_ij z_ij."""
@@ -112,7 +114,8 @@ def _ce_bwd_rows_kernel(q_ptr, k_ptr, scale_ptr, max_ptr, logsum_ptr, g_ptr, out
         cols = c0 + tl.arange(0, BLOCK_N)
         z = _logits_tile(q_ptr, k_ptr, rows, cols, m, n, d, stride_q, stride_k, scale,
                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        grad_z = _grad_logits(z, rows, cols, m, n, cols < end, max_ptr, logsum_ptr, g_ptr, row_offset, smoothing)
+        grad_z = _grad_logits(z, rows, cols, m, cols < end, max_ptr, logsum_ptr, g_ptr, row_offset, smoothing,
+                              uniform)
         grad_scale += tl.sum(grad_z * z, axis=1)
         kv = tl.load(k_ptr + cols[:, None] * stride_k + dims[None, :],
                      mask=(cols[:, None] < end) & (dims[None, :] < d), other=0.0).to(tl.float32)
@@ -124,7 +127,7 @@ def _ce_bwd_rows_kernel(q_ptr, k_ptr, scale_ptr, max_ptr, logsum_ptr, g_ptr, out
 
 @triton.jit
 def _ce_bwd_cols_kernel(q_ptr, k_ptr, scale_ptr, max_ptr, logsum_ptr, g_ptr, out_ptr,
-                        m, n, d, stride_q, stride_k, stride_out, row_offset, smoothing,
+                        m, n, d, stride_q, stride_k, stride_out, row_offset, smoothing, uniform,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """out[j, slice] = scale · Σ_i ∂L/∂z_ij q_i[slice], stored in out's dtype."""
@@ -137,7 +140,8 @@ def _ce_bwd_cols_kernel(q_ptr, k_ptr, scale_ptr, max_ptr, logsum_ptr, g_ptr, out
         rows = r0 + tl.arange(0, BLOCK_M)
         z = _logits_tile(q_ptr, k_ptr, rows, cols, m, n, d, stride_q, stride_k, scale,
                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        grad_z = _grad_logits(z, rows, cols, m, n, cols < n, max_ptr, logsum_ptr, g_ptr, row_offset, smoothing)
+        grad_z = _grad_logits(z, rows, cols, m, cols < n, max_ptr, logsum_ptr, g_ptr, row_offset, smoothing,
+                              uniform)
         qv = tl.load(q_ptr + rows[:, None] * stride_q + dims[None, :],
                      mask=(rows[:, None] < m) & (dims[None, :] < d), other=0.0).to(tl.float32)
         acc += tl.dot(tl.trans(grad_z), qv, input_precision=PRECISION)
@@ -175,9 +179,9 @@ def _prepare(q: Tensor, k: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tenso
     return q, k, scale.detach().float().reshape(1)
 
 
-def ce_forward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoothing: float,
-               tile: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(ℓ, row_max, log_sum), each [m] fp32. `tile`: columns per program (None: sized to fill the device)."""
+def ce_forward_stats(q: Tensor, k: Tensor, scale: Tensor, row_offset: int,
+                     tile: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(row_max, row_sum, z_pos, z_sum), each [m] fp32: the reference's `ce_forward_stats` contract."""
     q, k, scale32 = _prepare(q, k, scale)
     (m, d), n = q.shape, k.shape[0]
     num_splits, cols_per_split = _column_splits(m, n, tile, triton.cdiv(m, BLOCKS["BLOCK_M"]))
@@ -186,35 +190,49 @@ def ce_forward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoot
     _ce_fwd_kernel[grid](q, k, scale32, parts[0], parts[1], parts[2], parts[3], m, n, d, q.stride(0), k.stride(0),
                          cols_per_split, row_offset,
                          BLOCKS["BLOCK_M"], BLOCKS["BLOCK_N"], BLOCKS["BLOCK_K"], _precision(q))
-    run_max, run_sum, z_pos, z_sum = parts[0], parts[1], parts[2].sum(dim=0), parts[3].sum(dim=0)
+    run_max, run_sum = parts[0], parts[1]
     row_max = run_max.max(dim=0).values  # fold the splits: [splits, m] → [m]
-    log_sum = torch.log((run_sum * torch.exp(run_max - row_max)).sum(dim=0))
-    loss = ((row_max - z_pos) + log_sum) + label_smoothing * (z_pos - z_sum / n)
-    return loss, row_max, log_sum
+    row_sum = (run_sum * torch.exp(run_max - row_max)).sum(dim=0)
+    return row_max, row_sum, parts[2].sum(dim=0), parts[3].sum(dim=0)
+
+
+def ce_forward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoothing: float,
+               tile: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(ℓ, row_max, log_sum), each [m] fp32. `tile`: columns per program (None: sized to fill the device)."""
+    stats = ce_forward_stats(q, k, scale, row_offset, tile)
+    return loss_from_stats(*stats, k.shape[0], label_smoothing)
 
 
 def ce_backward(q: Tensor, k: Tensor, scale: Tensor, row_offset: int, label_smoothing: float, row_max: Tensor,
-                log_sum: Tensor, grad_loss: Tensor, tile: int | None = None,
-                grad_k_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(∂L/∂q, ∂L/∂k, ∂L/∂scale) given g = ∂L/∂ℓ; ∂L/∂k goes into `grad_k_out` when given (see reference)."""
+                log_sum: Tensor, grad_loss: Tensor, tile: int | None = None, grad_k_out: Tensor | None = None,
+                total_columns: int | None = None, row_grads: bool = True,
+                col_grads: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(∂L/∂q, ∂L/∂k, ∂L/∂scale) given g = ∂L/∂ℓ; ∂L/∂k goes into `grad_k_out` when given; `total_columns`:
+    the n of the ε/n term when k is one block of the columns; row_grads / col_grads launch only the rows
+    kernel (∂q, ∂scale) / the columns kernel (∂k), the other outputs come back None (see the reference)."""
     q, k, scale32 = _prepare(q, k, scale)
     (m, d), n = q.shape, k.shape[0]
     b = BLOCKS
+    uniform = label_smoothing / (total_columns or n)
     row_max, log_sum, g = row_max.contiguous(), log_sum.contiguous(), grad_loss.float().contiguous()
-    num_splits, cols_per_split = _column_splits(m, n, tile, triton.cdiv(m, b["BLOCK_M"]) * triton.cdiv(d, b["BLOCK_D"]))
-    partial = torch.empty((num_splits, m, d), dtype=torch.float32, device=q.device)
-    partial_scale = torch.empty((num_splits, m), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(m, b["BLOCK_M"]), triton.cdiv(d, b["BLOCK_D"]), num_splits)
-    _ce_bwd_rows_kernel[grid](q, k, scale32, row_max, log_sum, g, partial, partial_scale, m, n, d, q.stride(0),
-                              k.stride(0), cols_per_split, row_offset, label_smoothing,
-                              b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["BLOCK_D"], _precision(q))
-    grad_k = torch.empty((n, d), dtype=k.dtype, device=q.device) if grad_k_out is None else grad_k_out
-    if grad_k.stride(1) != 1:
-        raise ValueError("tiled ce: grad_k_out must have a dense last dimension")
-    grid = (triton.cdiv(n, b["BLOCK_N"]), triton.cdiv(d, b["BLOCK_D"]))
-    _ce_bwd_cols_kernel[grid](q, k, scale32, row_max, log_sum, g, grad_k, m, n, d, q.stride(0), k.stride(0),
-                              grad_k.stride(0), row_offset, label_smoothing,
-                              b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["BLOCK_D"], _precision(q))
-    grad_q = scale32 * partial.sum(dim=0)  # [m, d]
-    grad_scale = (partial_scale.sum() / scale32).reshape(scale.shape)
-    return grad_q.to(q.dtype), grad_k, grad_scale.to(scale.dtype)
+    grad_q = grad_k = grad_scale = None
+    if row_grads:
+        programs = triton.cdiv(m, b["BLOCK_M"]) * triton.cdiv(d, b["BLOCK_D"])
+        num_splits, cols_per_split = _column_splits(m, n, tile, programs)
+        partial = torch.empty((num_splits, m, d), dtype=torch.float32, device=q.device)
+        partial_scale = torch.empty((num_splits, m), dtype=torch.float32, device=q.device)
+        grid = (triton.cdiv(m, b["BLOCK_M"]), triton.cdiv(d, b["BLOCK_D"]), num_splits)
+        _ce_bwd_rows_kernel[grid](q, k, scale32, row_max, log_sum, g, partial, partial_scale, m, n, d, q.stride(0),
+                                  k.stride(0), cols_per_split, row_offset, label_smoothing, uniform,
+                                  b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["BLOCK_D"], _precision(q))
+        grad_q = (scale32 * partial.sum(dim=0)).to(q.dtype)  # [m, d]
+        grad_scale = (partial_scale.sum() / scale32).reshape(scale.shape).to(scale.dtype)
+    if col_grads:
+        grad_k = torch.empty((n, d), dtype=k.dtype, device=q.device) if grad_k_out is None else grad_k_out
+        if grad_k.stride(1) != 1:
+            raise ValueError("tiled ce: grad_k_out must have a dense last dimension")
+        grid = (triton.cdiv(n, b["BLOCK_N"]), triton.cdiv(d, b["BLOCK_D"]))
+        _ce_bwd_cols_kernel[grid](q, k, scale32, row_max, log_sum, g, grad_k, m, n, d, q.stride(0), k.stride(0),
+                                  grad_k.stride(0), row_offset, label_smoothing, uniform,
+                                  b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["BLOCK_D"], _precision(q))
+    return grad_q, grad_k, grad_scale

@@ -2,9 +2,10 @@
 
 The trainer drives it:
 1. A forward-only pass over the A microbatches collects each microbatch's embeddings [b, d].
-2. `accumulated_loss_and_grads` concatenates them into A·b local rows, gathers the group's
-   G·A·b columns and computes the loss and its gradient with respect to every microbatch's
-   embeddings and to logit_scale (autograd on detached copies; the gather's backward runs here).
+2. `accumulated_loss_and_grads` concatenates them into A·b local rows and computes, against the
+   group's G·A·b columns (all-gathered, or passed around the ring with loss.exchange=ring), the loss
+   and its gradient with respect to every microbatch's embeddings and to logit_scale (autograd on
+   detached copies; the exchange's backward runs here).
 3. A forward–backward pass recomputes each microbatch (with the same randomness) and backpropagates
    `surrogate_loss`, whose gradient with respect to the embeddings is the cached gradient.
 
@@ -49,7 +50,7 @@ def accumulated_loss_and_grads(image_embs: Sequence[Tensor], text_embs: Sequence
 
     image_embs, text_embs: the A microbatches' embeddings [b_a, d] of this rank (detached is fine;
     they are detached here). All ranks of `group` must call this together with the same total rows.
-    Same modes as `contrastive_loss` (config.chunk_size, kernel, label_smoothing, logit_scale_max).
+    Same modes as `contrastive_loss` (config.exchange, chunk_size, kernel, label_smoothing, logit_scale_max).
     """
     if len(image_embs) != len(text_embs) or not image_embs:
         raise ValueError(f"accumulated loss: got {len(image_embs)} image and {len(text_embs)} text microbatches")

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from m2megatron.config.loss import LossConfig
 from m2megatron.loss.collectives import gather_pairs_with_grad, group_size_and_rank
+from m2megatron.loss.ring import ring_clip_cross_entropy
 from m2megatron.loss.tiled_ce import tiled_clip_cross_entropy
 
 
@@ -69,17 +70,26 @@ def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, *
     """This rank's contrastive loss over its loss group (global mode: G = P; grouped: G < P).
 
     image_emb, text_emb [b, d]: L2-normalised embeddings of this rank, any float dtype; the gather
-    runs in that dtype, the loss in fp32 (fp64 for fp64 inputs).
+    (or the ring's p2p) runs in that dtype, the loss in fp32 (fp64 for fp64 inputs).
     logit_scale: the learnable LOG scale (0-d), clamped at config.logit_scale_max and exponentiated here.
     group: the loss group (ParallelGroups.loss); never the world group unless the world is the loss
     group. None means a group of one (no communication). With TP > 1 every TP rank passes its own
     DP sub-group and computes the same loss.
+    config.exchange picks how the columns arrive: "gather" (one all-gather, then dense or chunked
+    logits) or "ring" (ring.py: blocks passed around the group, O(b) memory); same loss and gradients.
     Returns a 0-d tensor: the mean over the b local rows of both directions, averaged.
     """
     config = config or LossConfig()
+    scale = effective_logit_scale(logit_scale, config.logit_scale_max)
+    if config.exchange == "ring":
+        per_row = ring_clip_cross_entropy(image_emb, text_emb, scale, group=group,
+                                          label_smoothing=config.label_smoothing, tile=config.chunk_size,
+                                          kernel=config.kernel)
+        return per_row.mean(dim=1).sum() / 2  # [2, b] → scalar
+    if config.exchange != "gather":
+        raise ValueError(f"loss.exchange: {config.exchange!r} is not one of ['gather', 'ring']")
     _, group_rank = group_size_and_rank(group)
     pairs = gather_pairs_with_grad(image_emb, text_emb, group)  # [G·b, 2, d]
-    scale = effective_logit_scale(logit_scale, config.logit_scale_max)
     return local_contrastive_loss(image_emb, text_emb, pairs, scale,
                                   row_offset=group_rank * image_emb.shape[0],
                                   label_smoothing=config.label_smoothing, chunk_size=config.chunk_size,
