@@ -32,8 +32,11 @@ test-venv: $(VENV)/.stamp-test
 demo: venv
 	$(PY) -m m2megatron.demo --nproc $(NPROC)
 
+# Two pytest-xdist workers: most tests leave a core idle (imports, gloo waits, Slurm jobs). Each file (and
+# the Slurm tier as a whole) stays on one worker; tests/conftest.py starts the longest groups first.
+TEST_WORKERS ?= 2
 test: test-venv
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: test-venv
 	$(VENV)/bin/ruff check .

@@ -6,6 +6,11 @@ rank and returns the per-rank results in rank order. If any rank raises, the poo
 collectives may be half-done) and an error carrying each failing rank's traceback is raised; the
 next `run` starts a fresh pool. Each body sets up the Megatron layout it needs with
 `m2megatron.parallel.build_groups`.
+
+Workers are forked from one forkserver that imported torch, Megatron-Core and m2megatron once
+(PRELOAD): importing them costs a spawned worker ~6 s of CPU, which on 2 cores made an 8-rank pool
+take ~25 s to start. Nothing in PRELOAD starts a thread, so forking after it is safe; process groups
+and the CPU workarounds are set up after the fork, in each worker.
 """
 
 from __future__ import annotations
@@ -26,8 +31,53 @@ MAX_WORKER_THREADS = 300
 optimizer build), so a worker past this many threads is replaced after its run."""
 
 
+PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.pipeline_parallel",
+           "megatron.core.optimizer", "megatron.core.distributed", "megatron.core.dist_checkpointing",
+           "m2megatron.parallel", "m2megatron.runtime", "m2megatron.train", "m2megatron.checkpoint"]
+"""Modules the forkserver imports before it forks any worker."""
+
+
+_ENV_AT_IMPORT = dict(os.environ)
+"""The forkserver's environment, inherited by every process it forks: the session's, as it was before any
+test changed it (the server starts lazily, perhaps inside a test that monkeypatches os.environ)."""
+
+
+def _context():
+    import multiprocessing.forkserver as forkserver
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    current = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(_ENV_AT_IMPORT)
+    try:
+        forkserver.ensure_running()
+    finally:
+        os.environ.clear()
+        os.environ.update(current)
+    return ctx
+
+
 class DistributedTestError(AssertionError):
     pass
+
+
+def _fresh(fn, args: tuple, log_path: str) -> None:
+    os.setsid()  # its own session: the caller can kill whatever it leaves behind (Megatron's writer manager)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    mp.current_process()._config["daemon"] = False  # it may start children of its own
+    fn(*args)
+
+
+def start_fresh_process(fn, *args, log_path: str):
+    """A new process, forked from the preloaded forkserver, running module-level `fn(*args)` with its stdout
+    and stderr in `log_path`: a separate process for a test that kills it, without ~6 s of imports.
+    Returns the started multiprocessing.Process (its own session: os.killpg(p.pid, ...) cleans up)."""
+    proc = _context().Process(target=_fresh, args=(fn, args, str(log_path)), daemon=False)
+    proc.start()
+    return proc
 
 
 def _free_port() -> int:
@@ -45,6 +95,7 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    _fork_the_checkpoint_writers_result_queue()
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size,
@@ -69,6 +120,22 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
     dist.destroy_process_group()
 
 
+def _fork_the_checkpoint_writers_result_queue() -> None:
+    """Megatron's checkpoint writer reports through a multiprocessing Manager it starts with `spawn` on a
+    process's first save; that server imports torch when the first result arrives (~15 s at 8 ranks on 2
+    cores, once per worker). A forked server has torch already (Megatron's writer itself forks, too)."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    def forked_queue():
+        if filesystem_async._results_queue is None:
+            filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+        return filesystem_async._results_queue
+
+    filesystem_async._get_write_results_queue = forked_queue
+
+
 class DistributedPool:
     def __init__(self, world_size: int):
         self.world_size = world_size
@@ -77,7 +144,7 @@ class DistributedPool:
         self._outbox = None
 
     def _start(self) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = _context()
         port = _free_port()
         self._outbox = ctx.Queue()
         self._inboxes = [ctx.Queue() for _ in range(self.world_size)]

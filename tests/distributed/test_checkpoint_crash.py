@@ -1,7 +1,7 @@
 """SIGKILL during a save leaves the previous checkpoint loadable, and `latest` never names an incomplete one.
 
-Each crash point runs in its own process (`python -m tests.distributed.test_checkpoint_crash ROOT POINT`):
-it saves step 1 normally, then saves step 2 with M2_CKPT_CRASH_AT=POINT, which SIGKILLs it there.
+Each crash point runs in its own process (forked from the test harness's preloaded forkserver): it saves
+step 1 normally, then saves step 2 with M2_CKPT_CRASH_AT=POINT, which SIGKILLs it there.
 """
 
 import contextlib
@@ -9,9 +9,6 @@ import datetime
 import multiprocessing as mp
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -20,9 +17,9 @@ from m2megatron.checkpoint import load_checkpoint, save_checkpoint
 from m2megatron.checkpoint.atomic import CRASH_ENV, CRASH_POINTS, LATEST, complete_checkpoints, resolve
 from m2megatron.parallel import Layout, build_groups
 from tests.checkpoint_toy import build_toy
+from tests.harness import start_fresh_process
 
 pytestmark = pytest.mark.distributed
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _crash_run(root: str, point: str) -> None:
@@ -54,25 +51,16 @@ def _load_then_save(root: str):
 
 
 def test_sigkill_during_save_keeps_previous_checkpoint_loadable(dist_pool, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    env.pop(CRASH_ENV, None)
-    # Output goes to files, not pipes: the killed process's helper processes (Megatron's writer manager)
-    # may hold inherited pipes open after it died. Each run gets its own session, cleaned up after.
-    procs = {}
-    for point in CRASH_POINTS:
-        log = open(tmp_path / f"{point}.log", "wb")
-        procs[point] = subprocess.Popen([sys.executable, "-m", "tests.distributed.test_checkpoint_crash",
-                                         str(tmp_path / point), point], cwd=REPO, env=env, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+    procs = {point: start_fresh_process(_crash_run, str(tmp_path / point), point, log_path=tmp_path / f"{point}.log")
+             for point in CRASH_POINTS}
     for point, proc in procs.items():
         try:
-            proc.wait(timeout=600)
+            proc.join(timeout=600)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # leftovers of this run's own session only
         log = (tmp_path / f"{point}.log").read_text(errors="replace")[-3000:]
-        assert proc.returncode == -signal.SIGKILL, f"{point}: exit {proc.returncode}\n{log}"
+        assert proc.exitcode == -signal.SIGKILL, f"{point}: exit {proc.exitcode}\n{log}"
     pool = dist_pool(2)
     # point -> (complete checkpoints after the crash, what `latest` names)
     expected = {"after_shards": ([1], 1), "before_rename": ([1], 1), "before_latest": ([1, 2], 1),
@@ -87,6 +75,3 @@ def test_sigkill_during_save_keeps_previous_checkpoint_loadable(dist_pool, tmp_p
         assert (root / LATEST).read_text().strip() == "iter_0000003"
         assert not [p for p in root.iterdir() if p.name.startswith(".tmp.")], f"{point}: stale temp left"
 
-
-if __name__ == "__main__":
-    _crash_run(sys.argv[1], sys.argv[2])

@@ -82,6 +82,10 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def batch_log(run_dir: Path, job_id: str) -> str:
-    logs = list((run_dir / "logs").glob(f"*-{job_id}.out"))
-    return logs[0].read_text() if logs else ""
+def batch_log(run_dir: Path, job_id: str, tail: int = 4000) -> str:
+    """The job's batch output, then the end of each of its step logs (per node / rank), for a failure message."""
+    logs = run_dir / "logs"
+    parts = [p.read_text(errors="replace") for p in logs.glob(f"*-{job_id}.out")]
+    for path in sorted(logs.glob(f"*-{job_id}.*/*.log")):
+        parts.append(f"--- {path.relative_to(logs)} (end) ---\n{path.read_text(errors='replace')[-tail:]}")
+    return "\n".join(parts)

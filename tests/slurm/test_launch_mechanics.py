@@ -24,7 +24,7 @@ MODES = ("srun", "torchrun")
 # torchrun mode: it goes to the batch shell, as `--signal=B:USR1@N` sends it before the time limit; the
 # shell's trap passes it on to every process of the job step (torchrun itself ignores it).
 PREEMPT_SIGNAL = {"srun": ["--signal=USR1"], "torchrun": ["--batch", "--signal=USR1"]}
-TRAIN_STEPS = 30
+TRAIN_STEPS = 20
 PREEMPT_AFTER_STEPS = 3
 
 

@@ -1,7 +1,9 @@
 """End to end with the real entry points on the local Slurm: `python -m m2megatron.train` on 2 ranks writes
 checkpoints, TensorBoard events and metrics; SIGUSR1 → checkpoint → requeue → resume continues the loss
 curve of an uninterrupted run with no lost or repeated step; `scancel` leaves the last complete
-checkpoint loadable; the chained `python -m m2megatron.eval.retrieval` job writes results.
+checkpoint loadable; the chained `python -m m2megatron.eval.retrieval` job writes results; the uninterrupted
+run's checkpoint (TP1·PP1·DP2) is resharded to TP1·PP2 by `python -m m2megatron.launch.submit --kind reshard`
+(the real module, 2 srun ranks) and a training job at PP2 resumes from it, chained with `--after`.
 
 Skipped until those modules exist (the launch mechanics themselves are proven now by
 test_launch_mechanics.py with stand-ins that keep the same contract). Contract assumed here:
@@ -30,7 +32,7 @@ pytestmark = [
 needs_eval = pytest.mark.skipif(not HAVE_EVAL, reason="waiting for eval: m2megatron/eval/retrieval.py "
                                 "(python -m m2megatron.eval.retrieval) does not exist yet")
 
-STEPS = 40
+STEPS = 20
 
 
 def tiny_recipe(run_dir: Path, mode: str) -> dict:
@@ -39,8 +41,20 @@ def tiny_recipe(run_dir: Path, mode: str) -> dict:
                   train={"run_dir": str(run_dir), "train_steps": STEPS, "micro_batch_size": 8, "log_interval": 1,
                          "eval_at_end": False},
                   data={"synthetic_train_samples": 512, "synthetic_eval_samples": 64},
-                  checkpoint={"save_interval": 10, "keep_last": 2})
+                  checkpoint={"save_interval": 5, "keep_last": 2})
     return config
+
+
+def _queue_reshard_then_resume(cluster, base: Path, plain_dir: Path, plain_jobs: dict) -> tuple[Path, dict]:
+    """After the plain run: reshard its last checkpoint to PP2, then train 2 more steps at PP2 from it."""
+    args = ("--", "{run_dir}/checkpoints", "{run_dir}/resharded", "--tp", "1", "--pp", "2")
+    reshard = submit(cluster, tiny_recipe(plain_dir, "srun"), "--kind", "reshard", "--after", plain_jobs["train"],
+                     *args)["job_ids"]["reshard"]
+    resumed = base / "resumed"
+    config = tiny_recipe(resumed, "srun")
+    config["train"].update(train_steps=STEPS + 2, global_batch_size=16, tensorboard=False)  # 2 microbatches ≥ PP
+    config.update(parallel={"pipeline_parallel": 2}, checkpoint={"load": str(plain_dir / "resharded")})
+    return resumed, {"reshard": reshard, "train": submit(cluster, config, "--after", reshard)["job_ids"]["train"]}
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -67,12 +81,13 @@ def runs(slurm_cluster, slurm_runs_dir):
         run_dir = base / name
         args = ("--eval",) if name == "plain" and HAVE_EVAL else ()
         runs[name] = run_dir, submit(slurm_cluster, tiny_recipe(run_dir, mode), *args)["job_ids"]
+    runs["reshard"] = _queue_reshard_then_resume(slurm_cluster, base, *runs["plain"])
     run_dir, jobs = runs["preempt"]
     wait_until(lambda: len(steps_and_losses(run_dir)) >= 3, "3 steps", timeout=300, cluster=slurm_cluster,
                job_id=jobs["train"])
     slurm_cluster.run("scancel", "--signal=USR1", jobs["train"])
     run_dir, jobs = runs["cancel"]
-    wait_until(lambda: latest_checkpoint(run_dir) is not None and len(steps_and_losses(run_dir)) >= 12,
+    wait_until(lambda: latest_checkpoint(run_dir) is not None and len(steps_and_losses(run_dir)) >= 7,
                "a checkpoint and 2 more steps", timeout=300, cluster=slurm_cluster, job_id=jobs["train"])
     slurm_cluster.run("scancel", jobs["train"])
     return runs
@@ -126,3 +141,26 @@ def test_chained_eval_runs_after_training_and_writes_results(slurm_cluster, runs
     assert ev["JobState"] == "COMPLETED", batch_log(run_dir, jobs["eval"])
     assert ev["StartTime"] >= train["EndTime"]
     assert list((run_dir / "eval").rglob("*.json")), "the eval job wrote no JSON results"
+
+
+def test_reshard_job_writes_the_new_layout_and_training_resumes_there(slurm_cluster, runs):
+    from m2megatron.checkpoint import manifest
+    from m2megatron.checkpoint.atomic import resolve
+
+    plain_dir, _ = runs["plain"]
+    resumed, jobs = runs["reshard"]
+    info = wait_job(slurm_cluster, jobs["reshard"], timeout=600)
+    assert info["JobState"] == "COMPLETED", batch_log(plain_dir, jobs["reshard"])
+    meta = manifest.read(resolve(plain_dir / "resharded"))
+    assert meta["step"] == STEPS and meta["layout"]["pipeline_parallel"] == 2
+    assert meta["layout"]["world_size"] == 2 and meta["config"]["parallel"]["pipeline_parallel"] == 2
+    logs = sorted((plain_dir / "logs" / f"reshard-{jobs['reshard']}.0").glob("rank-*.log"))
+    assert [p.name for p in logs] == ["rank-0.log", "rank-1.log"] and "resharded to" in logs[0].read_text()
+
+    info = wait_job(slurm_cluster, jobs["train"], timeout=600)
+    assert info["JobState"] == "COMPLETED", batch_log(resumed, jobs["train"])
+    records = steps_and_losses(resumed)
+    assert [s for s, _ in records] == [STEPS + 1, STEPS + 2]
+    assert all(math.isfinite(loss) for _, loss in records)
+    rank0 = (resumed / "logs" / f"train-{jobs['train']}.0" / "rank-0.log").read_text()
+    assert f"resumed from {plain_dir / 'resharded'}" in rank0

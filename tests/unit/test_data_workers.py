@@ -167,10 +167,10 @@ def test_a_worker_exception_is_raised_with_its_traceback():
 def test_a_worker_crash_reaches_the_training_loop(tok, shards):
     loader = _loader(tok, shards, num_workers=1, prefetch=1)
     next(loader)
-    os.kill(loader.decoder.pids[0], signal.SIGKILL)
+    pids = loader.decoder.pids
+    os.kill(pids[0], signal.SIGKILL)
     with pytest.raises(DataWorkerError, match="died"):
         for _ in range(20):  # batches decoded before the kill may still arrive first
             next(loader)
-    pids = loader.decoder.pids
     loader.close()
     _assert_joined(pids)
