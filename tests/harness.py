@@ -80,6 +80,58 @@ def start_fresh_process(fn, *args, log_path: str):
     return proc
 
 
+def _run_module(module: str, argv: list[str], cwd: str, env: dict, out_path: str, err_path: str) -> None:
+    import runpy
+    import sys
+
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    # `python -m` puts the working directory first on sys.path; PYTHONPATH is read only at interpreter start.
+    extra = [cwd] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:0] = [p for p in extra if p not in sys.path]
+    for fd, path in ((1, out_path), (2, err_path)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+    sys.argv = [module, *argv]
+    code = 0
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 - as the interpreter would report it
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_module(module: str, *args: str, cwd=None, env: dict | None = None, timeout: float = 300):
+    """`python -m module args...` as a subprocess.CompletedProcess (text stdout/stderr), in a process forked from
+    the preloaded forkserver: a fresh process without ~6 s of imports. Its difference from a new interpreter:
+    modules in PRELOAD are imported before `env` applies (none of ours reads the environment at import)."""
+    import subprocess
+    import tempfile
+
+    cwd = str(cwd or os.getcwd())
+    env = dict(os.environ if env is None else env)
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+        proc = _context().Process(target=_run_module, args=(module, list(args), cwd, env, out, err), daemon=False)
+        proc.start()
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            raise subprocess.TimeoutExpired([module, *args], timeout)
+        read = lambda path: open(path, encoding="utf-8", errors="replace").read() if os.path.exists(path) else ""  # noqa: E731
+        return subprocess.CompletedProcess(["python", "-m", module, *args], proc.exitcode, read(out), read(err))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -85,7 +85,9 @@ def runs(slurm_cluster, slurm_runs_dir):
     run_dir, jobs = runs["preempt"]
     wait_until(lambda: len(steps_and_losses(run_dir)) >= 3, "3 steps", timeout=300, cluster=slurm_cluster,
                job_id=jobs["train"])
-    slurm_cluster.run("scancel", "--signal=USR1", jobs["train"])
+    # As a time limit preempts a torchrun-mode job (--signal=B:USR1@N): the batch shell's trap records the request
+    # and passes the signal on to the job step (a direct `scancel --signal=USR1` once went unseen by the ranks).
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", jobs["train"])
     run_dir, jobs = runs["cancel"]
     wait_until(lambda: latest_checkpoint(run_dir) is not None and len(steps_and_losses(run_dir)) >= 7,
                "a checkpoint and 2 more steps", timeout=300, cluster=slurm_cluster, job_id=jobs["train"])

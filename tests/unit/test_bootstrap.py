@@ -1,12 +1,12 @@
 """Launch environments: torchrun, Slurm (faked), and the single-process default."""
 
 import os
-import subprocess
-import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from m2megatron.parallel.bootstrap import first_host, read_launch_env
+from tests.harness import run_module
 
 pytestmark = pytest.mark.unit
 
@@ -40,15 +40,15 @@ def test_bootstrap_from_a_faked_slurm_environment_builds_the_groups():
     """Two processes started the way `srun --ntasks=2` would start them, with no torchrun variables."""
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                "MASTER_PORT")}
-    procs = []
-    for rank in range(2):
-        env = dict(base, SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+
+    def rank(r: int):
+        env = dict(base, SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r),
                    SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=str(os.getpid() % 9000 + 1000), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "m2megatron.parallel.selftest",
-                                       "--parallel.tensor_parallel=2"], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=240) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-2000:]
-    assert "rank 0/2: tp=0 dp=0 pp=0" in outs[0][0] and "all_reduce=2" in outs[0][0]
-    assert "rank 1/2: tp=1 dp=0 pp=0" in outs[1][0]
+        return run_module("m2megatron.parallel.selftest", "--parallel.tensor_parallel=2", env=env, timeout=240)
+
+    with ThreadPoolExecutor(2) as pool:  # both processes at once: they rendezvous
+        runs = list(pool.map(rank, range(2)))
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert "rank 0/2: tp=0 dp=0 pp=0" in runs[0].stdout and "all_reduce=2" in runs[0].stdout
+    assert "rank 1/2: tp=1 dp=0 pp=0" in runs[1].stdout

@@ -1,16 +1,18 @@
 """The dry run: every rank class of a full-scale layout built on the meta device under a fake process group, its
 built sizes beside the memory planner's, and one line per problem. Each run is its own process (the fake
-world is process-wide), as a user runs it: `python -m m2megatron.train --dry-run ...`.
+world is process-wide), as a user runs it: `python -m m2megatron.train --dry-run ...` (forked from the test
+harness's preloaded forkserver, tests.harness.run_module).
 """
 
 from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.harness import run_module
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
@@ -20,8 +22,7 @@ TEN_B_1024 = ["--preset", "m2-10b", "--parallel.tensor_parallel=4", "--parallel.
 
 
 def _dry_run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "m2megatron.train", "--dry-run", *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=300)
+    return run_module("m2megatron.train", "--dry-run", *args, cwd=REPO, timeout=300)
 
 
 def _summary(out: str) -> dict[str, float]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from tests.harness import run_module
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
@@ -59,8 +60,7 @@ def test_tiny_model_evaluates_1000_images_and_5000_captions_quickly(sp_model):
 
 def _cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", module, "--checkpoint-format", "none", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_module(module, "--checkpoint-format", "none", *args, cwd=cwd, env=env, timeout=300)
 
 
 def test_zeroshot_launcher_on_an_image_folder_in_chinese(tmp_path, sp_model):

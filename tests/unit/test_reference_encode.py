@@ -13,6 +13,7 @@ import torch
 from m2megatron.checkpoint.reference_format import reference_shapes
 from m2megatron.cli import UserError
 from m2megatron.config import preset
+from tests.harness import run_module
 from tests.reference_model import tiny_reference, torchscale_available
 
 pytestmark = pytest.mark.unit
@@ -22,6 +23,8 @@ DEMO_TEXTS = ["杰尼龟", "妙蛙种子", "小火龙", "皮卡丘"]
 
 def _run(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if args[0] == "-m":
+        return run_module(args[1], *args[2:], cwd=REPO, env=env)
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 

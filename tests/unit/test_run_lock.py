@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from m2megatron.train.run_lock import LOCK_NAME, Holder, RunDirectoryInUse, RunLock, takeover_reason
+from tests.harness import run_module
 
 pytestmark = pytest.mark.unit
 
@@ -121,8 +122,7 @@ def test_a_second_trainer_is_refused_before_it_writes_anything(tmp_path, sleeper
     _write_holder(run_dir, pid=sleeper.pid, pid_start=_pid_start(sleeper.pid), job_id=None)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
     env["PYTHONPATH"] = f"{REPO}:{REPO / 'kernels'}"
-    run = subprocess.run([sys.executable, "-m", "m2megatron.train", f"--train.run_dir={run_dir}",
-                          "--train.train_steps=1"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    run = run_module("m2megatron.train", f"--train.run_dir={run_dir}", "--train.train_steps=1", cwd=REPO, env=env)
     assert run.returncode == 2, run.stderr[-2000:]
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and f"PID {sleeper.pid}, no Slurm job" in last
