@@ -36,7 +36,7 @@ demo: venv
 # the Slurm tier as a whole) stays on one worker; tests/conftest.py starts the longest groups first.
 TEST_WORKERS ?= 2
 test: test-venv
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: test-venv
 	$(VENV)/bin/ruff check .

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -65,11 +66,22 @@ def _rank(group: str) -> int:
     return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs CUDA (gpu tests run on a lent GPU via tests/gpu/run.sh)")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
-        item.add_marker(pytest.mark.xdist_group(_group(item.nodeid)))
     items.sort(key=lambda item: _rank(_group(item.nodeid)))  # stable: collection order within a rank
+
+
+if importlib.util.find_spec("xdist") is not None:
+    def pytest_xdist_make_scheduler(config, log):
+        """xdist's scope scheduler with our groups as scopes (its own `loadgroup` marks are ignored under
+        pytest 9.2: xdist 3.8 renames items through `_nodeid`, which pytest no longer reads)."""
+        from xdist.scheduler import LoadScopeScheduling
+
+        class GroupScheduling(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                return _group(nodeid)
+
+        return GroupScheduling(config, log)

@@ -77,17 +77,18 @@ def runs(slurm_cluster, slurm_runs_dir):
     """Submit the three runs at once; preempt one with SIGUSR1 and scancel another once they have checkpoints."""
     base = slurm_runs_dir / "train"
     runs = {}
-    for name, mode in (("plain", "srun"), ("preempt", "torchrun"), ("cancel", "srun")):
+    for name, mode in (("plain", "srun"), ("preempt", "torchrun")):
         run_dir = base / name
         args = ("--eval",) if name == "plain" and HAVE_EVAL else ()
         runs[name] = run_dir, submit(slurm_cluster, tiny_recipe(run_dir, mode), *args)["job_ids"]
-    runs["reshard"] = _queue_reshard_then_resume(slurm_cluster, base, *runs["plain"])
+    # The signal goes out as soon as the run has 3 steps, before the other submissions (each copies the code):
+    # a loaded machine once let the 20 steps finish first.
     run_dir, jobs = runs["preempt"]
     wait_until(lambda: len(steps_and_losses(run_dir)) >= 3, "3 steps", timeout=300, cluster=slurm_cluster,
                job_id=jobs["train"])
-    # As a time limit preempts a torchrun-mode job (--signal=B:USR1@N): the batch shell's trap records the request
-    # and passes the signal on to the job step (a direct `scancel --signal=USR1` once went unseen by the ranks).
-    slurm_cluster.run("scancel", "--batch", "--signal=USR1", jobs["train"])
+    slurm_cluster.run("scancel", "--signal=USR1", jobs["train"])
+    runs["cancel"] = base / "cancel", submit(slurm_cluster, tiny_recipe(base / "cancel", "srun"))["job_ids"]
+    runs["reshard"] = _queue_reshard_then_resume(slurm_cluster, base, *runs["plain"])
     run_dir, jobs = runs["cancel"]
     wait_until(lambda: latest_checkpoint(run_dir) is not None and len(steps_and_losses(run_dir)) >= 7,
                "a checkpoint and 2 more steps", timeout=300, cluster=slurm_cluster, job_id=jobs["train"])
