@@ -20,7 +20,7 @@ from pathlib import Path
 
 from m2megatron.data.formats import TarRecord, iter_tar_records
 from m2megatron.data.skips import BadSample
-from m2megatron.eval.inputs import BadInputs, Sample
+from m2megatron.eval.inputs import BadInputs, Sample, class_index
 
 IMAGE_ORDER = ("webp", "png", "jpg", "jpeg")  # CLIP_benchmark's to_tuple order
 
@@ -74,16 +74,6 @@ def _image(record: TarRecord) -> bytes:
     return image
 
 
-def _label(record: TarRecord) -> int:
-    try:
-        label = int(record.members["cls"].decode("utf-8").strip())
-    except (KeyError, UnicodeDecodeError, ValueError):
-        raise ValueError("needs a .cls member holding a non-negative integer") from None
-    if label < 0:
-        raise ValueError(f"negative class index {label} in .cls")
-    return label
-
-
 def _captions(record: TarRecord) -> tuple[str, ...]:
     if "txt" not in record.members:
         raise BadSample("missing_caption", record.key)
@@ -109,7 +99,7 @@ def _read_records(paths: list[str], task: str, bad: BadInputs) -> list[Sample]:
                 if task == "retrieval":
                     samples.append(Sample(image=image, where=where, captions=_captions(record)))
                 else:
-                    samples.append(Sample(image=image, where=where, label=_label(record)))
+                    samples.append(Sample(image=image, where=where, label=class_index(record)))
             except BadSample as exc:
                 bad.handle(exc.reason, f"{where}: {exc}")
             except ValueError as exc:

@@ -134,17 +134,22 @@ def _caption_sample(record: TarRecord, where: str) -> Sample:
     return Sample(image=image, where=where, captions=tuple(captions))
 
 
-def _label_sample(record: TarRecord, where: str) -> Sample:
-    image = next((record.members[e] for e in IMAGE_EXTS if e in record.members), None)
-    if image is None:
-        raise BadSample("missing_image", where)
+def class_index(record: TarRecord) -> int:
+    """The sample's class from its `.cls` member (webdataset's convention, also CLIP_benchmark's)."""
     try:
         label = int(record.members["cls"].decode("utf-8").strip())
     except (KeyError, UnicodeDecodeError, ValueError):
         raise ValueError("needs a .cls member holding a non-negative integer") from None
     if label < 0:
         raise ValueError(f"negative class index {label} in .cls")
-    return Sample(image=image, where=where, label=label)
+    return label
+
+
+def _label_sample(record: TarRecord, where: str) -> Sample:
+    image = next((record.members[e] for e in IMAGE_EXTS if e in record.members), None)
+    if image is None:
+        raise BadSample("missing_image", where)
+    return Sample(image=image, where=where, label=class_index(record))
 
 
 def read_caption_shards(patterns: list[str] | str, bad: BadInputs) -> list[Sample]:
