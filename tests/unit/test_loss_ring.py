@@ -17,20 +17,9 @@ from m2megatron_kernels import tiled_ce_reference as reference
 from m2megatron.config import ConfigError, LossConfig
 from m2megatron.loss import contrastive_loss, ring_clip_cross_entropy, sent_bytes
 from m2megatron.loss.traffic import gather_sent_bytes, ring_sent_bytes
+from tests.unit.test_loss import grads_of, normalized
 
 pytestmark = pytest.mark.unit
-
-
-def normalized(rows, dim, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(rows, dim, generator=gen, dtype=torch.float64), dim=1).to(dtype)
-
-
-def grads_of(fn, *inputs):
-    leaves = [x.detach().clone().requires_grad_() for x in inputs]
-    out = fn(*leaves)
-    out.backward()
-    return [out.detach()] + [leaf.grad for leaf in leaves]
 
 
 def max_rel(got, want):
