@@ -24,8 +24,8 @@ def reference_dir() -> Path:
 
 
 MAX_IDLE_POOLS = 2
-"""Pools kept alive at once. An idle pool is not free: each worker holds a hundred gloo threads that wake up
-now and then, and twenty idle workers took a core of the two away from the tests that ran."""
+"""Pools kept alive at once. An idle worker is not free (its gloo threads wake up now and then, ~0.03 of a core
+each), and a pool forked from the harness's forkserver restarts in ~0.2 s, so two are plenty."""
 
 
 @pytest.fixture(scope="session")

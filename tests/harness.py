@@ -9,8 +9,8 @@ next `run` starts a fresh pool. Each body sets up the Megatron layout it needs w
 
 Workers are forked from one forkserver that imported torch, Megatron-Core and m2megatron once
 (PRELOAD): importing them costs a spawned worker ~6 s of CPU, which on 2 cores made an 8-rank pool
-take ~25 s to start. Nothing in PRELOAD starts a thread, so forking after it is safe; process groups
-and the CPU workarounds are set up after the fork, in each worker.
+take ~25 s to start. PRELOAD starts no Python thread, and torch is fork-safe after import (DataLoader
+workers rely on it); process groups and the CPU workarounds are set up after the fork, in each worker.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def _context():
     import multiprocessing.forkserver as forkserver
 
     ctx = mp.get_context("forkserver")
+    if forkserver._forkserver._forkserver_pid is not None:  # already running, with the session's environment
+        return ctx
     ctx.set_forkserver_preload(PRELOAD)
     current = dict(os.environ)
     os.environ.clear()

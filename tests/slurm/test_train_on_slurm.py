@@ -74,7 +74,8 @@ def steps_and_losses(run_dir: Path) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def runs(slurm_cluster, slurm_runs_dir):
-    """Submit the three runs at once; preempt one with SIGUSR1 and scancel another once they have checkpoints."""
+    """Submit the plain and preempt runs, send SIGUSR1 at the preempt run's third step, then submit the cancel
+    run and the reshard chain; scancel the cancel run once it has a checkpoint."""
     base = slurm_runs_dir / "train"
     runs = {}
     for name, mode in (("plain", "srun"), ("preempt", "torchrun")):
