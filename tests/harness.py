@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import os
 import queue
-import socket
 import traceback
 
 import torch.multiprocessing as mp
@@ -31,7 +30,7 @@ MAX_WORKER_THREADS = 300
 optimizer build), so a worker past this many threads is replaced after its run."""
 
 
-PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.pipeline_parallel",
+PRELOAD = ["m2megatron", "torch", "torch.distributed", "megatron.core", "megatron.core.pipeline_parallel",
            "megatron.core.optimizer", "megatron.core.distributed", "megatron.core.dist_checkpointing",
            "m2megatron.parallel", "m2megatron.runtime", "m2megatron.train", "m2megatron.checkpoint"]
 """Modules the forkserver imports before it forks any worker."""
@@ -134,12 +133,6 @@ def run_module(module: str, *args: str, cwd=None, env: dict | None = None, timeo
         return subprocess.CompletedProcess(["python", "-m", module, *args], proc.exitcode, read(out), read(err))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Workers are daemons (they die with pytest), but dist_checkpointing's writer starts a
@@ -148,12 +141,14 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
     import torch
     import torch.distributed as dist
 
+    from m2megatron.checkpoint import writer_results
+
     torch.set_num_threads(1)
-    _fork_the_checkpoint_writers_result_queue()
+    writer_results.start_before_process_groups()
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size,
-                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
         from m2megatron.parallel import cpu_compat
 
         cpu_compat.apply()
@@ -174,32 +169,23 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
     dist.destroy_process_group()
 
 
-def _fork_the_checkpoint_writers_result_queue() -> None:
-    """Megatron's checkpoint writer reports through a multiprocessing Manager it starts with `spawn` on a
-    process's first save; that server imports torch when the first result arrives (~15 s at 8 ranks on 2
-    cores, once per worker). A forked server has torch already (Megatron's writer itself forks, too)."""
-    import multiprocessing
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    def forked_queue():
-        if filesystem_async._results_queue is None:
-            filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
-        return filesystem_async._results_queue
-
-    filesystem_async._get_write_results_queue = forked_queue
-
-
 class DistributedPool:
     def __init__(self, world_size: int):
         self.world_size = world_size
         self._procs: list = []
         self._inboxes: list = []
         self._outbox = None
+        self._store = None
 
     def _start(self) -> None:
+        import torch.distributed as dist
+
         ctx = _context()
-        port = _free_port()
+        # The pool's rendezvous store lives here, on a port the OS picked: a port probed free and then bound
+        # by rank 0 could be taken in between by another test worker (EADDRINUSE, seen under xdist).
+        self._store = dist.TCPStore("127.0.0.1", 0, self.world_size, is_master=True, wait_for_workers=False,
+                                    timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
+        port = self._store.port
         self._outbox = ctx.Queue()
         self._inboxes = [ctx.Queue() for _ in range(self.world_size)]
         self._procs = [ctx.Process(target=_worker, args=(r, self.world_size, port, self._inboxes[r], self._outbox),
@@ -271,4 +257,4 @@ class DistributedPool:
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
-        self._procs, self._inboxes = [], []
+        self._procs, self._inboxes, self._store = [], [], None

@@ -17,7 +17,10 @@ def _rank_main(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
     import torch
     import torch.distributed as dist
 
+    from m2megatron.checkpoint import writer_results
+
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    writer_results.start_before_process_groups()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(minutes=30))
     try:
@@ -48,11 +51,13 @@ def run_on_ranks(world_size: int, fn, *args) -> None:
     if env.source != "single":
         import torch.distributed as dist
 
+        from m2megatron.checkpoint import writer_results
         from m2megatron.config.parallel import ParallelConfig
         from m2megatron.parallel.bootstrap import init_process_group
 
         if env.world_size != world_size:
             raise SystemExit(f"--world-size {world_size} but the launcher started {env.world_size} ranks")
+        writer_results.start_before_process_groups()
         init_process_group(ParallelConfig(timeout_s=1800), env)  # set_device before NCCL starts
         _apply_cpu_compat()
         try:

@@ -25,6 +25,9 @@ pytestmark = pytest.mark.distributed
 def _crash_run(root: str, point: str) -> None:
     import socket
 
+    from m2megatron.checkpoint import writer_results
+
+    writer_results.start_before_process_groups()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -3,7 +3,9 @@ directory, and that run directory gets the run report.
 
 The run is the demo itself (`python -m m2megatron.demo`: torchrun, TP=2 × PP=2 on 4 ranks) cut to a few
 steps. The commands are read from docs/EVAL.md, so the docs and this test cannot drift apart: a leading
-`python` becomes this interpreter, `torchrun` becomes `python -m torch.distributed.run`.
+`python -m` runs in a process forked from the preloaded test forkserver (tests.harness.run_module: the same
+module, arguments, folder and environment, without ~5 s of imports each); `torchrun` becomes
+`python -m torch.distributed.run`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.harness import run_module
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -43,13 +47,14 @@ def commands_of_tested_blocks(markdown: str) -> list[str]:
     return commands
 
 
-def _argv(command: str) -> list[str]:
+def _run(command: str, cwd: Path) -> subprocess.CompletedProcess:
     words = shlex.split(command)
-    if words[0] == "python":
-        return [sys.executable, *words[1:]]
+    if words[:2] == ["python", "-m"]:
+        return run_module(words[2], *words[3:], cwd=cwd, env=_env(), timeout=600)
     if words[0] == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", *words[1:]]
-    raise AssertionError(f"docs/EVAL.md tested command must start with python or torchrun: {command}")
+        argv = [sys.executable, "-m", "torch.distributed.run", *words[1:]]
+        return subprocess.run(argv, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    raise AssertionError(f"docs/EVAL.md tested command must start with `python -m` or torchrun: {command}")
 
 
 def _env() -> dict[str, str]:
@@ -84,7 +89,7 @@ def docs_run(demo_run):
     assert len(commands) >= 7, commands
     results = {}
     for command in commands:
-        run = subprocess.run(_argv(command), cwd=demo_run, env=_env(), capture_output=True, text=True, timeout=600)
+        run = _run(command, demo_run)
         assert run.returncode == 0, f"{command}\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
         results[command] = run
     return results
