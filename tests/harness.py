@@ -41,7 +41,8 @@ _ENV_AT_IMPORT = dict(os.environ)
 test changed it (the server starts lazily, perhaps inside a test that monkeypatches os.environ)."""
 
 
-def _context():
+def forkserver_context():
+    """The multiprocessing context of the preloaded forkserver (started on first use)."""
     import multiprocessing.forkserver as forkserver
 
     ctx = mp.get_context("forkserver")
@@ -76,12 +77,13 @@ def start_fresh_process(fn, *args, log_path: str):
     """A new process, forked from the preloaded forkserver, running module-level `fn(*args)` with its stdout
     and stderr in `log_path`: a separate process for a test that kills it, without ~6 s of imports.
     Returns the started multiprocessing.Process (its own session: os.killpg(p.pid, ...) cleans up)."""
-    proc = _context().Process(target=_fresh, args=(fn, args, str(log_path)), daemon=False)
+    proc = forkserver_context().Process(target=_fresh, args=(fn, args, str(log_path)), daemon=False)
     proc.start()
     return proc
 
 
-def _run_module(module: str, argv: list[str], cwd: str, env: dict, out_path: str, err_path: str) -> None:
+def _run_module(module: str | None, argv: list[str], cwd: str, env: dict, out_path: str, err_path: str) -> None:
+    """`python -m module argv...`, or with module None `python -c argv[0]`, as a new interpreter would."""
     import runpy
     import sys
 
@@ -93,10 +95,13 @@ def _run_module(module: str, argv: list[str], cwd: str, env: dict, out_path: str
     sys.path[:0] = [p for p in extra if p not in sys.path]
     for fd, path in ((1, out_path), (2, err_path)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-    sys.argv = [module, *argv]
+    sys.argv = [module, *argv] if module is not None else ["-c", *argv[1:]]
     code = 0
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if module is not None:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            exec(compile(argv[0], "<string>", "exec"), {"__name__": "__main__"})
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             code = exc.code or 0
@@ -111,26 +116,34 @@ def _run_module(module: str, argv: list[str], cwd: str, env: dict, out_path: str
     os._exit(code)
 
 
-def run_module(module: str, *args: str, cwd=None, env: dict | None = None, timeout: float = 300):
+def run_module(module: str | None, *args: str, cwd=None, env: dict | None = None, timeout: float = 300):
     """`python -m module args...` as a subprocess.CompletedProcess (text stdout/stderr), in a process forked from
-    the preloaded forkserver: a fresh process without ~6 s of imports. Its difference from a new interpreter:
-    modules in PRELOAD are imported before `env` applies (none of ours reads the environment at import)."""
+    the preloaded forkserver: a fresh process without ~5 s of imports. Its difference from a new interpreter:
+    modules in PRELOAD are imported before `env` applies (none of ours reads the environment at import).
+    `run_code` is the same for `python -c CODE`."""
     import subprocess
     import tempfile
 
     cwd = str(cwd or os.getcwd())
     env = dict(os.environ if env is None else env)
+    shown = ["python", "-m", module, *args] if module is not None else ["python", "-c", *args]
     with tempfile.TemporaryDirectory() as tmp:
         out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
-        proc = _context().Process(target=_run_module, args=(module, list(args), cwd, env, out, err), daemon=False)
+        proc = forkserver_context().Process(target=_run_module, args=(module, list(args), cwd, env, out, err),
+                                            daemon=False)
         proc.start()
         proc.join(timeout)
         if proc.is_alive():
             proc.kill()
             proc.join()
-            raise subprocess.TimeoutExpired([module, *args], timeout)
+            raise subprocess.TimeoutExpired(shown, timeout)
         read = lambda path: open(path, encoding="utf-8", errors="replace").read() if os.path.exists(path) else ""  # noqa: E731
-        return subprocess.CompletedProcess(["python", "-m", module, *args], proc.exitcode, read(out), read(err))
+        return subprocess.CompletedProcess(shown, proc.exitcode, read(out), read(err))
+
+
+def run_code(code: str, *, cwd=None, env: dict | None = None, timeout: float = 300):
+    """`python -c code` in a process forked from the preloaded forkserver (see run_module)."""
+    return run_module(None, code, cwd=cwd, env=env, timeout=timeout)
 
 
 def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
@@ -180,7 +193,7 @@ class DistributedPool:
     def _start(self) -> None:
         import torch.distributed as dist
 
-        ctx = _context()
+        ctx = forkserver_context()
         # The pool's rendezvous store lives here, on a port the OS picked: a port probed free and then bound
         # by rank 0 could be taken in between by another test worker (EADDRINUSE, seen under xdist).
         self._store = dist.TCPStore("127.0.0.1", 0, self.world_size, is_master=True, wait_for_workers=False,

@@ -20,7 +20,6 @@ rank's own objects (broadcast) or replicate them (all-gather), as the fake backe
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import os
 import traceback
 
@@ -159,8 +158,11 @@ def _child(fn, args, out) -> None:
 
 
 def run_in_fresh_process(fn, *args, timeout_s: float = 600):
-    """fn(*args) in a new spawned process (module-level fn); its return value, or its traceback raised."""
-    ctx = mp.get_context("spawn")
+    """fn(*args) in a new process forked from the preloaded test forkserver (module-level fn; nothing there
+    is patched or on a device yet); its return value, or its traceback raised."""
+    from tests.harness import forkserver_context
+
+    ctx = forkserver_context()
     out = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, args, out), daemon=False)
     proc.start()

@@ -1,15 +1,16 @@
 """Each Megatron-Core CPU workaround is still needed with the pinned version, and works once applied.
 
-One subprocess (a clean interpreter, where nothing is patched yet) records which CUDA-only calls fail,
-then applies `cpu_compat` and runs the same calls again.
+One process forked from the test forkserver (which imported Megatron-Core but patched nothing: the
+workarounds are applied after the fork, per process) records which CUDA-only calls fail, then applies
+`cpu_compat` and runs the same calls again.
 """
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from tests.harness import run_code
 
 pytestmark = pytest.mark.unit
 
@@ -55,7 +56,7 @@ PROBE = textwrap.dedent('''
 def probe_result():
     if __import__("torch").cuda.is_available():
         pytest.skip("CUDA present: the CPU workarounds are not applied")
-    run = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300)
+    run = run_code(PROBE, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 

@@ -4,11 +4,11 @@ and the launchers' results.json files, and writes one markdown and JSON table an
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.harness import run_module
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
@@ -60,10 +60,8 @@ def test_report_tables_every_checkpoint_and_set_and_plots_against_step(tmp_path)
 def test_report_command_and_its_errors(tmp_path):
     run = _run_dir(tmp_path)
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    ok = subprocess.run([sys.executable, "-m", "m2megatron.eval.report", str(run)], capture_output=True, text=True,
-                        env=env, timeout=120)
+    ok = run_module("m2megatron.eval.report", str(run), env=env, timeout=120)
     assert ok.returncode == 0 and "report.md" in ok.stdout, ok.stderr
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\nnot json\n{"step": 2}\n')
-    bad = subprocess.run([sys.executable, "-m", "m2megatron.eval.report", str(run)], capture_output=True, text=True,
-                         env=env, timeout=120)
+    bad = run_module("m2megatron.eval.report", str(run), env=env, timeout=120)
     assert bad.returncode == 2 and f"error: report: {run / 'metrics.jsonl'}:2 is not JSON" in bad.stderr
