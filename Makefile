@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip --disable-pip-version-check -q --no-compile
+PIP_INSTALL := $(PY) -m pip --disable-pip-version-check -q install --no-compile
 # pip byte-compiles what it installs on one core (40 of the 70 s that requirements.txt takes on 2 cores);
 # compileall does it on every core. Its exit status is ignored: torch ships a Python 3.12-only test file,
 # which pip's own compile step skips as well.
@@ -18,17 +18,17 @@ PYTEST_ARGS ?=
 # dependencies: they pull torchvision, which would replace the CPU torch build.
 $(VENV)/.stamp-base: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -r requirements.txt
-	$(PIP) install --no-deps clip-benchmark==1.6.2
-	$(PIP) install --no-deps --no-build-isolation -e .
+	$(PIP_INSTALL) -r requirements.txt
+	$(PIP_INSTALL) --no-deps clip-benchmark==1.6.2
+	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	$(COMPILE)
 	touch $@
 
 # torchscale (the reference architecture) and open-clip-torch (the reference loss) go in without their
 # declared dependencies: those pull torchvision / timm, which would replace the CPU torch build.
 $(VENV)/.stamp-test: $(VENV)/.stamp-base requirements-test.txt
-	$(PIP) install -r requirements-test.txt
-	$(PIP) install --no-deps torchscale==0.3.0 open-clip-torch==3.3.0
+	$(PIP_INSTALL) -r requirements-test.txt
+	$(PIP_INSTALL) --no-deps torchscale==0.3.0 open-clip-torch==3.3.0
 	$(COMPILE)
 	touch $@
 
