@@ -32,7 +32,14 @@ optimizer build), so a worker past this many threads is replaced after its run."
 
 PRELOAD = ["m2megatron", "torch", "torch.distributed", "megatron.core", "megatron.core.pipeline_parallel",
            "megatron.core.optimizer", "megatron.core.distributed", "megatron.core.dist_checkpointing",
-           "m2megatron.parallel", "m2megatron.runtime", "m2megatron.train", "m2megatron.checkpoint"]
+           "m2megatron.parallel", "m2megatron.runtime", "m2megatron.train", "m2megatron.checkpoint",
+           # What a training body imports next: ~0.9 s of CPU in every worker otherwise (torch._dynamo, at the
+           # first optimizer, is most of it). Not the eval launchers: `python -m` of a preloaded module warns.
+           "torch._dynamo", "megatron.core.transformer.transformer_block",
+           "megatron.core.dist_checkpointing.strategies.torch", "PIL.ImageDraw", "PIL.ImageFont", "sentencepiece",
+           "numpy.random", "m2megatron.models", "m2megatron.loss", "m2megatron.data.build", "m2megatron.data.loader",
+           "m2megatron.data.synthetic", "m2megatron.eval.during_training", "m2megatron.planning",
+           "m2megatron.train.trainer"]
 """Modules the forkserver imports before it forks any worker."""
 
 
