@@ -89,26 +89,32 @@ def start_fresh_process(fn, *args, log_path: str):
     return proc
 
 
-def _run_module(module: str | None, argv: list[str], cwd: str, env: dict, out_path: str, err_path: str) -> None:
-    """`python -m module argv...`, or with module None `python -c argv[0]`, as a new interpreter would."""
+def _run_python(how: str, what: str, argv: list[str], cwd: str, env: dict, paths: tuple[str, str, str]) -> None:
+    """`python -m what argv...` (how "-m"), `python -c what` ("-c") or `python what argv...` ("script"), as a
+    new interpreter would run it, with stdin, stdout and stderr on the files in `paths`."""
     import runpy
     import sys
 
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
-    # `python -m` puts the working directory first on sys.path; PYTHONPATH is read only at interpreter start.
-    extra = [cwd] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    # `python -m` puts the working directory first on sys.path (a script: its folder); PYTHONPATH is read
+    # only at interpreter start.
+    first = os.path.dirname(os.path.abspath(what)) if how == "script" else cwd
+    extra = [first] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:0] = [p for p in extra if p not in sys.path]
-    for fd, path in ((1, out_path), (2, err_path)):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-    sys.argv = [module, *argv] if module is not None else ["-c", *argv[1:]]
+    for fd, (path, flags) in enumerate(zip(paths, (os.O_RDONLY, os.O_WRONLY | os.O_TRUNC, os.O_WRONLY | os.O_TRUNC))):
+        os.dup2(os.open(path, flags | (os.O_CREAT if fd else 0), 0o644), fd)
+    sys.stdin = open(0, encoding="utf-8", closefd=False)
+    sys.argv = {"-m": [what], "-c": ["-c"], "script": [what]}[how] + argv
     code = 0
     try:
-        if module is not None:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if how == "-m":
+            runpy.run_module(what, run_name="__main__", alter_sys=True)
+        elif how == "script":
+            runpy.run_path(what, run_name="__main__")
         else:
-            exec(compile(argv[0], "<string>", "exec"), {"__name__": "__main__"})
+            exec(compile(what, "<string>", "exec"), {"__name__": "__main__"})
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             code = exc.code or 0
@@ -123,20 +129,18 @@ def _run_module(module: str | None, argv: list[str], cwd: str, env: dict, out_pa
     os._exit(code)
 
 
-def run_module(module: str | None, *args: str, cwd=None, env: dict | None = None, timeout: float = 300):
-    """`python -m module args...` as a subprocess.CompletedProcess (text stdout/stderr), in a process forked from
-    the preloaded forkserver: a fresh process without ~5 s of imports. Its difference from a new interpreter:
-    modules in PRELOAD are imported before `env` applies (none of ours reads the environment at import).
-    `run_code` is the same for `python -c CODE`."""
+def _run(how: str, what: str, args: tuple, cwd, env, timeout: float, input: str):
     import subprocess
     import tempfile
 
     cwd = str(cwd or os.getcwd())
     env = dict(os.environ if env is None else env)
-    shown = ["python", "-m", module, *args] if module is not None else ["python", "-c", *args]
+    shown = ["python", *({"-m": ["-m", what], "-c": ["-c", what], "script": [what]}[how]), *args]
     with tempfile.TemporaryDirectory() as tmp:
-        out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
-        proc = forkserver_context().Process(target=_run_module, args=(module, list(args), cwd, env, out, err),
+        paths = tuple(os.path.join(tmp, name) for name in ("in", "out", "err"))
+        with open(paths[0], "w", encoding="utf-8") as f:
+            f.write(input)
+        proc = forkserver_context().Process(target=_run_python, args=(how, what, list(args), cwd, env, paths),
                                             daemon=False)
         proc.start()
         proc.join(timeout)
@@ -145,12 +149,24 @@ def run_module(module: str | None, *args: str, cwd=None, env: dict | None = None
             proc.join()
             raise subprocess.TimeoutExpired(shown, timeout)
         read = lambda path: open(path, encoding="utf-8", errors="replace").read() if os.path.exists(path) else ""  # noqa: E731
-        return subprocess.CompletedProcess(shown, proc.exitcode, read(out), read(err))
+        return subprocess.CompletedProcess(shown, proc.exitcode, read(paths[1]), read(paths[2]))
 
 
-def run_code(code: str, *, cwd=None, env: dict | None = None, timeout: float = 300):
-    """`python -c code` in a process forked from the preloaded forkserver (see run_module)."""
-    return run_module(None, code, cwd=cwd, env=env, timeout=timeout)
+def run_module(module: str, *args: str, cwd=None, env: dict | None = None, timeout: float = 300, input: str = ""):
+    """`python -m module args...` as a subprocess.CompletedProcess (text stdout/stderr), in a process forked from
+    the preloaded forkserver: a fresh process without ~5 s of imports. Its difference from a new interpreter:
+    modules in PRELOAD are imported before `env` applies (none of ours reads the environment at import)."""
+    return _run("-m", module, args, cwd, env, timeout, input)
+
+
+def run_code(code: str, *, cwd=None, env: dict | None = None, timeout: float = 300, input: str = ""):
+    """`python -c code`, as run_module runs a module."""
+    return _run("-c", code, (), cwd, env, timeout, input)
+
+
+def run_script(path: str, *args: str, cwd=None, env: dict | None = None, timeout: float = 300, input: str = ""):
+    """`python path args...`, as run_module runs a module."""
+    return _run("script", str(path), args, cwd, env, timeout, input)
 
 
 def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from m2megatron.data.tokenizer import Tokenizer, encode_whitespaces, preprocess_eval_text, split_no_split_tokens
+from tests.harness import run_module
 
 pytestmark = pytest.mark.unit
 
@@ -55,11 +54,10 @@ def test_text_helpers():
 
 
 def test_tokenize_command(reference_dir, tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "m2megatron.tokenize", "--sp-model", str(reference_dir / "sp.model"),
-         "--max-length", "8"],
-        input="皮卡丘\n\na  b\n", capture_output=True, text=True, check=True, timeout=120,
-    ).stdout.splitlines()
+    run = run_module("m2megatron.tokenize", "--sp-model", str(reference_dir / "sp.model"), "--max-length", "8",
+                     input="皮卡丘\n\na  b\n", timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout.splitlines()
     rows = [json.loads(line) for line in out]
     assert len(rows) == 3
     assert rows[0] == {"input_ids": [50002, 13687, 43861, 45415, 50000, 50000, 50000, 50000],

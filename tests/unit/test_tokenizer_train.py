@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 
 from m2megatron.data.sp_train import SPECIAL_PIECES, synthetic_tokenizer_path, train_sentencepiece
 from m2megatron.data.synthetic import all_captions
 from m2megatron.data.tokenizer import Tokenizer
+from tests.harness import run_script
 
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.unit
 
 
@@ -49,10 +50,10 @@ def test_train_tokenizer_tool(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(all_captions()[:2000]), encoding="utf-8")
     out = tmp_path / "t.model"
-    res = subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", str(corpus), "--out", str(out),
-                          "--vocab-size", "150"], capture_output=True, text=True, timeout=120)
+    res = run_script("tools/train_tokenizer.py", "--input", str(corpus), "--out", str(out), "--vocab-size", "150",
+                     cwd=REPO, timeout=120)
     assert res.returncode == 0, res.stderr
     assert Tokenizer(out).vocab_size == 170
-    bad = subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", str(tmp_path / "nope.txt"),
-                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+    bad = run_script("tools/train_tokenizer.py", "--input", str(tmp_path / "nope.txt"), "--out", str(out),
+                     cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "nope.txt" in bad.stderr
