@@ -40,7 +40,7 @@ def runs(slurm_cluster, slurm_runs_dir):
     for mode in MODES:
         run_dir = base / f"preempt-{mode}"
         config = recipe(run_dir, mode=mode, train_module="tests.slurm.fake_trainer",
-                        eval_module="tests.slurm.fake_eval", signal_seconds=60, env=["M2_FAKE_STEP_S=0.5"])
+                        eval_module="tests.slurm.fake_eval", signal_seconds=60, env=["M2_FAKE_STEP_S=0.25"])
         config["train"]["train_steps"] = TRAIN_STEPS
         runs["preempt", mode] = run_dir, submit(slurm_cluster, config, "--eval")["job_ids"]
         assert job_info(slurm_cluster, runs["preempt", mode][1]["eval"])["JobState"] == "PENDING"

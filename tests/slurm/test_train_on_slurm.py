@@ -32,7 +32,7 @@ pytestmark = [
 needs_eval = pytest.mark.skipif(not HAVE_EVAL, reason="waiting for eval: m2megatron/eval/retrieval.py "
                                 "(python -m m2megatron.eval.retrieval) does not exist yet")
 
-STEPS = 20
+STEPS = 14
 
 
 def tiny_recipe(run_dir: Path, mode: str) -> dict:
