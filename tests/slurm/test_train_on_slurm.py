@@ -33,12 +33,14 @@ needs_eval = pytest.mark.skipif(not HAVE_EVAL, reason="waiting for eval: m2megat
                                 "(python -m m2megatron.eval.retrieval) does not exist yet")
 
 STEPS = 14
+CANCEL_STEPS = 20
+"""The cancel run is longer: scancel goes out after its 7th step, and it must not have finished by then."""
 
 
-def tiny_recipe(run_dir: Path, mode: str) -> dict:
+def tiny_recipe(run_dir: Path, mode: str, steps: int = STEPS) -> dict:
     config = recipe(run_dir, mode=mode, signal_seconds=60)
     config.update(model={"preset": "tiny"},
-                  train={"run_dir": str(run_dir), "train_steps": STEPS, "micro_batch_size": 8, "log_interval": 1,
+                  train={"run_dir": str(run_dir), "train_steps": steps, "micro_batch_size": 8, "log_interval": 1,
                          "eval_at_end": False},
                   data={"synthetic_train_samples": 512, "synthetic_eval_samples": 64},
                   checkpoint={"save_interval": 5, "keep_last": 2})
@@ -88,7 +90,8 @@ def runs(slurm_cluster, slurm_runs_dir):
     wait_until(lambda: len(steps_and_losses(run_dir)) >= 3, "3 steps", timeout=300, cluster=slurm_cluster,
                job_id=jobs["train"])
     slurm_cluster.run("scancel", "--signal=USR1", jobs["train"])
-    runs["cancel"] = base / "cancel", submit(slurm_cluster, tiny_recipe(base / "cancel", "srun"))["job_ids"]
+    cancel = tiny_recipe(base / "cancel", "srun", CANCEL_STEPS)
+    runs["cancel"] = base / "cancel", submit(slurm_cluster, cancel)["job_ids"]
     runs["reshard"] = _queue_reshard_then_resume(slurm_cluster, base, *runs["plain"])
     run_dir, jobs = runs["cancel"]
     wait_until(lambda: latest_checkpoint(run_dir) is not None and len(steps_and_losses(run_dir)) >= 7,
@@ -129,11 +132,11 @@ def test_scancel_leaves_the_last_complete_checkpoint_and_a_resubmission_resumes_
     checkpoint = latest_checkpoint(run_dir)
     assert checkpoint is not None and checkpoint.is_dir(), "no complete checkpoint after scancel"
     done_before = len(steps_and_losses(run_dir))
-    again = submit(slurm_cluster, tiny_recipe(run_dir, "srun"))["job_ids"]["train"]
+    again = submit(slurm_cluster, tiny_recipe(run_dir, "srun", CANCEL_STEPS))["job_ids"]["train"]
     info = wait_job(slurm_cluster, again, timeout=600)
     assert info["JobState"] == "COMPLETED", batch_log(run_dir, again)
     steps = [s for s, _ in steps_and_losses(run_dir)][done_before:]
-    assert steps and steps[-1] == STEPS and steps == list(range(steps[0], STEPS + 1))
+    assert steps and steps[-1] == CANCEL_STEPS and steps == list(range(steps[0], CANCEL_STEPS + 1))
     assert steps[0] <= done_before + 1, "the resubmitted run skipped steps"
 
 
