@@ -42,6 +42,7 @@ demo: venv
 # the Slurm tier as a whole) stays on one worker; tests/conftest.py starts the longest groups first.
 TEST_WORKERS ?= 2
 test: test-venv
+	$(PY) -m compileall -q -j 0 m2megatron kernels tests tools > /dev/null  # for every fresh interpreter of the run
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: test-venv
