@@ -110,9 +110,9 @@ def _stacks(cfg: ModelConfig):
 # ---- config inference -------------------------------------------------------------------------
 
 def infer_model_config(ref: dict[str, torch.Tensor], *, num_heads: int | None = None,
-                       preset: str | None = None) -> ModelConfig:
+                       preset: str | None = None, base: ModelConfig | None = None) -> ModelConfig:
     """Architecture sizes from the tensor shapes; heads from `num_heads`, `preset`, or the released preset
-    of the same width."""
+    of the same width. max_text_len and vocab_pad_multiple from `base` (else the preset's or the defaults)."""
     def shape(key):
         if key not in ref:
             raise ValueError(f"reference checkpoint: key {key} is missing, cannot infer the architecture")
@@ -126,7 +126,7 @@ def infer_model_config(ref: dict[str, torch.Tensor], *, num_heads: int | None = 
         raise ValueError(f"reference checkpoint: vision position table of {patches + 3} rows is not a square grid")
     depth = _count_layers(ref, r"backbone\.encoder\.layers\.(\d+)\.")
     heads = num_heads or (PRESETS[preset].num_attention_heads if preset else _heads_for_width(d))
-    base = PRESETS[preset] if preset else ModelConfig()
+    base = base or (PRESETS[preset] if preset else ModelConfig())
     cfg = ModelConfig(
         preset=preset or "imported", hidden_size=d, num_layers=depth,
         num_vl_layers=_count_layers(ref, r"backbone_vl\.layers\.(\d+)\."), num_attention_heads=heads,
@@ -184,19 +184,23 @@ def split_qkv(fused: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tens
     return q, k, v
 
 
-def reference_to_ours(ref: dict[str, torch.Tensor], cfg: ModelConfig
+def reference_to_ours(ref: dict[str, torch.Tensor], cfg: ModelConfig, keys: set[str] | None = None
                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(our full state dict, unused reference tensors). Raises ValueError on any key or shape mismatch."""
+    """(our full state dict, unused reference tensors). Raises ValueError on any key or shape mismatch.
+    `keys`: convert only these of ours (e.g. one pipeline stage's; the QKV fusion copies)."""
     check_reference_keys(ref, cfg)
-    full = {ours: ref[theirs] for ours, theirs in _TOP_PAIRS}
+    wanted = (lambda key: True) if keys is None else keys.__contains__
+    full = {ours: ref[theirs] for ours, theirs in _TOP_PAIRS if wanted(ours)}
     for stack, prefix, m, depth in _stacks(cfg):
         for i in range(depth):
             src, dst = f"{prefix}.{i}.", f"{stack}.{i}."
             for ours, theirs in _LAYER_PAIRS:
-                full[dst + ours] = ref[src + theirs.format(m=m)]
+                if wanted(dst + ours):
+                    full[dst + ours] = ref[src + theirs.format(m=m)]
             for wb in ("weight", "bias"):
-                q, k, v = (ref[f"{src}self_attn.{x}_proj.{m}.{wb}"] for x in ("q", "k", "v"))
-                full[f"{dst}self_attention.linear_qkv.{wb}"] = fuse_qkv(q, k, v, cfg.num_attention_heads)
+                if wanted(f"{dst}self_attention.linear_qkv.{wb}"):
+                    q, k, v = (ref[f"{src}self_attn.{x}_proj.{m}.{wb}"] for x in ("q", "k", "v"))
+                    full[f"{dst}self_attention.linear_qkv.{wb}"] = fuse_qkv(q, k, v, cfg.num_attention_heads)
     unused = {k: ref[k] for k in UNUSED_KEYS}
     return full, unused
 

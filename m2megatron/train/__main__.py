@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     if args.dry_run:
         return _dry_run(args, overrides)
-    cfg = load_config(args.config, overrides, preset_name=args.preset).validate()
+    from m2megatron.checkpoint.start_file import start_model_config  # sizes of a weights file to start from
+
+    cfg = start_model_config(load_config(args.config, overrides, preset_name=args.preset)).validate()
     from m2megatron.parallel import read_launch_env
 
     # One voice: rank 0 logs progress, the other ranks only warnings and errors.
@@ -60,9 +62,10 @@ def _dry_run(args, overrides: list[str]) -> int:
     # torch's fake backend warns once per process group when the next visited rank tears the groups down.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from m2megatron.checkpoint.start_file import start_model_config
     from m2megatron.train.dry_run import run_dry
 
-    cfg = load_config(args.config, overrides, preset_name=args.preset).validate()
+    cfg = start_model_config(load_config(args.config, overrides, preset_name=args.preset)).validate()
     world = args.world_size or cfg.launch.world_size()
     return run_dry(cfg, world, rank=args.rank, all_ranks=args.all_ranks, gpu_memory_gib=args.gpu_memory_gib)
 

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from m2megatron.checkpoint import writer_results
+from m2megatron.checkpoint.start_file import start_model_config, starts_from_file
 from m2megatron.config.run import RunConfig
 from m2megatron.data.build import resolve_tokenizer
 from m2megatron.data.stage_batches import StageBatches
@@ -42,6 +43,7 @@ class Trainer:
         self.groups = groups or initialize(cfg.parallel)
         self.device = self.groups.device
         self.preemption.device = self.device
+        cfg = start_model_config(cfg)  # a start from a weights file takes the model's sizes from it
         cfg.validate(world_size=dist.get_world_size())
         self.run_dir = Path(cfg.train.run_dir)
         self.is_logging_rank = dist.get_rank() == 0
@@ -78,10 +80,11 @@ class Trainer:
             self.tokenizer = resolve_tokenizer(cfg.data, max_length=cfg.model.max_text_len, cache_dir=cache)
         if self.tokenizer.vocab_size == cfg.model.vocab_size:
             return cfg
-        if cfg.data.tokenizer:
+        if cfg.data.tokenizer or starts_from_file(cfg):  # the vocabulary is the tokenizer's, or the file's
             if self.tokenizer.vocab_size > cfg.model.vocab_size:
-                raise ValueError(f"data.tokenizer: {cfg.data.tokenizer} has {self.tokenizer.vocab_size} pieces, "
-                                 f"more than model.vocab_size={cfg.model.vocab_size}")
+                raise ValueError(f"data.tokenizer: {cfg.data.tokenizer or 'the synthetic tokenizer'} has "
+                                 f"{self.tokenizer.vocab_size} pieces, more than model.vocab_size="
+                                 f"{cfg.model.vocab_size}")
             return cfg
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size))
 
