@@ -39,8 +39,9 @@ def _train_two_steps(run_dir: str, overrides: list[str]) -> dict:
         locked = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
         in_optimizer = {id(p) for part in parts(trainer.optimizer) for g in part.optimizer.param_groups
                         for p in g["params"]}
-        main_params = {id(p) for part in parts(trainer.optimizer) for kind in ("model_float16_groups", "model_fp32_groups")
-                       for g in getattr(part, kind, []) for p in g}  # the model parameters it keeps main copies of
+        kinds = ("model_float16_groups", "model_fp32_groups")  # the model parameters it keeps main copies of
+        main_params = {id(p) for part in parts(trainer.optimizer) for kind in kinds for g in getattr(part, kind, [])
+                       for p in g}
         return {
             "grad_bytes": _nbytes(b.grad_data for c in trainer.chunks for b in c.buffers + c.expert_parallel_buffers),
             "state_bytes": _nbytes(t for opt in inner for s in opt.state.values() for t in s.values()
