@@ -125,7 +125,7 @@ def infer_model_config(ref: dict[str, torch.Tensor], *, num_heads: int | None = 
     if side * side != patches:
         raise ValueError(f"reference checkpoint: vision position table of {patches + 3} rows is not a square grid")
     depth = _count_layers(ref, r"backbone\.encoder\.layers\.(\d+)\.")
-    heads = num_heads or (PRESETS[preset].num_attention_heads if preset else _heads_for_width(d))
+    heads = num_heads or (PRESETS[preset].num_attention_heads if preset else heads_for_width(d))
     base = base or (PRESETS[preset] if preset else ModelConfig())
     cfg = ModelConfig(
         preset=preset or "imported", hidden_size=d, num_layers=depth,
@@ -144,7 +144,8 @@ def _count_layers(ref, pattern: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _heads_for_width(d: int) -> int:
+def heads_for_width(d: int) -> int:
+    """The heads of the preset of width `d` (ConfigError when no preset has it)."""
     widths = {c.hidden_size: c.num_attention_heads for c in PRESETS.values()}
     if d not in widths:
         raise ConfigError(f"model.num_attention_heads: hidden size {d} matches no preset; give the heads "

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from m2megatron.checkpoint.files import is_consolidated, load_consolidated_config, read_reference_checkpoint
-from m2megatron.checkpoint.reference_format import infer_model_config, reference_to_ours
+from m2megatron.checkpoint.reference_format import heads_for_width, infer_model_config, reference_to_ours
 from m2megatron.checkpoint.safety import CheckpointError
 from m2megatron.config.base import ConfigError
 from m2megatron.config.checkpoint import is_weights_file
@@ -72,12 +72,16 @@ def file_model_config(path: Path, model: ModelConfig, *, heads_given: bool = Tru
         return load_consolidated_config(path)
     ref = read_reference_checkpoint(path, mmap=True)
     try:
-        try:
-            return infer_model_config(ref, num_heads=model.num_attention_heads if heads_given else None, base=model)
-        except ConfigError:  # no preset of this width: the config's heads
-            return infer_model_config(ref, num_heads=model.num_attention_heads, base=model)
+        found = infer_model_config(ref, num_heads=1, base=model)  # the heads are decided below
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    heads = model.num_attention_heads
+    if not heads_given:
+        try:
+            heads = heads_for_width(found.hidden_size)
+        except ConfigError:
+            pass  # no preset of this width: the config's heads
+    return dataclasses.replace(found, num_attention_heads=heads)
 
 
 def load_weights_file(path: str | Path, modules: list, cfg: ModelConfig) -> None:

@@ -1,0 +1,75 @@
+"""checkpoint.load=<weights file>: the model's sizes come from the file; a size the config sets itself that
+disagrees is one line naming both; a weights file cannot be resumed (no processes, no model built)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from m2megatron.checkpoint.files import save_consolidated
+from m2megatron.checkpoint.reference_format import reference_shapes
+from m2megatron.checkpoint.safety import CheckpointError
+from m2megatron.checkpoint.start_file import start_model_config
+from m2megatron.config import ConfigError, load_config, preset
+
+pytestmark = pytest.mark.unit
+
+FILE_SIZES = dict(num_layers=3, vocab_size=500, text_position_table=60)  # tiny's width 64, so tiny's 4 heads
+
+
+def _reference_ckpt(tmp_path, **sizes):
+    cfg = dataclasses.replace(preset("tiny"), **{**FILE_SIZES, **sizes})
+    path = tmp_path / "released.ckpt"
+    torch.save({"state_dict": {k: torch.zeros(s) for k, s in reference_shapes(cfg).items()}}, path)
+    return path
+
+
+def _start(path, *overrides):
+    return start_model_config(load_config(overrides=[f"--checkpoint.load={path}", "--checkpoint.load_mode=weights",
+                                                     *overrides]))
+
+
+def test_sizes_come_from_a_released_checkpoint_and_other_settings_from_the_config(tmp_path):
+    path = _reference_ckpt(tmp_path)
+    model = _start(path, "--model.max_text_len=20", "--model.drop_path_rate=0.1").model
+    assert (model.num_layers, model.vocab_size, model.text_position_table) == (3, 500, 60)
+    assert (model.num_attention_heads, model.max_text_len, model.drop_path_rate) == (4, 20, 0.1)
+    assert _start(path, "--model.num_layers=3").model.num_layers == 3  # an explicit size that agrees
+
+
+def test_heads_of_a_width_no_preset_has_come_from_the_config(tmp_path):
+    path = _reference_ckpt(tmp_path, hidden_size=48, ffn_hidden_size=96)
+    assert _start(path).model.num_attention_heads == 4
+    assert _start(path, "--model.num_attention_heads=6").model.num_attention_heads == 6
+
+
+def test_sizes_that_disagree_with_the_file_are_one_line_naming_both(tmp_path):
+    path = _reference_ckpt(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        _start(path, "--model.preset=m2-0.4b")
+    message = str(info.value)
+    assert "\n" not in message and "preset m2-0.4b" in message and str(path) in message
+    assert "hidden_size=768" in message and "hidden_size=64" in message
+    with pytest.raises(ConfigError, match=r"has num_layers=5, but checkpoint.load .* has num_layers=3"):
+        _start(path, "--model.num_layers=5")
+
+
+def test_a_consolidated_file_gives_its_heads_too(tmp_path):
+    cfg = dataclasses.replace(preset("tiny"), num_attention_heads=2, **FILE_SIZES)
+    full = {"logit_scale": torch.zeros(())}  # the sizes are read from the metadata alone
+    save_consolidated(tmp_path / "model.safetensors", full, cfg)
+    model = _start(tmp_path / "model.safetensors").model
+    assert (model.num_attention_heads, model.num_layers, model.vocab_size) == (2, 3, 500)
+    with pytest.raises(ConfigError, match="num_attention_heads=8.*num_attention_heads=2"):
+        _start(tmp_path / "model.safetensors", "--model.num_attention_heads=8")
+
+
+def test_a_weights_file_cannot_be_resumed_and_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="single weights file, which cannot be resumed"):
+        load_config(overrides=["--checkpoint.load=m2_encoder_0.4B.ckpt"]).validate()
+    with pytest.raises(CheckpointError, match="does not exist"):
+        _start(tmp_path / "missing.ckpt")
+    unchanged = load_config(overrides=["--checkpoint.load=auto"])
+    assert start_model_config(unchanged) is unchanged
