@@ -1,4 +1,4 @@
-"""checkpoint.load=<released .ckpt>: a run at TP2·PP2 (sequence parallel, distributed optimizer) starts from a
+"""checkpoint.load=<released .ckpt>: a run at TP2·PP2·VP2 (sequence parallel, distributed optimizer) starts from a
 reference-format checkpoint whose sizes it takes from the file, trains 2 steps at a learning rate of ~0, and its
 checkpoint, consolidated and exported back to the reference format, equals the original tensor for tensor."""
 
@@ -12,6 +12,7 @@ from tests.distributed.test_trainer import SMALL, _fit
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 VOCAB, TEXT_POSITIONS = 300, 16  # not in SMALL: these two come from the file (300 rows padded to 1024 on load)
+LAYERS = ["--model.num_layers=4"]  # PP2 × VP2: one tower layer per stage chunk
 
 
 def _reference_file(path) -> dict[str, torch.Tensor]:
@@ -21,7 +22,7 @@ def _reference_file(path) -> dict[str, torch.Tensor]:
     from m2megatron.checkpoint.reference_format import ours_to_reference, reference_shapes, reference_to_ours
     from m2megatron.config import load_config
 
-    sizes = load_config(overrides=SMALL + [f"--model.vocab_size={VOCAB}",
+    sizes = load_config(overrides=SMALL + LAYERS + [f"--model.vocab_size={VOCAB}",
                                            f"--model.text_position_table={TEXT_POSITIONS}"]).model
     gen = torch.Generator().manual_seed(7)
     random = {k: torch.randn(s, generator=gen) * 0.05 for k, s in reference_shapes(sizes).items()}
@@ -32,17 +33,18 @@ def _reference_file(path) -> dict[str, torch.Tensor]:
     return ref
 
 
-def test_training_starts_from_a_released_checkpoint_at_tp2_pp2(dist_pool, tmp_path):
+def test_training_starts_from_a_released_checkpoint_at_tp2_pp2_vp2(dist_pool, tmp_path):
     from m2megatron.checkpoint.consolidate import consolidate
     from m2megatron.checkpoint.files import export_reference, load_consolidated
 
     original = _reference_file(tmp_path / "m2_encoder_small.ckpt")
     run = tmp_path / "run"
-    dist_pool(4).run(_fit, str(run), [
+    dist_pool(4).run(_fit, str(run), LAYERS + [
         f"--checkpoint.load={tmp_path / 'm2_encoder_small.ckpt'}", "--checkpoint.load_mode=finetune",
-        "--parallel.tensor_parallel=2", "--parallel.pipeline_parallel=2", "--parallel.sequence_parallel=true",
-        "--parallel.distributed_optimizer=true", "--optim.lr=1e-12", "--optim.min_lr=0", "--optim.warmup_steps=1",
-        "--train.train_steps=2", "--train.eval_at_end=false", "--train.tensorboard=false"])
+        "--parallel.tensor_parallel=2", "--parallel.pipeline_parallel=2", "--parallel.virtual_pipeline=2",
+        "--train.global_batch_size=16", "--parallel.sequence_parallel=true", "--parallel.distributed_optimizer=true",
+        "--optim.lr=1e-12", "--optim.min_lr=0", "--optim.warmup_steps=1", "--train.train_steps=2",
+        "--train.eval_at_end=false", "--train.tensorboard=false"])
 
     consolidate(run / "checkpoints", tmp_path / "consolidated")
     cfg, _, _ = load_consolidated(tmp_path / "consolidated" / "model.safetensors")
