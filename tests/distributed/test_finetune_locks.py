@@ -1,6 +1,6 @@
-"""finetune.lock_image at TP2 with the distributed optimizer: the locked vision tower gets no DDP gradient
-buffer and no optimizer state (bytes measured against the same run unlocked), and its weights are
-bit-identical after training steps while the rest trains."""
+"""finetune.lock_image at TP2 with the distributed optimizer in bf16: the locked vision tower gets no DDP
+gradient buffer and no optimizer state, neither Adam's moments nor fp32 main weights (bytes measured against
+the same run unlocked), and its weights are bit-identical after training steps while the rest trains."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from tests.distributed.test_trainer import SMALL
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-RUN = ["--parallel.tensor_parallel=2", "--parallel.distributed_optimizer=true", "--train.train_steps=2",
-       "--optim.warmup_steps=0", "--train.eval_at_end=false", "--train.tensorboard=false", "--checkpoint.load=null"]
+RUN = ["--parallel.tensor_parallel=2", "--parallel.distributed_optimizer=true", "--train.precision=bf16",
+       "--optim.lr=0.01", "--train.train_steps=2", "--optim.warmup_steps=0", "--train.eval_at_end=false",
+       "--train.tensorboard=false", "--checkpoint.load=null"]
 
 
 def _nbytes(tensors) -> int:
@@ -46,6 +47,8 @@ def _train_two_steps(run_dir: str, overrides: list[str]) -> dict:
             "grad_bytes": _nbytes(b.grad_data for c in trainer.chunks for b in c.buffers + c.expert_parallel_buffers),
             "state_bytes": _nbytes(t for opt in inner for s in opt.state.values() for t in s.values()
                                    if torch.is_tensor(t) and t.dim() > 0),
+            "main_bytes": _nbytes(p for part in parts(trainer.optimizer)
+                                  for g in getattr(part, "shard_fp32_from_float16_groups", []) for p in g),
             "locked_numel": sum(p.numel() for _, p in locked),
             "locked_tensors": len(locked),
             "locked_with_main_grad": [n for n, p in locked if getattr(p, "main_grad", None) is not None],
@@ -67,10 +70,12 @@ def test_a_locked_tower_has_no_gradient_buffer_no_optimizer_state_and_does_not_m
         assert f["locked_numel"] == 0 and l["locked_numel"] > 0
         assert l["locked_with_main_grad"] == [] and l["locked_in_optimizer"] == []
         # fp32 gradients: 4 bytes per locked parameter fewer, plus the distributed optimizer's alignment of each
-        # parameter's start in the buffer (to 64 elements) and of the buffer's end (measured: 326 144 → 258 560)
+        # parameter's start in the buffer (to 64 elements) and of the buffer's end (measured: 326 144 → 258 560 bytes)
         padding = 4 * (64 * l["locked_tensors"] + 128)
         assert 0 <= (f["grad_bytes"] - l["grad_bytes"]) - 4 * l["locked_numel"] < padding, (f, l)
         # Adam's two fp32 moments: exactly 8 bytes per locked parameter fewer (DP=1: the rank's whole shard)
         assert f["state_bytes"] - l["state_bytes"] == 8 * l["locked_numel"], (f, l)
+        # and the fp32 main copies of the bf16 weights: 4 bytes per locked parameter fewer
+        assert l["main_bytes"] > 0 and f["main_bytes"] - l["main_bytes"] == 4 * l["locked_numel"], (f, l)
         assert set(l["unchanged"]) == set(vision)  # the locked tower is bit-identical, everything else trains
         assert not set(f["unchanged"]) & set(vision)
