@@ -15,14 +15,16 @@ every pipeline stage, so every layout places a parameter the same way.
 
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
-from m2megatron.config.finetune import FinetuneConfig
+from m2megatron.config.finetune import PARTS, FinetuneConfig
 from m2megatron.config.model import ModelConfig
 
+log = logging.getLogger(__name__)
 _TOWER = re.compile(r"(vision|text)_(embedding|layers\.(\d+)|final_norm|projection)\.")
 _VL = re.compile(r"vl_(layers\.(\d+)|final_norm)\.")
 _PART = {"vision": "image", "text": "text"}
@@ -73,14 +75,19 @@ def _mult(ft: FinetuneConfig, part: str, group: int, groups: int) -> float:
 
 
 def lock_parameters(modules: list[torch.nn.Module], cfg: ModelConfig, ft: FinetuneConfig) -> int:
-    """Set requires_grad=False on every locked parameter (before DDP); return how many were locked."""
-    count = 0
+    """Set requires_grad=False on every locked parameter (before DDP); return how many elements were locked."""
+    locked = total = 0
     for module in modules:
         for name, param in module.named_parameters():
+            total += param.numel()
             if is_locked(name, cfg, ft):
                 param.requires_grad_(False)
-                count += 1
-    return count
+                locked += param.numel()
+    if ft.locks_anything:
+        parts = ", ".join(f"{part} (top {getattr(ft, f'lock_{part}_unlocked_groups')} groups trainable)"
+                          for part in PARTS if getattr(ft, f"lock_{part}"))
+        log.info("finetune: locked %s: %d of this rank's %d parameters", parts, locked, total)
+    return locked
 
 
 def lr_overrides(cfg: ModelConfig, ft: FinetuneConfig, lr: float, min_lr: float) -> dict:

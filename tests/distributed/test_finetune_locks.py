@@ -34,7 +34,6 @@ def _train_two_steps(run_dir: str, overrides: list[str]) -> dict:
         before = {k: v.clone() for k, v in full_state_dict(module).items()}
         for _ in range(2):
             trainer.train_step()
-            trainer.scheduler.step(increment=0)
         after = full_state_dict(module)
         inner = [part.optimizer for part in parts(trainer.optimizer)]
         locked = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
