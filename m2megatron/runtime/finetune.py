@@ -84,8 +84,8 @@ def lock_parameters(modules: list[torch.nn.Module], cfg: ModelConfig, ft: Finetu
                 param.requires_grad_(False)
                 locked += param.numel()
     if ft.locks_anything:
-        parts = ", ".join(f"{part} (top {getattr(ft, f'lock_{part}_unlocked_groups')} groups trainable)"
-                          for part in PARTS if getattr(ft, f"lock_{part}"))
+        kept = {part: getattr(ft, f"lock_{part}_unlocked_groups") for part in PARTS if getattr(ft, f"lock_{part}")}
+        parts = ", ".join(part + (f" (its top {n} groups trainable)" if n else "") for part, n in kept.items())
         log.info("finetune: locked %s: %d of this rank's %d parameters", parts, locked, total)
     return locked
 
