@@ -78,3 +78,31 @@ def test_a_locked_tower_has_no_gradient_buffer_no_optimizer_state_and_does_not_m
         assert l["main_bytes"] > 0 and f["main_bytes"] - l["main_bytes"] == 4 * l["locked_numel"], (f, l)
         assert set(l["unchanged"]) == set(vision)  # the locked tower is bit-identical, everything else trains
         assert not set(f["unchanged"]) & set(vision)
+
+
+def _changed_after_two_steps(run_dir: str, overrides: list[str]) -> list[str]:
+    """This rank's full weights (gathered over TP) that two training steps changed."""
+    from m2megatron.config import load_config
+    from m2megatron.models.state import full_state_dict
+    from m2megatron.train.trainer import Trainer
+
+    cfg = load_config(overrides=SMALL + [f"--train.run_dir={run_dir}", "--train.tensorboard=false",
+                                         "--checkpoint.load=null", "--optim.warmup_steps=0"] + overrides)
+    trainer = Trainer(cfg, progress=False)
+    try:
+        before = {k: v.clone() for m in trainer.modules for k, v in full_state_dict(m).items()}
+        for _ in range(2):
+            trainer.train_step()
+        after = {k: v for m in trainer.modules for k, v in full_state_dict(m).items()}
+        return sorted(k for k in before if not torch.equal(before[k], after[k]))
+    finally:
+        trainer.close()
+
+
+def test_a_first_pipeline_stage_with_every_parameter_locked_still_trains_the_rest(dist_pool, tmp_path):
+    """PP2 with both towers locked: stage 0 (embeddings, tower layer 0) has nothing to train; Megatron's schedule
+    skips its backward, and the last stage's VL block and logit scale train."""
+    first, last = dist_pool(2).run(_changed_after_two_steps, str(tmp_path / "run"), [
+        "--parallel.pipeline_parallel=2", "--finetune.lock_image=true", "--finetune.lock_text=true"])
+    assert first == []
+    assert last and all(k.startswith("vl_") or k == "logit_scale" for k in last), last
