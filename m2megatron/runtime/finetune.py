@@ -76,6 +76,8 @@ def _mult(ft: FinetuneConfig, part: str, group: int, groups: int) -> float:
 
 def lock_parameters(modules: list[torch.nn.Module], cfg: ModelConfig, ft: FinetuneConfig) -> int:
     """Set requires_grad=False on every locked parameter (before DDP); return how many elements were locked."""
+    if not ft.locks_anything:
+        return 0
     locked = total = 0
     for module in modules:
         for name, param in module.named_parameters():
@@ -83,10 +85,9 @@ def lock_parameters(modules: list[torch.nn.Module], cfg: ModelConfig, ft: Finetu
             if is_locked(name, cfg, ft):
                 param.requires_grad_(False)
                 locked += param.numel()
-    if ft.locks_anything:
-        kept = {part: getattr(ft, f"lock_{part}_unlocked_groups") for part in PARTS if getattr(ft, f"lock_{part}")}
-        parts = ", ".join(part + (f" (its top {n} groups trainable)" if n else "") for part, n in kept.items())
-        log.info("finetune: locked %s: %d of this rank's %d parameters", parts, locked, total)
+    kept = {part: getattr(ft, f"lock_{part}_unlocked_groups") for part in PARTS if getattr(ft, f"lock_{part}")}
+    parts = ", ".join(part + (f" (its top {n} groups trainable)" if n else "") for part, n in kept.items())
+    log.info("finetune: locked %s: %d of this rank's %d parameters", parts, locked, total)
     return locked
 
 
