@@ -14,6 +14,13 @@ from dataclasses import dataclass
 from m2megatron.config.base import ConfigError
 
 PARTS = ("image", "text", "vl")
+LR_SETTINGS = ("image_lr_mult", "text_lr_mult", "vl_lr_mult", "image_layer_decay", "text_layer_decay")
+"""The settings that make Megatron's parameter groups (an optimizer state loads only into the same groups)."""
+
+
+def part_groups(part: str, num_layers: int, num_vl_layers: int) -> int:
+    """Groups of a part: a tower's embedding, L layers and head; the VL block's layers and final norm."""
+    return num_vl_layers + 1 if part == "vl" else num_layers + 2
 
 
 @dataclass(kw_only=True)
@@ -50,10 +57,13 @@ class FinetuneConfig:
     def locks_anything(self) -> bool:
         return self.lock_image or self.lock_text or self.lock_vl
 
+    def locked_groups(self, part: str, groups: int) -> int:
+        """How many of the part's `groups` groups, counted from the bottom, are locked."""
+        return groups - getattr(self, f"lock_{part}_unlocked_groups") if getattr(self, f"lock_{part}") else 0
+
     def validate(self, num_layers: int | None = None, num_vl_layers: int | None = None) -> None:
-        groups = {"image": None if num_layers is None else num_layers + 2,
-                  "text": None if num_layers is None else num_layers + 2,
-                  "vl": None if num_vl_layers is None else num_vl_layers + 1}
+        groups = {part: None if num_layers is None or num_vl_layers is None
+                  else part_groups(part, num_layers, num_vl_layers) for part in PARTS}
         for part in PARTS:
             locked, unlocked = getattr(self, f"lock_{part}"), getattr(self, f"lock_{part}_unlocked_groups")
             name = f"finetune.lock_{part}_unlocked_groups"

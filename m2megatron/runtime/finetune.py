@@ -21,7 +21,7 @@ import re
 import torch
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
-from m2megatron.config.finetune import PARTS, FinetuneConfig
+from m2megatron.config.finetune import PARTS, FinetuneConfig, part_groups
 from m2megatron.config.model import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,12 @@ def place(name: str, cfg: ModelConfig) -> tuple[str, int, int] | None:
     """(part, group, number of groups) of a parameter of the M2 stage module; None for the logit scale."""
     name = local_name(name)
     if m := _TOWER.match(name):
-        groups = cfg.num_layers + 2
+        groups = part_groups("image", cfg.num_layers, cfg.num_vl_layers)
         kind, layer = m.group(2), m.group(3)
         group = 0 if kind == "embedding" else int(layer) + 1 if layer is not None else groups - 1
         return _PART[m.group(1)], group, groups
     if m := _VL.match(name):
-        groups = cfg.num_vl_layers + 1
+        groups = part_groups("vl", cfg.num_layers, cfg.num_vl_layers)
         return "vl", (int(m.group(2)) if m.group(2) is not None else groups - 1), groups
     if name == "logit_scale":
         return None
@@ -60,7 +60,7 @@ def is_locked(name: str, cfg: ModelConfig, ft: FinetuneConfig) -> bool:
     if where is None:
         return False
     part, group, groups = where
-    return getattr(ft, f"lock_{part}") and group < groups - getattr(ft, f"lock_{part}_unlocked_groups")
+    return group < ft.locked_groups(part, groups)
 
 
 def lr_mult(name: str, cfg: ModelConfig, ft: FinetuneConfig) -> float:
@@ -97,8 +97,8 @@ def lr_overrides(cfg: ModelConfig, ft: FinetuneConfig, lr: float, min_lr: float)
     The same keys on every rank (Megatron aligns the parameter groups over ranks): the values come from the
     config, not from the parameters this rank holds.
     """
-    parts = (("image", cfg.num_layers + 2), ("text", cfg.num_layers + 2), ("vl", cfg.num_vl_layers + 1))
-    values = sorted({_mult(ft, part, g, groups) for part, groups in parts for g in range(groups)} - {1.0})
+    counts = {part: part_groups(part, cfg.num_layers, cfg.num_vl_layers) for part in PARTS}
+    values = sorted({_mult(ft, part, g, n) for part, n in counts.items() for g in range(n)} - {1.0})
     overrides = {}
     for value in values:
         def matches(param, name, value=value):

@@ -115,3 +115,19 @@ def test_param_groups_carry_the_multiplier_and_the_scheduler_applies_it():
         for mult, lr in groups:
             assert lr == pytest.approx(base[step] * mult, rel=1e-12), (step, mult)
     assert {m for m, _ in result["lrs"][0]} >= {0.5, 0.4, 0.5 * 0.8 ** 3, 1.0}
+
+
+def test_an_optimizer_state_loads_only_into_the_same_parameter_groups():
+    from m2megatron.checkpoint.load import param_group_changes
+
+    def cfg(*overrides):
+        return load_config(overrides=TINY + list(overrides)).to_dict()
+
+    old = {k: v for k, v in cfg().items() if k != "finetune"}  # a checkpoint from before finetune.*
+    assert param_group_changes(old, cfg()) == []
+    assert param_group_changes(cfg(), cfg("--finetune.lock_image=true")) == []  # fewer trainable: fine
+    assert param_group_changes(cfg(), cfg("--finetune.text_lr_mult=0.5")) == [
+        "finetune.text_lr_mult: checkpoint 1.0, current 0.5"]
+    assert param_group_changes(cfg("--finetune.lock_image=true"), cfg("--finetune.lock_image=true",
+                                                                      "--finetune.lock_image_unlocked_groups=1")) == [
+        "finetune.lock_image: 4 of its 4 groups were locked in the checkpoint (no optimizer state), 3 now"]
