@@ -73,3 +73,42 @@ def test_a_weights_file_cannot_be_resumed_and_must_exist(tmp_path):
         _start(tmp_path / "missing.ckpt")
     unchanged = load_config(overrides=["--checkpoint.load=auto"])
     assert start_model_config(unchanged) is unchanged
+
+
+def _load_into_stages(path: str) -> dict:
+    """Build the stages of the file's model in this (fresh) process and load the file into them."""
+    from m2megatron.checkpoint.files import load_consolidated
+    from m2megatron.checkpoint.optimizer_state import parts
+    from m2megatron.checkpoint.start_file import load_weights_file
+    from m2megatron.models import full_state_dict
+    from m2megatron.parallel import initialize, seed_everything
+    from m2megatron.runtime import build_stages
+
+    cfg = _start(path, "--train.precision=bf16").validate(world_size=1)
+    groups = initialize(cfg.parallel)
+    seed_everything(0, groups)
+    stages = build_stages(cfg, groups)
+    load_weights_file(path, stages.modules, cfg.model)
+    stages.optimizer.reload_model_params()  # what the trainer does after the load
+    pairs = [(model, main) for part in parts(stages.optimizer)
+             for models, mains in zip(part.float16_groups, part.fp32_from_float16_groups) for model, main in
+             zip(models, mains)]
+    _, full, _ = load_consolidated(path)
+    model = full_state_dict(stages.modules[0])
+    return {"keys": sorted(model) == sorted(full), "main_dtypes": sorted({str(m.dtype) for _, m in pairs}),
+            "mismatched": [k for k in full if not torch.equal(model[k].float(), full[k].bfloat16().float())],
+            "main_follow": bool(pairs) and all(torch.equal(main, model.float()) for model, main in pairs)}
+
+
+def test_a_consolidated_file_loads_into_bf16_stages(tmp_path):
+    """The padded vocabulary included: 500 rows of the file, 1024 in the model."""
+    from m2megatron.checkpoint.reference_format import reference_to_ours
+    from tests.standin import run_in_fresh_process
+
+    cfg = dataclasses.replace(preset("tiny"), **FILE_SIZES)
+    gen = torch.Generator().manual_seed(3)
+    full, _ = reference_to_ours({k: torch.randn(s, generator=gen) for k, s in reference_shapes(cfg).items()}, cfg)
+    save_consolidated(tmp_path / "model.safetensors", full, cfg)
+    loaded = run_in_fresh_process(_load_into_stages, str(tmp_path / "model.safetensors"))
+    assert loaded["keys"] and loaded["mismatched"] == [] and loaded["main_dtypes"] == ["torch.float32"]
+    assert loaded["main_follow"]  # the fp32 main weights are the loaded (bf16-rounded) ones
