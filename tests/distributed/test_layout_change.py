@@ -49,10 +49,10 @@ STRAIGHT = {"adam": _layout(2, 1, 2), "distopt": _layout(2, 1, 2, *DISTOPT)}
 """The straight runs: one per optimizer kind (a resume keeps the kind: checkpoint.safety refuses a switch)."""
 FP32_TOL = {"loss": 1e-5, "grad_norm": 1e-5, "params": 1e-5}
 """Measured (two straight fp32 runs, 4 steps, TP2·PP1·DP2 against each fp32 layout below): losses within
-1.2e-6, grad norms within 6e-7 relative, parameters within 1.3e-6 (reduction orders only); ~8× that."""
-BF16_TOL = {"loss": 3e-2, "grad_norm": 3e-2, "params": 1.5e-2}
-"""Measured (the straight fp32 run with the distributed optimizer against straight bf16 ones, at TP2·DP2 and
-TP1·DP4): losses within 1.2e-2, grad norms within 1.2e-2 relative, parameters within 5.8e-3 (bf16 weights and
+1.2e-6, grad norms within 7.4e-7 relative, parameters within 1.3e-6 (reduction orders only); ~8× that."""
+BF16_TOL = {"loss": 3e-2, "grad_norm": 5e-2, "params": 1.5e-2}
+"""Measured (straight fp32 runs against straight bf16 ones with the distributed optimizer, at TP1·DP4 and
+TP2·DP2): losses within 1.1e-2, grad norms within 1.9e-2 relative, parameters within 5.8e-3 (bf16 weights and
 activations); ~2.5× that. A TP-counting error of the norm (~20 %) is still far outside."""
 CASES = {  # name: (layout, tolerances, which straight run)
     "tp1_dp4": (_layout(1, 1, 4), FP32_TOL, "adam"),  # TP change, DP change at the same global batch
