@@ -1,11 +1,11 @@
 """The gradient norm Megatron's optimizer reports (and clips by) is the norm of the full gradient at every layout.
 
-One Adam step with clipping on and binding (norms of ~1-10 against optim.clip_grad=0.05), on the same global
+One Adam step with clipping on and binding (a norm of ~100 against optim.clip_grad=0.05), on the same global
 batch as tests/distributed/test_train_parity.py. At each layout the reported norm must equal a plain-torch
 norm of the same run's gradients: Megatron DDP's main grads after the schedule's finalize step (complete
-over DP; with the distributed optimizer its reduce-scattered shards are all-gathered first), gathered to
-full tensors over TP and summed over the pipeline stages, each parameter counted once. The norm and the
-clipped update (the parameters after the step) must also equal the single-process TP1·PP1 run's.
+over DP; with the distributed optimizer its reduce-scattered shards are all-gathered first; fp16's unscaled),
+gathered to full tensors over TP and summed over the pipeline stages, each parameter counted once. The norm
+and the clipped update (the parameters after the step) must also equal the single-process TP1·PP1 run's.
 
 Before the fix (runtime.param_attributes) the TP-sharded weights lacked Megatron's `tensor_model_parallel`
 attribute and were counted on TP rank 0 only: at TP2 the norm was ~0.8× the true one.
@@ -38,7 +38,7 @@ PARAM_TOL = 1e-5
 BF16_RTOL = 2e-2
 """bf16 parameters: the gradient differs from the fp32 run's by bf16 rounding of weights and activations."""
 BF16_PARAM_TOL = 1e-2
-"""bf16 parameters of magnitude up to 1 (the norms' weights) are rounded to 2⁻⁸ relative."""
+"""bf16 parameters of magnitude up to 1 (the norms' weights) are rounded to 2⁻⁸ relative (fp16: 2⁻¹¹)."""
 VP = ["--model.num_layers=4", "--parallel.pipeline_parallel=2", "--parallel.virtual_pipeline=2"]
 
 
@@ -81,7 +81,10 @@ def _one_clipped_step(overrides: list[str], num_micro: int = 1) -> dict:
     if cfg.parallel.distributed_optimizer:
         complete_dp_shards(stages.chunks)
     reference = full_grad_norm(stages)
-    _, reported, _ = stages.optimizer.step()
+    if cfg.train.precision == "fp16":  # the main grads hold the loss-scaled gradient; Megatron unscales it first
+        reference /= stages.optimizer.get_loss_scale().item()
+    updated, reported, _ = stages.optimizer.step()
+    assert updated
     params = {}
     for module in stages.modules:
         params.update({k: v.float().clone() for k, v in full_state_dict(module).items()})
@@ -132,6 +135,12 @@ def test_grad_norm_with_bf16_main_grads_and_distributed_optimizer(dist_pool, str
     # gradients exactly; against the fp32 run, bf16 rounding.
     layout = ["--parallel.tensor_parallel=2", "--parallel.distributed_optimizer=true", "--train.precision=bf16"]
     _check(dist_pool(4).run(_one_clipped_step, layout), straight, rtol=BF16_RTOL, param_tol=BF16_PARAM_TOL)
+
+
+def test_grad_norm_with_fp16_loss_scaled_main_grads(dist_pool, straight):
+    # TP2, fp16 parameters, a loss scale of 2^10 (small enough not to overflow): the norm is the unscaled one.
+    layout = ["--parallel.tensor_parallel=2", "--train.precision=fp16", "--optim.initial_loss_scale=1024"]
+    _check(dist_pool(2).run(_one_clipped_step, layout), straight, rtol=BF16_RTOL, param_tol=BF16_PARAM_TOL)
 
 
 def test_grad_norm_with_virtual_pipeline(dist_pool):
