@@ -5,10 +5,11 @@
 
 The order is fixed: one TransformerConfig (runtime.megatron_config) → every stage module constructed
 directly on `groups.device` (a `torch.device` context, so no tensor of ours or Megatron's is left on
-the host) → parameters in the run's dtype (train.precision) → deterministic init by parameter name
-(skipped on `meta`, which holds no data) → a check that every parameter and buffer is on the device →
-locked parameters (finetune.lock_*) marked requires_grad=False → Megatron DDP (fp32 main gradients,
-optional overlap) → Megatron's (mixed-precision) optimizer with the LR multipliers of finetune.*.
+the host) → Megatron's TP attributes on every sharded parameter (runtime.param_attributes) → parameters
+in the run's dtype (train.precision) → deterministic init by parameter name (skipped on `meta`, which
+holds no data) → a check that every parameter and buffer is on the device → locked parameters
+(finetune.lock_*) marked requires_grad=False → Megatron DDP (fp32 main gradients, optional overlap) →
+Megatron's (mixed-precision) optimizer with the LR multipliers of finetune.*.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from m2megatron.runtime.megatron_config import (
     params_dtype,
 )
 from m2megatron.runtime.optimizer import build_optimizer, build_scheduler
+from m2megatron.runtime.param_attributes import mark_tensor_parallel_params
 from m2megatron.runtime.stages import StageSpec, stage_specs
 
 
@@ -100,6 +102,7 @@ def build_stage_module(model_cfg: ModelConfig, config: TransformerConfig, pg_col
     # Megatron's finalize_model_grads asks every stage whether embeddings are tied; ours never are.
     module.share_embeddings_and_output_weights = False
     module.stage = spec
+    mark_tensor_parallel_params(module)  # before DDP and the optimizer, which copy the attributes
     cast_parameters(module, config.params_dtype)
     return module
 
