@@ -8,9 +8,10 @@
   config's other model settings (layer_spec, attention, drop_path_rate, max_text_len, ...) are kept.
   A size the config sets itself (a named released preset's, or one given explicitly) that disagrees with
   the file is a one-line ConfigError naming both.
-- Loading (`load_weights_file`) is per rank and layout-free: each rank reads, through a memory map, only
-  the tensors of its own stages, converts them from the released layout if needed (QKV fusion), pads the
-  vocabulary for its TP size and keeps its TP slice (`models.load_full_state_dict`).
+- Loading (`load_weights_file`) is per rank and layout-free: each rank reads only the tensors of its own
+  stages (a torch zip file through a memory map, safetensors tensor by tensor, whole tensors: the TP slice
+  is taken after), converts them from the released layout if needed (QKV fusion), pads the vocabulary for
+  its TP size and keeps its TP slice (`models.load_full_state_dict`).
 """
 
 from __future__ import annotations
