@@ -100,9 +100,11 @@ def _changed_after_two_steps(run_dir: str, overrides: list[str]) -> list[str]:
 
 
 def test_a_first_pipeline_stage_with_every_parameter_locked_still_trains_the_rest(dist_pool, tmp_path):
-    """PP2 with both towers locked: stage 0 (embeddings, tower layer 0) has nothing to train; Megatron's schedule
-    skips its backward, and the last stage's VL block and logit scale train."""
+    """PP2 with both towers locked: stage 0 (embeddings, tower layer 0) has nothing to train, so an empty gradient
+    buffer and distributed-optimizer shard; Megatron's schedule skips its backward, and the last stage's VL block
+    and logit scale train."""
     first, last = dist_pool(2).run(_changed_after_two_steps, str(tmp_path / "run"), [
-        "--parallel.pipeline_parallel=2", "--finetune.lock_image=true", "--finetune.lock_text=true"])
+        "--parallel.pipeline_parallel=2", "--parallel.distributed_optimizer=true", "--finetune.lock_image=true",
+        "--finetune.lock_text=true"])
     assert first == []
     assert last and all(k.startswith("vl_") or k == "logit_scale" for k in last), last
