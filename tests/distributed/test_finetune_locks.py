@@ -108,3 +108,24 @@ def test_a_first_pipeline_stage_with_every_parameter_locked_still_trains_the_res
         "--finetune.lock_text=true"])
     assert first == []
     assert last and all(k.startswith("vl_") or k == "logit_scale" for k in last), last
+
+
+def test_a_locked_run_resumes_at_another_layout_but_not_with_other_multipliers(dist_pool, tmp_path):
+    """bf16 and the distributed optimizer: saved at TP2, resumed at DP2 with the same finetune.* settings; a
+    resume with another LR multiplier is refused in one line naming it."""
+    import json
+
+    from tests.distributed.test_trainer import _fit
+    from tests.harness import DistributedTestError
+
+    run = str(tmp_path / "run")
+    same = ["--train.eval_at_end=false", "--train.tensorboard=false", "--parallel.distributed_optimizer=true",
+            "--train.precision=bf16", "--finetune.lock_image=true", "--finetune.text_layer_decay=0.9"]
+    pool = dist_pool(2)
+    pool.run(_fit, run, same + ["--train.train_steps=2", "--parallel.tensor_parallel=2"])
+    pool.run(_fit, run, same + ["--train.train_steps=4"])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+    with pytest.raises(DistributedTestError, match=r"finetune.text_lr_mult: checkpoint 1.0, current 0.5\); start "
+                                                   r"from its weights only"):
+        pool.run(_fit, run, same + ["--train.train_steps=6", "--finetune.text_lr_mult=0.5"])
