@@ -43,7 +43,8 @@ def _train_two_steps(run_dir: str, overrides: list[str]) -> dict:
         main_params = {id(p) for part in parts(trainer.optimizer) for kind in kinds for g in getattr(part, kind, [])
                        for p in g}
         return {
-            "grad_bytes": _nbytes(b.grad_data for c in trainer.chunks for b in c.buffers + c.expert_parallel_buffers),
+            "grad_bytes": _nbytes(b.grad_data for c in trainer.stages.chunks
+                                  for b in c.buffers + c.expert_parallel_buffers),
             "state_bytes": _nbytes(t for opt in inner for s in opt.state.values() for t in s.values()
                                    if torch.is_tensor(t) and t.dim() > 0),
             "main_bytes": _nbytes(p for part in parts(trainer.optimizer)
