@@ -35,7 +35,7 @@ def _reference_file(path) -> dict[str, torch.Tensor]:
 
 def test_training_starts_from_a_released_checkpoint_at_tp2_pp2_vp2(dist_pool, tmp_path):
     from m2megatron.checkpoint.consolidate import consolidate
-    from m2megatron.checkpoint.files import export_reference, load_consolidated
+    from m2megatron.checkpoint.files import export_reference, load_consolidated_config
 
     original = _reference_file(tmp_path / "m2_encoder_small.ckpt")
     run = tmp_path / "run"
@@ -47,7 +47,7 @@ def test_training_starts_from_a_released_checkpoint_at_tp2_pp2_vp2(dist_pool, tm
         "--train.eval_at_end=false", "--train.tensorboard=false"])
 
     consolidate(run / "checkpoints", tmp_path / "consolidated")
-    cfg, _, _ = load_consolidated(tmp_path / "consolidated" / "model.safetensors")
+    cfg = load_consolidated_config(tmp_path / "consolidated" / "model.safetensors")
     assert (cfg.vocab_size, cfg.text_position_table, cfg.num_attention_heads) == (VOCAB, TEXT_POSITIONS, 4)
     export_reference(tmp_path / "consolidated" / "model.safetensors", tmp_path / "back.ckpt")
     back = torch.load(tmp_path / "back.ckpt", weights_only=True)

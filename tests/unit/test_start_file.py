@@ -77,7 +77,8 @@ def test_a_weights_file_cannot_be_resumed_and_must_exist(tmp_path):
 
 def _load_into_stages(path: str) -> dict:
     """Build the stages of the file's model in this (fresh) process and load the file into them."""
-    from m2megatron.checkpoint.files import load_consolidated
+    from safetensors.torch import load_file
+
     from m2megatron.checkpoint.optimizer_state import parts
     from m2megatron.checkpoint.start_file import load_weights_file
     from m2megatron.models import full_state_dict
@@ -93,7 +94,7 @@ def _load_into_stages(path: str) -> dict:
     pairs = [(model, main) for part in parts(stages.optimizer)
              for models, mains in zip(part.float16_groups, part.fp32_from_float16_groups) for model, main in
              zip(models, mains)]
-    _, full, _ = load_consolidated(path)
+    full = load_file(path)  # written without reference_unused tensors
     model = full_state_dict(stages.modules[0])
     return {"keys": sorted(model) == sorted(full), "main_dtypes": sorted({str(m.dtype) for _, m in pairs}),
             "mismatched": [k for k in full if not torch.equal(model[k].float(), full[k].bfloat16().float())],
