@@ -8,10 +8,10 @@
   config's other model settings (layer_spec, attention, drop_path_rate, max_text_len, ...) are kept.
   A size the config sets itself (a named released preset's, or one given explicitly) that disagrees with
   the file is a one-line ConfigError naming both.
-- Loading (`load_weights_file`) is per rank and layout-free: each rank reads only the tensors of its own
-  stages (a torch zip file through a memory map, safetensors tensor by tensor, whole tensors: the TP slice
-  is taken after), converts them from the released layout if needed (QKV fusion), pads the vocabulary for
-  its TP size and keeps its TP slice (`models.load_full_state_dict`).
+- Loading (`load_weights_file`) is per rank and layout-free: each rank reads only its TP slice of the
+  tensors of its own stages (safetensors through lazy slices, a torch zip file through a memory map; a
+  released checkpoint's q/k/v are fused whole, one copy per layer of the rank's stages), pads its rows of the
+  vocabulary and loads them (`models.load_full_state_dict`).
 """
 
 from __future__ import annotations
@@ -89,13 +89,20 @@ def load_weights_file(path: str | Path, modules: list, cfg: ModelConfig) -> None
     """Copy the weights of `path` into this rank's stage modules (any TP/PP/VP layout, any parameter dtype)."""
     path = Path(path)
     wanted = {name for module in modules for name in local_state_dict(module)}
-    if is_consolidated(path):
-        full = _read_consolidated(path, wanted)
-    else:
+    if not is_consolidated(path):
         try:
             full, _ = reference_to_ours(read_reference_checkpoint(path, mmap=True), cfg, keys=wanted)
         except ValueError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
+        _load(path, modules, full)
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # lazy slices: each rank reads only its TP part
+        _load(path, modules, {k: _FileTensor(f.get_slice(k)) for k in f.keys() if k in wanted})
+
+
+def _load(path: Path, modules: list, full: dict) -> None:
     for module in modules:
         try:
             load_full_state_dict(module, full)
@@ -103,8 +110,13 @@ def load_weights_file(path: str | Path, modules: list, cfg: ModelConfig) -> None
             raise CheckpointError(f"{path}: {exc}") from None
 
 
-def _read_consolidated(path: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+class _FileTensor:
+    """A tensor of a safetensors file that reads only what is indexed (`models.shard_full_state_dict` needs no
+    more than indexing and `.shape`)."""
 
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys() if k in wanted}
+    def __init__(self, part):
+        self._part = part
+        self.shape = torch.Size(part.get_shape())
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._part[index]

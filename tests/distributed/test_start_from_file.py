@@ -54,3 +54,36 @@ def test_training_starts_from_a_released_checkpoint_at_tp2_pp2_vp2(dist_pool, tm
     assert list(back) == list(original)
     for key, tensor in original.items():  # 2 steps at lr 1e-12 move no weight by more than fp32 rounding
         torch.testing.assert_close(back[key], tensor, rtol=2.0 ** -23, atol=1e-11, msg=key)
+
+
+def _started_weights(run_dir: str, overrides: list[str]) -> list[str]:
+    """The trainer's full weights right after it started from a file: the names that differ from the file's."""
+    from safetensors.torch import load_file
+
+    from m2megatron.config import load_config
+    from m2megatron.models.state import full_state_dict
+    from m2megatron.train.trainer import Trainer
+
+    cfg = load_config(overrides=SMALL + [f"--train.run_dir={run_dir}", "--train.tensorboard=false"] + overrides)
+    trainer = Trainer(cfg, progress=False)
+    try:
+        loaded = {k: v for m in trainer.modules for k, v in full_state_dict(m).items()}
+        expected = load_file(cfg.checkpoint.load)
+        return sorted(k for k in expected if k not in loaded or not torch.equal(loaded[k], expected[k]))
+    finally:
+        trainer.close()
+
+
+def test_a_consolidated_file_loads_at_tp2_each_rank_reading_its_slices(dist_pool, tmp_path):
+    from m2megatron.checkpoint.files import save_consolidated
+    from m2megatron.checkpoint.reference_format import reference_shapes, reference_to_ours
+    from m2megatron.config import load_config
+
+    sizes = load_config(overrides=SMALL + [f"--model.vocab_size={VOCAB}"]).model
+    gen = torch.Generator().manual_seed(8)
+    full, _ = reference_to_ours({k: torch.randn(s, generator=gen) for k, s in reference_shapes(sizes).items()}, sizes)
+    save_consolidated(tmp_path / "model.safetensors", full, sizes)
+    differing = dist_pool(2).run(_started_weights, str(tmp_path / "run"), [
+        f"--checkpoint.load={tmp_path / 'model.safetensors'}", "--checkpoint.load_mode=weights",
+        "--parallel.tensor_parallel=2"])
+    assert differing == [[], []]
