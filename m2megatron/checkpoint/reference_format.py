@@ -185,10 +185,30 @@ def split_qkv(fused: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tens
     return q, k, v
 
 
-def reference_to_ours(ref: dict[str, torch.Tensor], cfg: ModelConfig, keys: set[str] | None = None
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+class FusedQKV:
+    """`fuse_qkv` of q, k, v, computed only for the rows indexed: a TP rank's slice of the fused rows is whole
+    heads, so it fuses just those heads (what `models.shard_full_state_dict` asks for)."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int):
+        self.q, self.k, self.v, self.heads = q, k, v, heads
+        self.shape = torch.Size([3 * q.shape[0], *q.shape[1:]])
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rows = index[0] if isinstance(index, tuple) and len(index) == 1 else index
+        per_head = self.shape[0] // self.heads
+        if isinstance(rows, slice) and rows.step in (None, 1):
+            start, stop, _ = rows.indices(self.shape[0])
+            if start % per_head == 0 and stop % per_head == 0:
+                a, b = start // per_head * (per_head // 3), stop // per_head * (per_head // 3)
+                return fuse_qkv(self.q[a:b], self.k[a:b], self.v[a:b], (stop - start) // per_head)
+        return fuse_qkv(self.q, self.k, self.v, self.heads)[index]
+
+
+def reference_to_ours(ref: dict[str, torch.Tensor], cfg: ModelConfig, keys: set[str] | None = None,
+                      lazy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(our full state dict, unused reference tensors). Raises ValueError on any key or shape mismatch.
-    `keys`: convert only these of ours (e.g. one pipeline stage's; the QKV fusion copies)."""
+    `keys`: convert only these of ours (e.g. one pipeline stage's). `lazy`: fused QKVs as `FusedQKV`, fused when
+    (and where) indexed."""
     check_reference_keys(ref, cfg)
     wanted = (lambda key: True) if keys is None else keys.__contains__
     full = {ours: ref[theirs] for ours, theirs in _TOP_PAIRS if wanted(ours)}
@@ -201,7 +221,8 @@ def reference_to_ours(ref: dict[str, torch.Tensor], cfg: ModelConfig, keys: set[
             for wb in ("weight", "bias"):
                 if wanted(f"{dst}self_attention.linear_qkv.{wb}"):
                     q, k, v = (ref[f"{src}self_attn.{x}_proj.{m}.{wb}"] for x in ("q", "k", "v"))
-                    full[f"{dst}self_attention.linear_qkv.{wb}"] = fuse_qkv(q, k, v, cfg.num_attention_heads)
+                    fuse = FusedQKV if lazy else fuse_qkv
+                    full[f"{dst}self_attention.linear_qkv.{wb}"] = fuse(q, k, v, cfg.num_attention_heads)
     unused = {k: ref[k] for k in UNUSED_KEYS}
     return full, unused
 

@@ -9,9 +9,9 @@
   A size the config sets itself (a named released preset's, or one given explicitly) that disagrees with
   the file is a one-line ConfigError naming both.
 - Loading (`load_weights_file`) is per rank and layout-free: each rank reads only its TP slice of the
-  tensors of its own stages (safetensors through lazy slices, a torch zip file through a memory map; a
-  released checkpoint's q/k/v are fused whole, one copy per layer of the rank's stages), pads its rows of the
-  vocabulary and loads them (`models.load_full_state_dict`).
+  tensors of its own stages (safetensors through lazy slices, a torch zip file through a memory map, a
+  released checkpoint's q/k/v fused for the rank's heads only), pads its rows of the vocabulary and loads
+  them (`models.load_full_state_dict`).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def load_weights_file(path: str | Path, modules: list, cfg: ModelConfig) -> None
     wanted = {name for module in modules for name in local_state_dict(module)}
     if not is_consolidated(path):
         try:
-            full, _ = reference_to_ours(read_reference_checkpoint(path, mmap=True), cfg, keys=wanted)
+            full, _ = reference_to_ours(read_reference_checkpoint(path, mmap=True), cfg, keys=wanted, lazy=True)
         except ValueError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
         _load(path, modules, full)

@@ -113,3 +113,16 @@ def test_a_consolidated_file_loads_into_bf16_stages(tmp_path):
     loaded = run_in_fresh_process(_load_into_stages, str(tmp_path / "model.safetensors"))
     assert loaded["keys"] and loaded["mismatched"] == [] and loaded["main_dtypes"] == ["torch.float32"]
     assert loaded["main_follow"]  # the fp32 main weights are the loaded (bf16-rounded) ones
+
+
+def test_a_tp_rank_fuses_only_its_own_heads_of_a_released_qkv():
+    from m2megatron.checkpoint.reference_format import FusedQKV, fuse_qkv
+
+    for shape in ((12, 5), (12,)):  # weight and bias; 4 heads of 3
+        q, k, v = (torch.randn(shape) for _ in range(3))
+        whole, lazy = fuse_qkv(q, k, v, 4), FusedQKV(q, k, v, 4)
+        assert lazy.shape == whole.shape and torch.equal(lazy[...], whole)
+        for tp in (2, 4):
+            rows = 36 // tp
+            for rank in range(tp):
+                assert torch.equal(lazy[(slice(rank * rows, (rank + 1) * rows),)], whole[rank * rows:(rank + 1) * rows])
