@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from m2megatron.eval.batches import image_features, prepare_texts, text_features
 from m2megatron.eval.features import ReplicaEncoder
 from m2megatron.eval.metrics import CaptionIndex, retrieval_metrics
+from m2megatron.eval.sets import EvalSet, read_set, report_options, set_name
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,6 @@ def evaluate_retrieval(model_chunks, groups, images, captions: Sequence[Sequence
 
 def set_from_args(args):
     """The EvalSet the command line names: --captions, --shards, --wds, or the synthetic held-out set."""
-    from m2megatron.eval.sets import EvalSet, set_name
-
     given = [flag for flag, value in (("--captions", args.captions), ("--shards", args.shards), ("--wds", args.wds))
              if value]
     if len(given) > 1:
@@ -87,7 +86,6 @@ def set_from_args(args):
 
 def main() -> int:
     from m2megatron.eval import launcher
-    from m2megatron.eval.sets import read_set, score_set
 
     parser = launcher.common_parser("python -m m2megatron.eval.retrieval", __doc__)
     parser.add_argument("--captions", help="caption jsonl in the reference format ({'image': path, 'caption': [..]})")
@@ -100,7 +98,9 @@ def main() -> int:
         data = read_set(spec, s.cfg, s.bad)
         if data.task != "retrieval":
             raise ValueError(f"retrieval: {spec.source[0]} is a classification set; use m2megatron.eval.zeroshot")
-        s.write("retrieval", spec.name, score_set(s.model_chunks, s.groups, s.cfg, s.tokenizer, data))
+        report = retrieval_report(s.model_chunks, s.groups, data.images, data.captions, tokenizer=s.tokenizer,
+                                  **report_options(s.cfg, data))
+        s.write("retrieval", spec.name, report)
     return 0
 
 

@@ -1,6 +1,7 @@
-"""One eval set, whatever its format: what to read (`EvalSet`), reading it (`read_set`) and scoring it with
-in-memory model stages (`score_set`). The launchers and evaluation during training both go through here,
-so every input kind is read and scored one way.
+"""One eval set, whatever its format: what to read (`EvalSet`) and reading it (`read_set`). The launchers and
+evaluation during training both read through here, so every input kind is read one way; scoring is
+`retrieval.retrieval_report` / `zeroshot.zeroshot_report` (both, by the set's task: `scoring.score_set`).
+Imports point one way: retrieval, zeroshot → sets → readers; scoring → retrieval, zeroshot, sets.
 
 Kinds: retrieval from a reference caption jsonl (`jsonl`), webdataset caption shards (`caption_shards`) or
 the held-out synthetic set (`synthetic`); zero-shot from a class-folder tree (`folder`), label shards
@@ -147,17 +148,7 @@ def read_set(spec: EvalSet, cfg, bad: BadInputs) -> SetData:
     raise ValueError(f"eval: unknown set kind {spec.kind!r}")
 
 
-def score_set(model_chunks, groups, cfg, tokenizer, data: SetData) -> dict:
-    """The retrieval or zero-shot report of `data` (collective: every rank of the job calls it)."""
-    from m2megatron.eval.retrieval import retrieval_report
-    from m2megatron.eval.zeroshot import zeroshot_report
-
-    common = dict(tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
-                  reference_text_preprocessing=cfg.eval.reference_text_preprocessing, decoder=cfg.eval.decoder,
-                  num_workers=cfg.eval.num_workers, where=data.where)
-    if data.task == "retrieval":
-        return retrieval_report(model_chunks, groups, data.images, data.captions, **common)
-    report = zeroshot_report(model_chunks, groups, data.images, data.labels, data.class_names, data.templates,
-                             **common)
-    report["templates"] = data.templates_source
-    return report
+def report_options(cfg, data: SetData) -> dict:
+    """The keyword arguments of retrieval_report / zeroshot_report that the config and the set decide."""
+    return dict(batch_size=cfg.eval.batch_size, reference_text_preprocessing=cfg.eval.reference_text_preprocessing,
+                decoder=cfg.eval.decoder, num_workers=cfg.eval.num_workers, where=data.where)

@@ -22,6 +22,8 @@ import torch
 from m2megatron.eval.batches import image_features, prepare_texts, text_features
 from m2megatron.eval.features import ReplicaEncoder
 from m2megatron.eval.metrics import topk_accuracy
+from m2megatron.eval.prompts import BUILTIN_TEMPLATES, load_templates
+from m2megatron.eval.sets import EvalSet, read_set, report_options, set_name
 
 
 def class_embeddings(text_feats: torch.Tensor, num_classes: int, num_templates: int) -> torch.Tensor:
@@ -33,9 +35,9 @@ def class_embeddings(text_feats: torch.Tensor, num_classes: int, num_templates: 
 def zeroshot_report(model_chunks, groups, images, labels: Sequence[int], class_names: Sequence[str],
                     templates: Sequence[str], *, tokenizer, batch_size: int = 64,
                     reference_text_preprocessing: bool = True, decoder: str = "pil", num_workers: int = 1,
-                    where: Sequence[str] | None = None) -> dict:
+                    where: Sequence[str] | None = None, templates_source: str | None = None) -> dict:
     """{"metrics": {"top1", "top5"}, "num_images", "num_classes", "num_templates", "images_per_s",
-    "texts_per_s"}. Collective: every rank of the job calls it."""
+    "texts_per_s"} (and "templates": `templates_source` when given). Collective: every rank of the job calls it."""
     if len(images) != len(labels):
         raise ValueError(f"zero-shot: {len(images)} images but {len(labels)} labels")
     labels_t = torch.as_tensor(list(labels), dtype=torch.long)
@@ -49,17 +51,18 @@ def zeroshot_report(model_chunks, groups, images, labels: Sequence[int], class_n
     image_feats, image_rate = image_features(encoder, images, batch_size=batch_size, groups=groups, decoder=decoder,
                                              num_workers=num_workers, where=where)
     metrics = topk_accuracy(image_feats @ classes.T, labels_t, ks=(1, 5))
-    return {"metrics": metrics, "num_images": len(images), "num_classes": len(class_names),
-            "num_templates": len(templates), "images_per_s": image_rate, "texts_per_s": text_rate,
-            "text_preprocessing": "reference" if reference_text_preprocessing else "none"}
+    report = {"metrics": metrics, "num_images": len(images), "num_classes": len(class_names),
+              "num_templates": len(templates), "images_per_s": image_rate, "texts_per_s": text_rate,
+              "text_preprocessing": "reference" if reference_text_preprocessing else "none"}
+    if templates_source is not None:
+        report["templates"] = templates_source
+    return report
 
 
 def evaluate_zeroshot(model_chunks, groups, images, labels: Sequence[int], class_names: Sequence[str],
                       templates: Sequence[str] | str = "en", *, tokenizer, batch_size: int = 64,
                       reference_text_preprocessing: bool = True) -> dict[str, float]:
     """{top1, top5} (percent) of in-memory model stages; `templates` is a list or a built-in set name."""
-    from m2megatron.eval.prompts import load_templates
-
     if isinstance(templates, str):
         templates = load_templates(templates)
     return zeroshot_report(model_chunks, groups, images, labels, class_names, templates, tokenizer=tokenizer,
@@ -69,9 +72,6 @@ def evaluate_zeroshot(model_chunks, groups, images, labels: Sequence[int], class
 
 def set_from_args(args, templates: str):
     """The EvalSet the command line names: --dataset imagenet-1k --data, --images, --shards or --wds."""
-    from m2megatron.eval.prompts import BUILTIN_TEMPLATES
-    from m2megatron.eval.sets import EvalSet, set_name
-
     given = [flag for flag, value in (("--dataset", args.dataset), ("--images", args.images),
                                       ("--shards", args.shards), ("--wds", args.wds)) if value]
     if len(given) != 1:
@@ -99,7 +99,6 @@ def set_from_args(args, templates: str):
 
 def main() -> int:
     from m2megatron.eval import launcher
-    from m2megatron.eval.sets import read_set, score_set
 
     parser = launcher.common_parser("python -m m2megatron.eval.zeroshot", __doc__)
     parser.add_argument("--dataset", choices=["imagenet-1k"], help="a built-in dataset: class names and templates "
@@ -122,7 +121,10 @@ def main() -> int:
         data = read_set(spec, s.cfg, s.bad)
         if data.task != "zeroshot":
             raise ValueError(f"zero-shot: {spec.source[0]} is a retrieval set; use m2megatron.eval.retrieval")
-        s.write("zeroshot", spec.name, score_set(s.model_chunks, s.groups, s.cfg, s.tokenizer, data))
+        report = zeroshot_report(s.model_chunks, s.groups, data.images, data.labels, data.class_names, data.templates,
+                                 tokenizer=s.tokenizer, templates_source=data.templates_source,
+                                 **report_options(s.cfg, data))
+        s.write("zeroshot", spec.name, report)
     return 0
 
 
