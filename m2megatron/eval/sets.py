@@ -15,10 +15,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from m2megatron.eval.finegrained import DATASETS as FINE_GRAINED
 from m2megatron.eval.inputs import BadInputs, Sample
 
 RETRIEVAL_KINDS = ("jsonl", "caption_shards", "synthetic")
-ZEROSHOT_KINDS = ("folder", "label_shards", "imagenet")
+ZEROSHOT_KINDS = ("folder", "label_shards", "imagenet", *FINE_GRAINED)
 
 
 @dataclass(frozen=True)
@@ -26,15 +27,17 @@ class EvalSet:
     name: str
     """The set's name in results and metric keys."""
     kind: str
-    """jsonl, caption_shards, synthetic, folder, label_shards, imagenet or benchmark_wds."""
+    """jsonl, caption_shards, synthetic, folder, label_shards, imagenet, cub-200, stanford-dogs, stanford-cars
+    or benchmark_wds."""
     source: tuple[str, ...] = ()
     """The jsonl file, the folder, or the shard patterns."""
     image_root: str | None = None
     """jsonl: the folder the image paths are relative to (None: the jsonl's folder)."""
     classes: str | None = None
-    """A class-name file (folder: optional, the sub-folder names otherwise; label_shards: required)."""
+    """A class-name file (folder: optional, the sub-folder names otherwise; label_shards: required;
+    fine-grained sets: replaces the built-in names)."""
     lang: str = "en"
-    """imagenet: the language of the class names and templates (en, zh)."""
+    """imagenet and the fine-grained sets: the language of the class names and templates (en, zh)."""
     labels: str | None = None
     """imagenet: the labels file of the flat ILSVRC layout."""
     split: str = "test"
@@ -90,10 +93,31 @@ def _read_retrieval(spec: EvalSet, cfg, bad: BadInputs) -> SetData:
     return _retrieval(read_caption_shards(list(spec.source), bad))
 
 
+def _read_fine_grained(spec: EvalSet, cfg, bad: BadInputs) -> SetData:
+    from m2megatron.eval import finegrained, imagenet
+    from m2megatron.eval.prompts import BUILTIN_TEMPLATES, check_templates, load_class_names
+
+    found = finegrained.read_fine_grained(spec.kind, spec.source[0], bad)
+    if spec.classes is not None:
+        names = load_class_names(spec.classes, folders=found.class_keys, num_labels=len(found.names["en"]))
+    elif spec.lang in found.names:
+        names = found.names[spec.lang]
+    else:
+        raise ValueError(f"{spec.kind}: no maintained {spec.lang} class names exist for this set (docs/REPRODUCE.md); "
+                         "pass your own class-name file with --classes FILE")
+    if cfg.eval.templates in BUILTIN_TEMPLATES:  # --lang picks the templates too
+        key = finegrained.templates_key(spec.kind, spec.lang)
+        templates = check_templates(imagenet.package_templates(spec.lang, key), f"clip-benchmark {spec.lang} {key}")
+        return _zeroshot(found.samples, names, templates, f"{spec.lang} {key}")
+    return _zeroshot(found.samples, names, *_config_templates(cfg))
+
+
 def _read_zeroshot(spec: EvalSet, cfg, bad: BadInputs) -> SetData:
     from m2megatron.eval.inputs import read_image_folder, read_label_shards
     from m2megatron.eval.prompts import BUILTIN_TEMPLATES, check_templates, load_class_names
 
+    if spec.kind in FINE_GRAINED:
+        return _read_fine_grained(spec, cfg, bad)
     if spec.kind == "imagenet":
         from m2megatron.eval import imagenet
 
