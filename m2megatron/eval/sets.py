@@ -18,7 +18,7 @@ from pathlib import Path
 from m2megatron.eval.finegrained import DATASETS as FINE_GRAINED
 from m2megatron.eval.inputs import BadInputs, Sample
 
-RETRIEVAL_KINDS = ("jsonl", "caption_shards", "synthetic")
+RETRIEVAL_KINDS = ("jsonl", "karpathy", "caption_shards", "synthetic")
 ZEROSHOT_KINDS = ("folder", "label_shards", "imagenet", *FINE_GRAINED)
 
 
@@ -27,12 +27,12 @@ class EvalSet:
     name: str
     """The set's name in results and metric keys."""
     kind: str
-    """jsonl, caption_shards, synthetic, folder, label_shards, imagenet, cub-200, stanford-dogs, stanford-cars
+    """jsonl, karpathy, caption_shards, synthetic, folder, label_shards, imagenet, cub-200, stanford-dogs, stanford-cars
     or benchmark_wds."""
     source: tuple[str, ...] = ()
-    """The jsonl file, the folder, or the shard patterns."""
+    """The jsonl or Karpathy split file, the folder, or the shard patterns."""
     image_root: str | None = None
-    """jsonl: the folder the image paths are relative to (None: the jsonl's folder)."""
+    """jsonl, karpathy: the folder the image paths are relative to (None: the file's folder)."""
     classes: str | None = None
     """A class-name file (folder: optional, the sub-folder names otherwise; label_shards: required;
     fine-grained sets: replaces the built-in names)."""
@@ -41,7 +41,7 @@ class EvalSet:
     labels: str | None = None
     """imagenet: the labels file of the flat ILSVRC layout."""
     split: str = "test"
-    """benchmark_wds: the split sub-folder."""
+    """benchmark_wds: the split sub-folder; karpathy: the Karpathy split."""
 
 
 @dataclass
@@ -90,6 +90,11 @@ def _read_retrieval(spec: EvalSet, cfg, bad: BadInputs) -> SetData:
     if spec.kind == "jsonl":
         (path,) = spec.source
         return _retrieval(read_caption_jsonl(path, spec.image_root or Path(path).parent, bad))
+    if spec.kind == "karpathy":
+        from m2megatron.eval.karpathy import read_karpathy
+
+        (path,) = spec.source
+        return _retrieval(read_karpathy(path, spec.image_root or Path(path).parent, spec.split, bad))
     return _retrieval(read_caption_shards(list(spec.source), bad))
 
 
