@@ -3,10 +3,11 @@ evaluation during training both read through here, so every input kind is read o
 `retrieval.retrieval_report` / `zeroshot.zeroshot_report` (both, by the set's task: `scoring.score_set`).
 Imports point one way: retrieval, zeroshot → sets → readers; scoring → retrieval, zeroshot, sets.
 
-Kinds: retrieval from a reference caption jsonl (`jsonl`), webdataset caption shards (`caption_shards`) or
-the held-out synthetic set (`synthetic`); zero-shot from a class-folder tree (`folder`), label shards
-(`label_shards`) or ImageNet-1k (`imagenet`); and CLIP_benchmark's webdataset format (`benchmark_wds`),
-either task, as its dataset_type.txt says.
+Kinds: retrieval from a reference caption jsonl (`jsonl`), a Karpathy split file (`karpathy`), webdataset
+caption shards (`caption_shards`) or the held-out synthetic set (`synthetic`); zero-shot from a class-folder
+tree (`folder`), label shards (`label_shards`), ImageNet-1k (`imagenet`) or a fine-grained set (`cub-200`,
+`stanford-dogs`, `stanford-cars`); and CLIP_benchmark's webdataset format (`benchmark_wds`), either task,
+as its dataset_type.txt says.
 """
 
 from __future__ import annotations

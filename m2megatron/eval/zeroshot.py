@@ -1,7 +1,7 @@
 """Zero-shot classification: top-1 / top-5 accuracy with prompt templates in English or Chinese.
 
     python -m m2megatron.eval.zeroshot --checkpoint CKPT --dataset imagenet-1k --lang zh --data /data/imagenet/val
-    python -m m2megatron.eval.zeroshot --checkpoint CKPT --dataset cub-200|stanford-dogs|stanford-cars --data DIR \
+    python -m m2megatron.eval.zeroshot --checkpoint CKPT --dataset cub-200|stanford-dogs|stanford-cars --data DIR \\
         [--lang en|zh] [--classes FILE]
     python -m m2megatron.eval.zeroshot --checkpoint CKPT --images DIR/ [--classes classes.json] \\
         [--shards 'val-{000..049}.tar' --classes F | --wds DIR] [--eval.templates=zh] [--tokenizer sp.model] \\
