@@ -1,6 +1,7 @@
-"""checkpoint.load=<released .ckpt>: a run at TP2·PP2·VP2 (sequence parallel, distributed optimizer) starts from a
-reference-format checkpoint whose sizes it takes from the file, trains 2 steps at a learning rate of ~0, and its
-checkpoint, consolidated and exported back to the reference format, equals the original tensor for tensor."""
+"""checkpoint.load=<weights file>. A run at TP2·PP2·VP2 (sequence parallel, distributed optimizer) starts from a
+reference-format .ckpt whose sizes it takes from the file, trains 2 steps at a learning rate of ~0, and its
+checkpoint, consolidated and exported back to the reference format, equals the original tensor for tensor. A
+consolidated .safetensors loads exactly at TP2, each rank reading its own slices."""
 
 from __future__ import annotations
 
