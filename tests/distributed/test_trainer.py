@@ -105,7 +105,7 @@ def _fit_preempted_at(run_dir: str, stop_after: int, overrides: list[str]) -> in
     trainer = Trainer(cfg, progress=False)
     real = trainer.train_step
 
-    def preempt_during(step):  # the signal arrives while step `stop_after` runs: it is the last one
+    def preempt_during():  # the signal arrives while step `stop_after` runs: it is the last one
         if trainer.step + 1 == stop_after:
             trainer.preemption.request("test")
         return real()
