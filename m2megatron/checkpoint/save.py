@@ -95,7 +95,6 @@ class Checkpointer:
         self.wait()
 
     def _finalize(self, temp: Path, step: int, meta_parts: dict, started: float) -> None:
-        atomic.crash_point("after_shards")
         rank = dist.get_rank()
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, own_file_checksums(temp, rank))
