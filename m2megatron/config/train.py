@@ -44,10 +44,10 @@ class TrainConfig:
     """Stop after every step that is a multiple of this, with a checkpoint, as Megatron-LM's --exit-interval
     (the LR schedule still runs over train_steps; restart the run to go on). None: never."""
     exit_duration_minutes: float | None = None
-    """Wall-clock budget of this process in minutes: once it is used up, stop at the next step boundary, save
-    and mark the run for a requeue as a preemption does (docs/SLURM.md), as Megatron-LM's
-    --exit-duration-in-mins. Set it below the job's time limit by at least one step and one save. None: no
-    budget."""
+    """Wall-clock budget in minutes, counted from the start of each rank's process: once it is used up, stop
+    at the next step boundary, save and mark the run for a requeue as a preemption does (docs/SLURM.md), as
+    Megatron-LM's --exit-duration-in-mins. Set it below the job's time limit by at least one step and one
+    save. None: no budget."""
     eval_at_end: bool = True
     """Run zero-shot retrieval on the held-out set when training finishes and write results.json."""
 

@@ -16,6 +16,7 @@ import math
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -40,7 +41,6 @@ class NonFiniteError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: RunConfig, *, groups=None, progress: bool = True):
-        self.started = time.monotonic()  # train.exit_duration_minutes counts from here
         if groups is None:
             writer_results.start_before_process_groups()  # this rank has no threads yet: fork, not spawn
         self.preemption = PreemptionHandler(cfg.train.run_dir).install()
@@ -105,8 +105,8 @@ class Trainer:
     def train_step(self) -> StepResult:
         """One optimizer step (runtime.train_step), with this rank's stop request folded into its agreement."""
         budget = self.cfg.train.exit_duration_minutes
-        if budget is not None and time.monotonic() - self.started >= budget * 60:
-            self.preemption.request("train.exit_duration_minutes")
+        if budget is not None and time.time() - psutil.Process().create_time() >= budget * 60:
+            self.preemption.request("train.exit_duration_minutes")  # the budget counts from the process start
         result = self.step_fn(self.batches.next_step(), stop_flag=self.preemption.local_flag)
         self._account(result)
         return result
@@ -190,7 +190,7 @@ class Trainer:
         with self.stages.params_in_sync():
             return evaluate_configured_sets(self.modules, self.groups, self.cfg, self.tokenizer, self.step)
 
-    def _log_record(self, result: dict, speed: dict) -> dict:
+    def _log_record(self, result: StepResult, speed: dict) -> dict:
         """Bring the loss to the logging rank and assemble the record."""
         loss = result.loss
         value = torch.zeros(2, device=self.device)
