@@ -1,4 +1,12 @@
-"""One optimizer step's forward and backward through Megatron-Core's pipeline schedules.
+"""One training step, in one place: zero the gradients, forward and backward through Megatron-Core's
+pipeline schedules (plain or accumulated), agree over all ranks that the step is finite, step the optimizer.
+
+    step = TrainStep(stages)
+    result = step(microbatches, stop_flag=preemption.local_flag)   # every rank, every step
+    result.loss, result.grad_norm, result.skipped, result.stop_requested
+
+`ContrastiveStep` is the forward and backward alone (tests, benchmarks and the memory planner drive the
+optimizer themselves).
 
 Plain mode: each of the M microbatches gets its own contrastive loss over its loss group (the
 schedule averages them). Accumulated mode (loss.accumulation_steps = A > 1): the loss covers all A
@@ -14,9 +22,13 @@ the same numbers in both passes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
 
 from m2megatron.loss import accumulated_loss_and_grads, contrastive_loss, surrogate_loss
+from m2megatron.models.sequence_parallel import packed_seq_length
 from m2megatron.parallel import rng
 from m2megatron.runtime.schedule import run_schedule
 
@@ -31,6 +43,12 @@ class ContrastiveStep:
         self.stages = stages
         self.cfg = stages.cfg
         self.loss_group = stages.groups.loss
+        self.seq_length = packed_seq_length(stages.cfg.model, stages.groups.layout.tensor_parallel,
+                                            stages.config.sequence_parallel)
+
+    def _run(self, microbatches: list[dict], fn, **kwargs) -> list:
+        return run_schedule(self.stages.chunks, self.stages.groups, microbatches, fn, config=self.stages.config,
+                            seq_length=self.seq_length, **kwargs)
 
     def __call__(self, microbatches: list[dict]) -> torch.Tensor | None:
         """Forward and backward of one step's microbatches.
@@ -45,7 +63,7 @@ class ContrastiveStep:
             loss = contrastive_loss(out.image, out.text, out.logit_scale, group=group, config=loss_cfg)
             return loss, {"loss": loss.detach()}
 
-        reports = run_schedule(self.stages.chunks, self.stages.groups, microbatches, loss_fn)
+        reports = self._run(microbatches, loss_fn)
         return torch.stack([r["loss"] for r in reports]).mean() if self.stages.is_last_stage else None
 
     def _accumulated(self, microbatches: list[dict]) -> torch.Tensor | None:
@@ -61,8 +79,7 @@ class ContrastiveStep:
 
         state = rng.capture()
         with torch.no_grad():
-            run_schedule(self.stages.chunks, self.stages.groups, microbatches, collect,
-                         forward_only=True)  # pass 1
+            self._run(microbatches, collect, forward_only=True)  # pass 1
         cached = None
         if self.stages.is_last_stage:  # pass 2
             order = sorted(collected)
@@ -76,5 +93,74 @@ class ContrastiveStep:
             loss = surrogate_loss(out.image, out.text, cached, batch["microbatch"], logit_scale=out.logit_scale)
             return loss * num, {}
 
-        run_schedule(self.stages.chunks, self.stages.groups, microbatches, surrogate)  # pass 3
+        self._run(microbatches, surrogate)  # pass 3
         return cached.loss if cached is not None else None
+
+
+@dataclass
+class StepResult:
+    """What one training step did, the same on every rank except `loss`."""
+
+    loss: torch.Tensor | float | None
+    """This rank's loss on the last stage (NaN when the step was not finite), None elsewhere."""
+    grad_norm: float
+    """The gradient norm Megatron's optimizer measured (before clipping); NaN when the update was skipped."""
+    skipped: str | None
+    """Why the update was skipped ("non-finite loss or gradient", "fp16 gradient overflow"); None if applied."""
+    stop_requested: bool
+    """Some rank's `stop_flag` was set for this step (agreed in the step's one all-reduce)."""
+
+
+class TrainStep:
+    """The whole optimizer step of this rank's stages (module docstring).
+
+    Per step it makes one all-reduce of its own and one host sync: the non-finite flag and the caller's stop
+    flag (preemption) travel together. Megatron's optimizer adds its grad-norm reduction.
+    """
+
+    def __init__(self, stages):
+        self.stages = stages
+        self.forward_backward = ContrastiveStep(stages)
+        # fp16 gradients are loss-scaled: an overflow there is the dynamic loss scaler's business (Megatron's
+        # optimizer skips the update and lowers the scale), so only the loss is checked.
+        self.check_gradients = stages.cfg.train.precision != "fp16"
+
+    def __call__(self, microbatches: list[dict], *, stop_flag: bool = False) -> StepResult:
+        stages = self.stages
+        for chunk in stages.chunks:
+            chunk.zero_grad_buffer()
+        stages.optimizer.zero_grad()  # with overlap_param_gather this also dispatches the first all-gather
+        loss = self.forward_backward(microbatches)
+        buffers = [b for c in stages.chunks for b in c.buffers + c.expert_parallel_buffers] \
+            if self.check_gradients else []
+        nonfinite, stop = agree_any([nonfinite_flag(loss, buffers, stages.device), stop_flag], stages.device)
+        if nonfinite:
+            return StepResult(float("nan"), float("nan"), "non-finite loss or gradient", stop)
+        updated, grad_norm, _ = stages.optimizer.step()
+        if not updated:  # fp16: the scaled gradients overflowed; the loss scale went down
+            return StepResult(loss, float("nan"), "fp16 gradient overflow", stop)
+        stages.scheduler.step(increment=1)
+        return StepResult(loss, float("nan") if grad_norm is None else grad_norm, None, stop)
+
+
+def nonfinite_flag(loss: torch.Tensor | None, buffers: list, device) -> torch.Tensor:
+    """1.0 when the loss or any gradient buffer holds a NaN/Inf, else 0.0 (a device scalar, no host sync).
+
+    Each buffer is reduced with `torch.aminmax`, which propagates NaN and keeps ±Inf, so its two results
+    are finite exactly when every element is: no full-size boolean temporary, and no overflow of a sum or
+    a norm of large finite fp32 main gradients.
+    """
+    parts = [loss.detach().float().reshape(1)] if loss is not None else []
+    for buffer in buffers:
+        if buffer.grad_data.numel():
+            parts.extend(t.float().reshape(1) for t in torch.aminmax(buffer.grad_data))
+    if not parts:
+        return torch.zeros((), device=device)
+    return (~torch.isfinite(torch.cat(parts))).any().float()
+
+
+def agree_any(flags: list, device) -> list[bool]:
+    """Each flag (a bool or a device scalar) OR-ed over every rank: one all-reduce, one host sync."""
+    values = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=device).reshape(()) for f in flags])
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in values.tolist()]

@@ -32,7 +32,7 @@ def _nan_fit(run_dir: str) -> str:
     cfg = load_config(overrides=SMALL + [f"--train.run_dir={run_dir}", "--train.train_steps=10",
                                          "--train.max_nonfinite_steps=3", "--checkpoint.load=null"])
     t = trainer_mod.Trainer(cfg, progress=False)
-    real = t.step_fn
+    real = t.step_fn.forward_backward
 
     def poisoned(microbatches):
         loss = real(microbatches)
@@ -42,7 +42,7 @@ def _nan_fit(run_dir: str) -> str:
                     p.main_grad.fill_(float("nan"))
         return loss
 
-    t.step_fn = poisoned
+    t.step_fn.forward_backward = poisoned
     before = {k: v.clone() for k, v in t.modules[0].state_dict().items() if torch.is_tensor(v)}
     try:
         t.fit()
@@ -105,13 +105,12 @@ def _fit_preempted_at(run_dir: str, stop_after: int, overrides: list[str]) -> in
     trainer = Trainer(cfg, progress=False)
     real = trainer.train_step
 
-    def step_then_maybe_preempt():
-        result = real()
+    def preempt_during():  # the signal arrives while step `stop_after` runs: it is the last one
         if trainer.step + 1 == stop_after:
             trainer.preemption.request("test")
-        return result
+        return real()
 
-    trainer.train_step = step_then_maybe_preempt
+    trainer.train_step = preempt_during
     try:
         return trainer.fit()
     finally:
