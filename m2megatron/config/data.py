@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from m2megatron.config.base import ConfigError
+from m2megatron.config.data_source import SourceConfig, validate_sources
 
 
 @dataclass(kw_only=True)
@@ -16,6 +17,16 @@ class DataConfig:
     """Webdataset shard paths, globs, {000..009} ranges or @list.txt files of paths (source=webdataset); needs at
     least one shard per DP rank. Shards are not checked up front: a missing one is an error naming it when
     its reading rank opens it."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture of named webdataset sources (source=webdataset; instead of data.shards): each with
+    its shards, weight, caption fields, language and open_shards (m2megatron/config/data_source.py,
+    docs/DATA.md "Training on a BM-6B-like mixture"). data.shards is the one-source shorthand."""
+    open_shards: int = 1
+    """Shards of each source that every reading rank reads interleaved (a sample at a time, seeded), so that
+    a microbatch mixes shards; each open shard holds one block of shuffle_block records in memory."""
+    resampled: bool = False
+    """Draw each source's shards with replacement (no epochs, as OpenCLIP's --dataset-resampled) instead of
+    reading every shard once per source epoch."""
     jsonl: str | None = None
     """Reference-format jsonl ({"image": path, "caption": [...]}) for source=jsonl."""
     image_root: str | None = None
@@ -66,8 +77,17 @@ class DataConfig:
     """Caption language of synthetic data: English, Chinese, or a random mix (eval: both captions per image)."""
 
     def validate(self) -> None:
-        if self.source == "webdataset" and not self.shards:
-            raise ConfigError("data.shards: source=webdataset needs at least one shard path")
+        if self.sources:
+            if self.source != "webdataset":
+                raise ConfigError(f"data.sources: a mixture of webdataset sources needs data.source=webdataset, "
+                                  f"not {self.source}")
+            if self.shards:
+                raise ConfigError("data.shards: set data.shards (one source) or data.sources (a mixture), not both")
+            validate_sources(self.sources)
+        elif self.source == "webdataset" and not self.shards:
+            raise ConfigError("data.shards: source=webdataset needs at least one shard path (or data.sources)")
+        if self.open_shards < 1:
+            raise ConfigError(f"data.open_shards: must be >= 1, got {self.open_shards}")
         if self.source == "jsonl" and not self.jsonl:
             raise ConfigError("data.jsonl: source=jsonl needs the jsonl path")
         if self.num_workers < 0:
@@ -85,3 +105,12 @@ class DataConfig:
         if self.synthetic_eval_samples > 384:
             raise ConfigError(f"data.synthetic_eval_samples: at most 384 distinct scenes exist, got "
                               f"{self.synthetic_eval_samples}")
+
+    def webdataset_sources(self) -> list[SourceConfig]:
+        """data.sources, or data.shards as one source named "default"."""
+        return list(self.sources) or [SourceConfig(name="default", shards=list(self.shards))]
+
+    def is_mixture(self) -> bool:
+        """Read through the mixture reader (m2megatron.data.mixture) rather than the plain shard reader:
+        several sources, interleaved open shards or resampling."""
+        return self.source == "webdataset" and (bool(self.sources) or self.open_shards > 1 or self.resampled)

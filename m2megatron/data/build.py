@@ -12,6 +12,7 @@ from m2megatron.data.decode import build_chunk_decoder
 from m2megatron.data.formats import ShardError, expand_shards, read_jsonl
 from m2megatron.data.image import Augment, ImageLimits
 from m2megatron.data.loader import TrainLoader
+from m2megatron.data.mixture import build_mixture
 from m2megatron.data.sources import JsonlSource, SyntheticSource, WebdatasetSource
 from m2megatron.data.sp_train import synthetic_tokenizer_path
 from m2megatron.data.synthetic import SyntheticScenes
@@ -43,6 +44,8 @@ def build_source(cfg: DataConfig, *, image_size: int, dp_rank: int, dp_size: int
     if cfg.source == "synthetic":
         scenes = SyntheticScenes(seed=seed, image_size=image_size, language=cfg.language, split="train")
         return SyntheticSource(scenes, cfg.synthetic_train_samples, seed, dp_rank, dp_size)
+    if cfg.is_mixture():
+        return build_mixture(cfg, dp_rank=dp_rank, dp_size=dp_size, seed=seed)
     if cfg.source == "webdataset":
         # No stat of every shard here: at 600k shards that is a metadata storm on every reading rank. A
         # shard that is missing or unreadable is a ShardError naming it when the loader opens it.

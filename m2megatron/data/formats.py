@@ -80,10 +80,10 @@ def record_sample(record: TarRecord) -> tuple[bytes, list[str]]:
     if image is None:
         raise BadSample("missing_image", record.key)
     if "txt" in record.members:
-        captions = [_utf8(record.members["txt"], record.key)]
+        captions = [utf8(record.members["txt"], record.key)]
     elif "json" in record.members:
         try:
-            meta = json.loads(_utf8(record.members["json"], record.key))
+            meta = json.loads(utf8(record.members["json"], record.key))
         except json.JSONDecodeError:
             raise BadSample("bad_json", record.key) from None
         if not isinstance(meta, dict):
@@ -107,14 +107,14 @@ def caption_list(value, where: str) -> list[str]:
     return captions
 
 
-def _utf8(data: bytes, where: str) -> str:
+def utf8(data: bytes, where: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise BadSample("bad_utf8", where) from None
 
 
-def expand_shards(patterns: list[str]) -> list[str]:
+def expand_shards(patterns: list[str], setting: str = "data.shards") -> list[str]:
     """Expand `{000..009}` ranges, globs and `@list.txt` files (one shard path per line, relative paths from
     the list's folder); each pattern must match something (ConfigError otherwise).
 
@@ -123,28 +123,28 @@ def expand_shards(patterns: list[str]) -> list[str]:
     shards: list[str] = []
     for pattern in patterns:
         if pattern.startswith("@"):
-            shards.extend(_read_shard_list(pattern[1:]))
+            shards.extend(_read_shard_list(pattern[1:], setting))
             continue
         matched = []
         for p in _brace_expand(pattern):
             hits = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
             matched.extend(hits)
         if not matched:
-            raise ConfigError(f"data.shards: {pattern!r} matches no file")
+            raise ConfigError(f"{setting}: {pattern!r} matches no file")
         shards.extend(matched)
     return shards
 
 
-def _read_shard_list(path: str) -> list[str]:
+def _read_shard_list(path: str, setting: str) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise ConfigError(f"data.shards: cannot read the shard list {path}: {exc.strerror}") from None
+        raise ConfigError(f"{setting}: cannot read the shard list {path}: {exc.strerror}") from None
     folder = Path(path).parent
     shards = [str(folder / line.strip()) if not os.path.isabs(line.strip()) else line.strip()
               for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not shards:
-        raise ConfigError(f"data.shards: the shard list {path} names no shard")
+        raise ConfigError(f"{setting}: the shard list {path} names no shard")
     return shards
 
 

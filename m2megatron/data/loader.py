@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 from m2megatron.data.image import FULL_BOX, Augment, ImageLimits, normalize_uint8, probe_image
-from m2megatron.data.position import Work, redistribute, units_left
 from m2megatron.data.skips import BadSample, SkipCounter
 
 log = logging.getLogger("m2megatron.data")
@@ -109,75 +108,40 @@ class TrainLoader:
         return batch
 
     def state_dict(self) -> dict:
-        """Small JSON-able position after the last returned batch (save it in the checkpoint): this rank's
-        work (plan and `then`, m2megatron.data.position), its position in it, skip counts and batches."""
-        return {"version": STATE_VERSION, "kind": self.source.kind, "seed": self.source.seed,
-                "units": self.source.num_units, "dp_rank": self.source.dp_rank, "dp_size": self.source.dp_size,
-                **self.source.work.to_state(), "position": dict(self._position), "skipped": dict(self._counts),
-                "batches": self.batches}
+        """Small JSON-able position after the last returned batch (save it in the checkpoint): the source's
+        state (this rank's work and its position in it, m2megatron.data.position), skip counts and batches."""
+        return {"version": getattr(self.source, "state_version", STATE_VERSION), **self.source.state(self._position),
+                "skipped": dict(self._counts), "batches": self.batches}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`, saved by this DP rank at this DP size (from every saved rank's state at
         another DP size: `load_global_state`)."""
-        work, position = self._saved_work(state)
-        if (work.dp_rank, work.dp_size) != (self.source.dp_rank, self.source.dp_size):
-            raise ValueError(f"data loader state: saved by DP rank {work.dp_rank} of {work.dp_size}, this is rank "
-                             f"{self.source.dp_rank} of {self.source.dp_size}; at another layout hand every saved "
-                             "rank's state to load_global_state")
-        self._stop_producer()
-        self.source.work, self._position = work, position
+        self._stop_producer()  # its thread reads the source's work
+        self._position = self.source.restore(state)
         self._counts, self.batches = dict(state.get("skipped", {})), int(state.get("batches", 0))
 
     def load_global_state(self, states: list[dict]) -> None:
         """Continue from the states of every DP rank of a checkpoint saved at any DP size (other entries,
-        e.g. StageBatches' FOLLOWER_STATE, are ignored). At the same DP size this rank takes its own state;
+        e.g. StageBatches' FOLLOWER_STATE, are ignored). At the same layout this rank takes its own state;
         at another one the unread rest of the saved epochs is shared out over this run's ranks
         (`position.redistribute`), so no sample is read twice or dropped. The skip counts of all saved
         ranks are summed into DP rank 0's (the sum over ranks stays the job's count)."""
         saved = self._saved_ranks(states)
-        if len(saved) == self.source.dp_size:
-            self.load_state_dict(saved[self.source.dp_rank][0])
-            return
-        plans, then = redistribute([(work, pos) for _, work, pos in saved], self.source.dp_size)
-        self._stop_producer()
         src = self.source
-        src.work = Work(src.num_units, src.dp_rank, src.dp_size, plans[src.dp_rank], then)
-        self._position = src.work.position()
+        if src.same_layout(saved):
+            self.load_state_dict(saved[src.dp_rank])
+            return
+        self._stop_producer()
+        self._position = src.restore_global(saved)
         counts: dict[str, int] = {}
-        for state, _, _ in saved:
+        for state in saved:
             counts = _merge(counts, state.get("skipped", {}))
         self._counts = counts if src.dp_rank == 0 else {}
-        self.batches = max(int(state.get("batches", 0)) for state, _, _ in saved)
-        if src.dp_rank == 0:
-            sizes = [units_left(p) for p in plans]
-            log.info("data: position saved at DP size %d continues at %d: %d %s of epochs %d-%d left, %d-%d per rank; "
-                     "then epoch %d", len(saved), src.dp_size, sum(sizes), src.unit_name,
-                     min(work.segment(int(pos["segment"])).epoch for _, work, pos in saved), then - 1,
-                     min(sizes), max(sizes), then)
+        self.batches = max(int(state.get("batches", 0)) for state in saved)
 
-    def _saved_work(self, state: dict) -> tuple[Work, dict]:
-        """(work, position) of a saved state, after checking it belongs to this source (versions 1 and 2)."""
-        src = self.source
-        if state.get("version") not in (1, STATE_VERSION) or state.get("kind") != src.kind:
-            raise ValueError(f"data loader state: expected version {STATE_VERSION} of a {src.kind!r} loader, got "
-                             f"version {state.get('version')} of {state.get('kind')!r}")
-        if state["seed"] != src.seed:
-            raise ValueError(f"data loader state: saved with seed {state['seed']}, this run has {src.seed}")
-        units = int(state.get("units", src.num_units))  # version 1 did not record it
-        if units != src.num_units:
-            raise ValueError(f"data loader state: saved with {units} {src.unit_name}, this run's data has "
-                             f"{src.num_units}; a position means nothing in another data set")
-        rank, size = int(state["dp_rank"]), int(state["dp_size"])
-        pos = state["position"]
-        if state["version"] == 1:  # the standard share from the saved epoch on, no plan
-            work = Work(units, rank, size, (), int(pos["epoch"]))
-            unit, record = (pos["index"], 0) if "index" in pos else (pos["shard"], pos["record"])
-            return work, work.position(0, int(unit), int(record))
-        work = Work.from_state(units, rank, size, state)
-        return work, work.position(int(pos["segment"]), int(pos["unit"]), int(pos["record"]))
-
-    def _saved_ranks(self, states: list[dict]) -> list[tuple[dict, Work, dict]]:
-        """(state, work, position) of every saved DP rank, in rank order; one state per rank."""
+    @staticmethod
+    def _saved_ranks(states: list[dict]) -> list[dict]:
+        """The state of every saved DP rank, in rank order; one state per rank."""
         by_rank: dict[int, dict] = {}
         for state in states:
             if not isinstance(state, dict) or "kind" not in state:
@@ -189,7 +153,7 @@ class TrainLoader:
         if len(sizes) != 1 or sorted(by_rank) != list(range(next(iter(sizes)))):
             raise ValueError(f"data loader states: expected one state for every DP rank of one DP size, got ranks "
                              f"{sorted(by_rank)} of sizes {sorted(sizes)}")
-        return [(by_rank[r], *self._saved_work(by_rank[r])) for r in sorted(by_rank)]
+        return [by_rank[r] for r in sorted(by_rank)]
 
     def skipped(self) -> dict[str, int]:
         """Skipped samples by reason (skips.REASONS), as of the last returned batch."""
@@ -197,7 +161,7 @@ class TrainLoader:
 
     @property
     def epoch(self) -> int:
-        return int(self._position["epoch"])
+        return self.source.epoch_of(self._position)
 
     @property
     def images_decoded(self) -> int:

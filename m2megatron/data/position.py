@@ -14,6 +14,8 @@ order are left out of that epoch; DP rank 0 emits them as counted skips when it 
 
 **Position** `{"epoch", "segment", "unit", "record"}`: next to read is record `record` of the `unit`-th
 unit of work segment `segment` (plan segments first, then one standard segment per epoch from `then`).
+While a segment's left-out slots are being counted, `"left_out": n` says that its first n are (a reader
+of a mixture can stop between two of them: m2megatron.data.mixture).
 
 **Redistribution** (`redistribute`): from every saved rank's (work, position), the unread rest of every
 epoch the saved layout had entered, in epoch order, is cut into P' contiguous pieces of equal unit count
@@ -107,16 +109,17 @@ class Work:
         current segment, its later plan segments, its later standard segments (with the left-out slots of
         each one not started: they become ordinary work)."""
         index, unit, record = int(position["segment"]), int(position["unit"]), int(position["record"])
+        emitted = int(position.get("left_out", 0))  # left-out slots of the current segment already counted
         out: list[Segment] = []
         while index < len(self.plan) or self.segment(index).epoch <= through_epoch:
             seg = self.segment(index)
-            tail = self.left_out(index)
+            tail = self.left_out(index)[emitted:]
             if (unit, record) == (0, 0) and tail:
                 out.append(Segment(seg.epoch, tail.start, tail.stop))
             rest = seg.rest(unit, record)
             if rest is not None:
                 out.append(rest)
-            index, unit, record = index + 1, 0, 0
+            index, unit, record, emitted = index + 1, 0, 0, 0
         return out
 
     def to_state(self) -> dict:

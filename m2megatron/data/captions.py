@@ -1,0 +1,75 @@
+"""Which caption of a webdataset record a sample uses: caption fields with probabilities (`SourceConfig.captions`).
+
+A field is `txt` (the .txt member) or `json:<key>` (a string or list field of the .json member). The field
+is drawn with the given probabilities among the fields the record has (a record without `caption_zh` uses
+its other fields); a list field gives one of its non-empty strings. Draws come from a per-record seeded
+generator, so a resumed run picks the same captions.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from m2megatron.data.formats import IMAGE_EXTS, TarRecord, caption_list, record_sample, utf8
+from m2megatron.data.skips import BadSample
+
+
+def record_image(record: TarRecord) -> bytes:
+    image = next((record.members[e] for e in IMAGE_EXTS if e in record.members), None)
+    if image is None:
+        raise BadSample("missing_image", record.key)
+    return image
+
+
+def record_json(record: TarRecord) -> dict | None:
+    """The record's .json member as a dict (None when it has none), or BadSample("bad_json")."""
+    if "json" not in record.members:
+        return None
+    try:
+        meta = json.loads(utf8(record.members["json"], record.key))
+    except json.JSONDecodeError:
+        raise BadSample("bad_json", record.key) from None
+    if not isinstance(meta, dict):
+        raise BadSample("bad_json", record.key)
+    return meta
+
+
+class CaptionFields:
+    """Caption fields with probabilities, and a language tag per field (`language` unless overridden)."""
+
+    def __init__(self, fields: dict[str, float], language: str = "", languages: dict[str, str] | None = None):
+        self.fields = {k: float(p) for k, p in fields.items() if p > 0}
+        self.language = language or "und"
+        self.languages = {k: languages.get(k, self.language) for k in self.fields} if languages else {}
+
+    def pick(self, record: TarRecord, rng: np.random.Generator) -> tuple[bytes, str, str]:
+        """(image bytes, caption, language) of a record, or BadSample."""
+        if not self.fields:  # the default: .txt, else json "caption"
+            image, captions = record_sample(record)
+            pick = int(rng.integers(len(captions))) if len(captions) > 1 else 0
+            return image, captions[pick], self.language
+        image = record_image(record)
+        meta = record_json(record) if any(k.startswith("json:") for k in self.fields) else None
+        present = {k: p for k, p in self.fields.items() if self._value(record, meta, k) is not None}
+        if not present:
+            raise BadSample("missing_caption", f"{record.key}: none of {', '.join(self.fields)}")
+        names = list(present)
+        weights = np.array([present[k] for k in names])
+        name = names[int(rng.choice(len(names), p=weights / weights.sum()))] if len(names) > 1 else names[0]
+        value = self._value(record, meta, name)
+        if name == "txt":
+            captions = [value] if value.strip() else []
+            if not captions:
+                raise BadSample("empty_caption", record.key)
+        else:
+            captions = caption_list(value, f"{record.key} ({name})")
+        pick = int(rng.integers(len(captions))) if len(captions) > 1 else 0
+        return image, captions[pick], self.languages.get(name, self.language)
+
+    @staticmethod
+    def _value(record: TarRecord, meta: dict | None, name: str):
+        if name == "txt":
+            return utf8(record.members["txt"], record.key) if "txt" in record.members else None
+        return None if meta is None else meta.get(name[len("json:"):])

@@ -1,0 +1,220 @@
+"""The weighted mixture of sources (m2megatron.data.mixture): realized proportions, per-source epochs, mixing
+inside every microbatch, and an exact position across data-parallel layout changes."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import random
+
+import pytest
+
+from m2megatron.config.base import ConfigError
+from m2megatron.config.data import DataConfig
+from m2megatron.config.data_source import SourceConfig
+from m2megatron.data.build import build_source, build_train_loader, resolve_tokenizer
+from m2megatron.data.mixture import MIX_BLOCK, Component, MixtureSource
+from m2megatron.data.position import Work
+from m2megatron.data.shard_writer import write_synthetic_shards
+from m2megatron.data.skips import BadSample
+from m2megatron.data.sources import _Source
+
+pytestmark = pytest.mark.unit
+
+
+class _Lane(_Source):
+    """A source's lane on fake shards: record i of unit u in epoch e is (name, e, u, i); some records are bad."""
+
+    kind, left_out_reason, unit_name = "fake", "left_out_shards", "shards"
+
+    def __init__(self, name: str, records: list[int], vrank: int, vsize: int, bad: bool = True):
+        super().__init__(len(records), 11, vrank, vsize, 777)
+        self.name, self.records, self.bad = name, records, bad
+
+    def _unit_items(self, epoch, unit, start):
+        for i in range(start, self.records[unit]):
+            bad = self.bad and (unit * 31 + i * 7 + epoch) % 5 == 0
+            yield i + 1, (BadSample("decode_error", f"{unit}:{i}") if bad else (self.name, epoch, unit, i))
+
+    def describe(self, unit):
+        return str(unit)
+
+
+SOURCES = {"a": ([5, 3, 7, 4, 6, 2], 0.5), "b": ([9, 8, 10, 7, 9, 12, 8, 11], 0.3), "c": ([3, 2, 4, 3], 0.2)}
+
+
+def _mixture(rank: int, size: int, lanes: dict[str, int], bad: bool = True) -> MixtureSource:
+    comps = [Component(name, w, [_Lane(name, recs, rank * lanes[name] + j, size * lanes[name], bad)
+                                 for j in range(lanes[name])]) for name, (recs, w) in SOURCES.items()]
+    return MixtureSource(comps, seed=3, dp_rank=rank, dp_size=size)
+
+
+def _tagged(mix: MixtureSource, position: dict, count: int):
+    """Read `count` draws: ([(source, epoch, unit, record, good)] of each record read, the position after the
+    last good one); the left-out units of an epoch become all their records."""
+    out, pending, last = [], [], position
+    for _, (item, pos) in zip(range(count), mix.stream(position)):
+        d = pos["draw"] - 1  # the draw's lane, as the mixture chose it
+        c, j = mix._flat[mix.lane_choices(d // MIX_BLOCK)[d % MIX_BLOCK]]
+        comp, epoch = mix.components[c], pos["lanes"][c][j]["epoch"]
+        if isinstance(item, BadSample):
+            recs = comp.lanes[0].records
+            if item.reason == "left_out_shards":
+                u = int(item.detail)
+                pending += [(comp.name, epoch, u, i) for i in range(recs[u])]
+            else:
+                pending.append((comp.name, epoch, *map(int, item.detail.split(":"))))
+            continue
+        out += pending + [item]
+        pending, last = [], pos
+    return out, json.loads(json.dumps(last))
+
+
+def test_realized_proportions_match_the_weights_and_each_source_runs_its_own_epochs():
+    mix = _mixture(0, 1, {"a": 2, "b": 2, "c": 1}, bad=False)  # all good, nothing left out: a draw is a sample
+    n = 10_000
+    picked, end = _tagged(mix, mix.start_position(), n)
+    got = collections.Counter(name for name, *_ in picked)
+    assert sum(got.values()) == n
+    for name, (records, weight) in SOURCES.items():
+        assert abs(got[name] - n * weight) <= 4 * math.sqrt(n * weight * (1 - weight)), (name, got)
+    # each source goes through its epochs at its own pace, every record of each finished epoch exactly once
+    last = {}
+    for c, (name, (records, _)) in enumerate(SOURCES.items()):
+        done = collections.Counter((e, u, i) for src, e, u, i in picked if src == name)
+        last[name] = min(p["epoch"] for p in end["lanes"][c])  # every lane is past the epochs before it
+        for e in range(last[name]):
+            want = collections.Counter((e, u, i) for u, k in enumerate(records) for i in range(k))
+            assert collections.Counter({k: v for k, v in done.items() if k[0] == e}) == want, (name, e)
+    assert last["c"] > 3 * last["b"] > 3  # the small source is upsampled: it runs more epochs
+
+
+def test_the_same_layout_resumes_exactly():
+    mix = _mixture(1, 2, {"a": 2, "b": 2, "c": 1})
+    straight, _ = _tagged(mix, mix.start_position(), 700)
+    first, pos = _tagged(mix, mix.start_position(), 300)
+    state = json.loads(json.dumps({"version": 3, **mix.state(pos)}))
+    again = _mixture(1, 2, {"a": 2, "b": 2, "c": 1})
+    rest, _ = _tagged(again, again.restore(state), 700 - 300 + 50)
+    assert (first + rest)[:len(straight)] == straight
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_layout_changes_of_three_sources_cover_every_record_of_every_source_epoch_once(trial):
+    rng = random.Random(trial)
+    layouts = [(rng.choice([1, 2, 3]), {n: rng.choice([1, 2]) for n in SOURCES}) for _ in range(rng.randint(2, 3))]
+    kept, states = [], None
+    for size, lanes in layouts:
+        lanes = {n: max(1, min(k, len(SOURCES[n][0]) // size)) for n, k in lanes.items()}
+        mixes = [_mixture(r, size, lanes) for r in range(size)]
+        positions = [m.restore_global(states) if states else m.start_position() for m in mixes]
+        states = []
+        for mix, pos in zip(mixes, positions):
+            got, last = _tagged(mix, pos, rng.randint(5, 60))
+            kept += got
+            states.append({"version": 3, **mix.state(last)})
+        states = json.loads(json.dumps(states))
+    # finish: one reader reads on until every lane of each source is past the last epoch any saved lane entered
+    horizon = {c["name"]: max(Work.from_state(c["units"], 0, 1, lane).horizon(lane["position"])
+                              for s in states for c2 in s["sources"] if c2["name"] == c["name"] for lane in c2["lanes"])
+               for c in states[0]["sources"]}
+    final = _mixture(0, 1, {n: 1 for n in SOURCES})
+    got, _ = _tagged(final, final.restore_global(states), 3000)
+    kept += got
+    for name, (records, _) in SOURCES.items():
+        done = collections.Counter((e, u, i) for src, e, u, i in kept if src == name)
+        for e in range(horizon[name] + 1):
+            want = collections.Counter((e, u, i) for u, k in enumerate(records) for i in range(k))
+            assert collections.Counter({k: v for k, v in done.items() if k[0] == e}) == want, (name, e, layouts)
+
+
+# -- real shards through the loader ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return resolve_tokenizer(DataConfig(), max_length=16, cache_dir=tmp_path_factory.mktemp("tok"))
+
+
+def _sources(root, spec: dict[str, tuple[int, int, str]], **extra) -> list[SourceConfig]:
+    out = []
+    for seed, (name, (shards, per_shard, lang)) in enumerate(spec.items()):
+        write_synthetic_shards(root / name, num_samples=shards * per_shard, per_shard=per_shard, seed=seed + 1,
+                               image_size=16, language=lang)
+        out.append(SourceConfig(name=name, shards=[str(root / name / "train-*.tar")], language=lang, **extra))
+    return out
+
+
+def _is_zh(caption: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in caption)
+
+
+def test_every_microbatch_of_a_50_50_mixture_of_single_language_shards_mixes(tok, tmp_path):
+    sources = _sources(tmp_path, {"en": (4, 40, "en"), "zh": (4, 40, "zh")})
+    cfg = DataConfig(source="webdataset", sources=sources, decoder="pil", num_workers=0, prefetch=0, open_shards=2)
+    loader = build_train_loader(cfg, tokenizer=tok, image_size=16, micro_batch_size=32, seed=0, gpu=False)
+    zh = [sum(map(_is_zh, next(loader)["captions"])) for _ in range(8)]
+    loader.close()
+    assert all(0 < n < 32 for n in zh), zh
+    assert 0.4 < sum(zh) / (8 * 32) < 0.6
+
+
+def _lane_epoch_of_last_sample(before: dict, after: dict) -> tuple[int, int, int]:
+    (moved,) = [(c, j, p["epoch"]) for c, row in enumerate(after["lanes"]) for j, p in enumerate(row)
+                if p != before["lanes"][c][j]]
+    return moved
+
+
+def test_three_sources_dp_change_mid_epoch_reads_every_sample_once(tok, tmp_path):
+    sources = _sources(tmp_path, {"a": (6, 5, "en"), "b": (12, 4, "zh"), "c": (6, 6, "en")})
+    cfg = DataConfig(source="webdataset", sources=sources, decoder="pil", num_workers=0, prefetch=2,
+                     shuffle_block=3, open_shards=3)
+    sizes = {"a": 30, "b": 48, "c": 36}
+
+    def loader(rank, size):
+        return build_train_loader(cfg, tokenizer=tok, image_size=16, micro_batch_size=1, seed=7, dp_rank=rank,
+                                  dp_size=size, gpu=False)
+
+    seen, states = collections.Counter(), []
+    for rank in range(2):  # DP 2, 3 lanes per source: 15 samples each, all in epoch 0
+        ld = loader(rank, 2)
+        seen.update(k for _ in range(15) for k in next(ld)["keys"])
+        states.append(json.loads(json.dumps(ld.state_dict())))
+        ld.close()
+    assert all(p["epoch"] == 0 for s in states for c in s["sources"] for lane in c["lanes"]
+               for p in [lane["position"]])
+    cfg.open_shards = 2
+    for rank in range(3):  # DP 3, 2 lanes per source: read on until every lane is past epoch 0
+        ld = loader(rank, 3)
+        ld.load_global_state(states)
+        while ld.epoch == 0:
+            before = ld._position
+            keys = next(ld)["keys"]
+            _, _, epoch = _lane_epoch_of_last_sample(before, ld._position)
+            if epoch == 0:
+                seen.update(keys)
+        ld.close()
+    by_source = collections.Counter(k.split("/")[-2] for k in seen)
+    assert by_source == sizes and set(seen.values()) == {1}
+
+
+def test_config_checks_and_the_shorthand(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.sources\[1\].name: 'a' names two sources"):
+        DataConfig(source="webdataset", sources=[SourceConfig(name="a", shards=["x"]),
+                                                 SourceConfig(name="a", shards=["y"])]).validate()
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].captions: 'caption' is not a caption field"):
+        DataConfig(source="webdataset", sources=[SourceConfig(name="a", shards=["x"], captions={"caption": 1})]
+                   ).validate()
+    with pytest.raises(ConfigError, match="not both"):
+        DataConfig(source="webdataset", shards=["x"], sources=[SourceConfig(name="a", shards=["x"])]).validate()
+    write_synthetic_shards(tmp_path, num_samples=6, per_shard=2, seed=1, image_size=16)
+    one = [SourceConfig(name="a", shards=[str(tmp_path / "train-*.tar")])]
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].shards: source 'a' has 3 shard\(s\), fewer than the 4"):
+        build_source(DataConfig(source="webdataset", sources=one), image_size=16, dp_rank=0, dp_size=4, seed=0)
+    plain = build_source(DataConfig(source="webdataset", shards=[str(tmp_path / "train-*.tar")]),
+                         image_size=16, dp_rank=0, dp_size=1, seed=0)
+    assert plain.kind == "webdataset"  # the shorthand reads as before (same order, same state)
+    interleaved = build_source(DataConfig(source="webdataset", shards=[str(tmp_path / "train-*.tar")], open_shards=2),
+                               image_size=16, dp_rank=0, dp_size=1, seed=0)
+    assert interleaved.kind == "mixture" and [c.name for c in interleaved.components] == ["default"]
+    assert len(interleaved.components[0].lanes) == 2
+    assert Work(3, 0, 2).position()["epoch"] == 0
