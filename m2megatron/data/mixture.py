@@ -60,12 +60,13 @@ class ResampledShards(WebdatasetSource):
     def start_position(self) -> dict:
         return {"epoch": 0, "draw": 0, "record": 0}
 
+    def shard_of_draw(self, k: int) -> int:
+        return int(_rng(self.seed, _RESAMPLE, self.dp_size, self.dp_rank, self.base, k).integers(self.num_units))
+
     def stream(self, position: dict):
         k, record = int(position["draw"]), int(position["record"])
         while True:
-            key = _rng(self.seed, _RESAMPLE, self.dp_size, self.dp_rank, self.base, k)
-            shard = int(key.integers(self.num_units))
-            for done, item in self._unit_items(k, shard, record):
+            for done, item in self._unit_items(k, self.shard_of_draw(k), record):
                 yield item, {"epoch": 0, "draw": k, "record": done}
             k, record = k + 1, 0
 

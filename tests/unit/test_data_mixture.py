@@ -8,12 +8,15 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 
 from m2megatron.config.base import ConfigError
 from m2megatron.config.data import DataConfig
 from m2megatron.config.data_source import SourceConfig
 from m2megatron.data.build import build_source, build_train_loader, resolve_tokenizer
+from m2megatron.data.captions import CaptionFields
+from m2megatron.data.formats import TarRecord
 from m2megatron.data.mixture import MIX_BLOCK, Component, MixtureSource
 from m2megatron.data.position import Work
 from m2megatron.data.shard_writer import write_synthetic_shards
@@ -77,7 +80,7 @@ def test_realized_proportions_match_the_weights_and_each_source_runs_its_own_epo
     picked, end = _tagged(mix, mix.start_position(), n)
     got = collections.Counter(name for name, *_ in picked)
     assert sum(got.values()) == n
-    for name, (records, weight) in SOURCES.items():
+    for name, (_, weight) in SOURCES.items():
         assert abs(got[name] - n * weight) <= 4 * math.sqrt(n * weight * (1 - weight)), (name, got)
     # each source goes through its epochs at its own pace, every record of each finished epoch exactly once
     last = {}
@@ -217,4 +220,35 @@ def test_config_checks_and_the_shorthand(tmp_path):
                                image_size=16, dp_rank=0, dp_size=1, seed=0)
     assert interleaved.kind == "mixture" and [c.name for c in interleaved.components] == ["default"]
     assert len(interleaved.components[0].lanes) == 2
-    assert Work(3, 0, 2).position()["epoch"] == 0
+
+
+def test_resampled_mode_draws_shards_with_replacement_and_resumes_exactly(tmp_path):
+    sources = _sources(tmp_path, {"a": (5, 3, "en"), "b": (4, 2, "zh")})
+    cfg = DataConfig(source="webdataset", sources=sources, resampled=True, open_shards=2, shuffle_block=2)
+
+    def stream(position=None, state=None):
+        src = build_source(cfg, image_size=16, dp_rank=1, dp_size=2, seed=4)
+        start = src.restore(state) if state else src.start_position()
+        return src, src.stream(start)
+
+    src, items = stream()
+    got = [(item.key, pos) for _, (item, pos) in zip(range(120), items)]
+    keys = [k for k, _ in got]
+    state = json.loads(json.dumps({"version": 3, **src.state(got[49][1])}))
+    _, again = stream(state=state)
+    assert [item.key for _, (item, _) in zip(range(70), again)] == keys[50:]
+    draws = [[lane.shard_of_draw(k) for k in range(5)] for lane in src.components[0].lanes]
+    assert any(len(set(d)) < 5 for d in draws)  # with replacement: a shard comes back before all 5 were read
+    assert all(p["epoch"] == 0 for _, pos in got for row in pos["lanes"] for p in row)
+
+
+def test_caption_fields_are_drawn_with_their_probabilities_and_tag_the_language():
+    fields = CaptionFields({"json:caption": 0.5, "json:caption_zh": 0.5, "txt": 0.0}, "en", {"json:caption_zh": "zh"})
+    both = TarRecord(0, "k", {"jpg": b"x", "json": json.dumps({"caption": "a dog", "caption_zh": ["一只狗"]}).encode()})
+    picks = collections.Counter(fields.pick(both, np.random.default_rng(i))[1:] for i in range(400))
+    assert set(picks) == {("a dog", "en"), ("一只狗", "zh")} and 150 < picks["a dog", "en"] < 250
+    only_en = TarRecord(1, "k", {"jpg": b"x", "txt": b"t", "json": b'{"caption": "a cat"}'})
+    assert fields.pick(only_en, np.random.default_rng(0)) == (b"x", "a cat", "en")  # draws among the fields it has
+    with pytest.raises(BadSample, match="missing_caption"):
+        fields.pick(TarRecord(2, "k", {"jpg": b"x", "json": b"{}"}), np.random.default_rng(0))
+    assert CaptionFields({}).pick(only_en, np.random.default_rng(0)) == (b"x", "t", "und")  # .txt first, as before
