@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from m2megatron.config.base import ConfigError
-from m2megatron.config.data_source import SourceConfig, validate_sources
+from m2megatron.config.data_source import SourceConfig, parse_filter, validate_sources
 
 
 @dataclass(kw_only=True)
@@ -24,6 +24,12 @@ class DataConfig:
     open_shards: int = 1
     """Shards of each source that every reading rank reads interleaved (a sample at a time, seeded), so that
     a microbatch mixes shards; each open shard holds one block of shuffle_block records in memory."""
+    filters: list[str] = field(default_factory=list)
+    """Sample filters of every webdataset source, each `<subject> <op> <value>`: subject json:<key> (a field of
+    the .json member), caption_chars (the caption's length in characters) or aspect_ratio (long / short side
+    from the image header); op >= > <= < == != (strings: == and != only). A sample that fails one is a
+    counted skip (filtered_metadata, filtered_caption_length, filtered_aspect_ratio). The paper's:
+    ["caption_chars >= 5", "aspect_ratio <= 3", "json:similarity >= 0.25"]."""
     resampled: bool = False
     """Draw each source's shards with replacement (no epochs, as OpenCLIP's --dataset-resampled) instead of
     reading every shard once per source epoch."""
@@ -86,6 +92,8 @@ class DataConfig:
             validate_sources(self.sources)
         elif self.source == "webdataset" and not self.shards:
             raise ConfigError("data.shards: source=webdataset needs at least one shard path (or data.sources)")
+        for i, text in enumerate(self.filters):
+            parse_filter(text, f"data.filters[{i}]")
         if self.open_shards < 1:
             raise ConfigError(f"data.open_shards: must be >= 1, got {self.open_shards}")
         if self.source == "jsonl" and not self.jsonl:

@@ -4,6 +4,7 @@ mixture")."""
 from __future__ import annotations
 
 import math
+import operator
 import re
 from dataclasses import dataclass, field
 
@@ -11,6 +12,45 @@ from m2megatron.config.base import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _FIELD = re.compile(r"^(txt|json:[^\s]+)$")
+
+_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq,
+        "!=": operator.ne}
+_EXPR = re.compile(r"^\s*(json:\S+?|caption_chars|aspect_ratio)\s*(>=|<=|==|!=|>|<)\s*(.+?)\s*$")
+_NUMERIC = ("caption_chars", "aspect_ratio")
+
+
+@dataclass(frozen=True)
+class Predicate:
+    subject: str
+    op: str
+    value: float | str
+    text: str
+
+    def holds(self, actual) -> bool:
+        if isinstance(self.value, float):
+            if isinstance(actual, bool) or not isinstance(actual, (int, float)):
+                return False
+        elif not isinstance(actual, str):
+            actual = "" if actual is None else str(actual)
+        return _OPS[self.op](actual, self.value)
+
+
+def parse_filter(text: str, setting: str) -> Predicate:
+    m = _EXPR.match(text) if isinstance(text, str) else None
+    if not m:
+        raise ConfigError(f"{setting}: {text!r} is not a filter (<json:key|caption_chars|aspect_ratio> <op> <value>, "
+                          f"op one of {' '.join(_OPS)})")
+    subject, op, raw = m.groups()
+    raw = raw.strip("'\"") if raw[:1] in "'\"" and raw[-1:] == raw[:1] else raw
+    try:
+        value: float | str = float(raw)
+    except ValueError:
+        if subject in _NUMERIC:
+            raise ConfigError(f"{setting}: {text!r}: {subject} compares with a number") from None
+        if op not in ("==", "!="):
+            raise ConfigError(f"{setting}: {text!r}: a string compares only with == or !=") from None
+        value = raw
+    return Predicate(subject, op, value, text)
 
 
 @dataclass(kw_only=True)
@@ -35,6 +75,8 @@ class SourceConfig:
     """Language tag per caption field where it differs from `language`, e.g. {"json:caption_zh": zh}."""
     open_shards: int | None = None
     """Shards each reading rank reads interleaved from this source (None: data.open_shards)."""
+    filters: list[str] = field(default_factory=list)
+    """Sample filters of this source on top of data.filters, e.g. "json:similarity >= 0.25" (syntax: data.filters)."""
 
     def validate(self, where: str) -> None:
         """`where`: the setting's dotted name, e.g. data.sources[1]."""
@@ -57,6 +99,8 @@ class SourceConfig:
             raise ConfigError(f"{where}.caption_languages: names fields that are not in {where}.captions")
         if self.open_shards is not None and self.open_shards < 1:
             raise ConfigError(f"{where}.open_shards: must be >= 1, got {self.open_shards}")
+        for i, text in enumerate(self.filters):
+            parse_filter(text, f"{where}.filters[{i}]")
 
 
 def validate_sources(sources: list[SourceConfig]) -> None:

@@ -9,6 +9,7 @@ import torch
 from m2megatron.config.base import ConfigError
 from m2megatron.config.data import DataConfig
 from m2megatron.data.decode import build_chunk_decoder
+from m2megatron.data.filters import Filters
 from m2megatron.data.formats import ShardError, expand_shards, read_jsonl
 from m2megatron.data.image import Augment, ImageLimits
 from m2megatron.data.loader import TrainLoader
@@ -49,7 +50,8 @@ def build_source(cfg: DataConfig, *, image_size: int, dp_rank: int, dp_size: int
     if cfg.source == "webdataset":
         # No stat of every shard here: at 600k shards that is a metadata storm on every reading rank. A
         # shard that is missing or unreadable is a ShardError naming it when the loader opens it.
-        return WebdatasetSource(expand_shards(cfg.shards), seed, dp_rank, dp_size, cfg.shuffle_block)
+        return WebdatasetSource(expand_shards(cfg.shards), seed, dp_rank, dp_size, cfg.shuffle_block,
+                                filters=Filters(cfg.filters), name="default")
     if cfg.source == "jsonl":
         try:
             items = read_jsonl(cfg.jsonl)

@@ -44,14 +44,20 @@ class CaptionFields:
         self.language = language or "und"
         self.languages = {k: languages.get(k, self.language) for k in self.fields} if languages else {}
 
-    def pick(self, record: TarRecord, rng: np.random.Generator) -> tuple[bytes, str, str]:
-        """(image bytes, caption, language) of a record, or BadSample."""
+    @property
+    def uses_json(self) -> bool:
+        return any(k.startswith("json:") for k in self.fields)
+
+    def pick(self, record: TarRecord, rng: np.random.Generator, meta: dict | None = None) -> tuple[bytes, str, str]:
+        """(image bytes, caption, language) of a record, or BadSample; `meta`: its parsed .json member (needed
+        when `uses_json`)."""
         if not self.fields:  # the default: .txt, else json "caption"
             image, captions = record_sample(record)
             pick = int(rng.integers(len(captions))) if len(captions) > 1 else 0
             return image, captions[pick], self.language
         image = record_image(record)
-        meta = record_json(record) if any(k.startswith("json:") for k in self.fields) else None
+        if meta is None and self.uses_json:
+            meta = record_json(record)
         present = {k: p for k, p in self.fields.items() if self._value(record, meta, k) is not None}
         if not present:
             raise BadSample("missing_caption", f"{record.key}: none of {', '.join(self.fields)}")

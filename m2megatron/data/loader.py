@@ -250,7 +250,9 @@ class TrainLoader:
                 if not item.caption.strip():
                     raise BadSample("empty_caption")
                 if item.encoded is not None:
-                    probe_image(item.encoded, self.limits)
+                    size = probe_image(item.encoded, self.limits)
+                    if getattr(item, "filters", None) is not None:  # the source's aspect-ratio filters
+                        item.filters.check_image(*size)
             except BadSample as bad:
                 if item is bad:  # reported by the source; its detail says where
                     counter.add(bad.reason, bad.detail)

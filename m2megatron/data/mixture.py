@@ -32,6 +32,7 @@ import numpy as np
 from m2megatron.config.base import ConfigError
 from m2megatron.config.data import DataConfig
 from m2megatron.data.captions import CaptionFields
+from m2megatron.data.filters import Filters
 from m2megatron.data.formats import expand_shards
 from m2megatron.data.position import Work, redistribute, units_left
 from m2megatron.data.sources import WebdatasetSource, _rng
@@ -215,7 +216,8 @@ def build_mixture(cfg: DataConfig, *, dp_rank: int, dp_size: int, seed: int) -> 
         fields = CaptionFields(src.captions, src.language, src.caption_languages)
         source_seed = int(_rng(seed, zlib.crc32(src.name.encode())).integers(2**31))  # distinct orders per source
         lane_type = ResampledShards if cfg.resampled else WebdatasetSource
+        filters = Filters([*cfg.filters, *src.filters])
         lanes = [lane_type(shards, source_seed, dp_rank * k + j, dp_size * k, cfg.shuffle_block, fields=fields,
-                           name=src.name, setting=setting) for j in range(k)]
+                           filters=filters, name=src.name, setting=setting) for j in range(k)]
         components.append(Component(src.name, src.weight, lanes))
     return MixtureSource(components, seed, dp_rank, dp_size, resampled=cfg.resampled)

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from m2megatron.config.base import ConfigError
-from m2megatron.data.captions import CaptionFields
+from m2megatron.data.captions import CaptionFields, record_json
+from m2megatron.data.filters import Filters
 from m2megatron.data.formats import JsonlItem, iter_tar_records, read_file
 from m2megatron.data.position import Work, redistribute, units_left
 from m2megatron.data.skips import BadSample
@@ -49,6 +50,7 @@ class Item:
     aug_key: tuple[int, ...] = ()  # seeds the per-sample augmentation RNG
     source: str = ""  # the mixture source's name (per-source counts); "" outside a mixture
     language: str = ""  # the caption's language tag; "" when unknown
+    filters: Filters | None = None  # image-header filters the loader's probe applies (aspect ratio)
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -251,13 +253,16 @@ class WebdatasetSource(_Source):
     kind, left_out_reason, unit_name = "webdataset", "left_out_shards", "shards"
 
     def __init__(self, shards: list[str], seed: int, dp_rank: int, dp_size: int, shuffle_block: int = 256, *,
-                 fields: CaptionFields | None = None, name: str = "", setting: str = "data.shards"):
+                 fields: CaptionFields | None = None, filters: Filters | None = None, name: str = "",
+                 setting: str = "data.shards"):
         if len(shards) < dp_size:
             raise ConfigError(f"{setting}: {len(shards)} shard(s) cannot feed {dp_size} data-parallel ranks "
                               f"(each rank reads whole, distinct shards)")
         super().__init__(len(shards), seed, dp_rank, dp_size, _SHARDS)
         self.shards, self.block = list(shards), shuffle_block
         self.fields, self.name = fields or CaptionFields({}), name
+        self.filters = filters or Filters([])
+        self._image_filters = self.filters if self.filters.aspect else None
 
     def epoch_shards(self, epoch: int) -> list[int]:
         """This rank's shard indices of epoch `epoch` at its standard share."""
@@ -290,8 +295,11 @@ class WebdatasetSource(_Source):
     def _item(self, rec, epoch: int, shard: int) -> Item | BadSample:
         where = f"{self.shards[shard]}:{rec.key}"
         try:
-            image, caption, language = self.fields.pick(rec, _rng(self.seed, _CAPTION, epoch, shard, rec.index))
+            meta = record_json(rec) if self.fields.uses_json or self.filters.json else None
+            image, caption, language = self.fields.pick(rec, _rng(self.seed, _CAPTION, epoch, shard, rec.index), meta)
+            self.filters.check_record(meta, caption, where)
         except BadSample as bad:
-            return BadSample(bad.reason, where)
+            return bad if bad.reason.startswith("filtered") else BadSample(bad.reason, where)
         aug_key = (self.seed, _AUG, epoch, shard, rec.index)
-        return Item(key=where, caption=caption, encoded=image, aug_key=aug_key, source=self.name, language=language)
+        return Item(key=where, caption=caption, encoded=image, aug_key=aug_key, source=self.name, language=language,
+                    filters=self._image_filters)
