@@ -30,6 +30,10 @@ class DataConfig:
     from the image header); op >= > <= < == != (strings: == and != only). A sample that fails one is a
     counted skip (filtered_metadata, filtered_caption_length, filtered_aspect_ratio). The paper's:
     ["caption_chars >= 5", "aspect_ratio <= 3", "json:similarity >= 0.25"]."""
+    max_failed_shard_fraction: float = 0.01
+    """Shards that cannot be read (missing, unreadable, a failing pipe: command) are skipped, counted
+    (unreadable_shard) and logged by name; a reading rank stops the job when more than this fraction of its
+    share of a source's shards (the source's shards / DP size) failed. 0: any failure stops it."""
     resampled: bool = False
     """Draw each source's shards with replacement (no epochs, as OpenCLIP's --dataset-resampled) instead of
     reading every shard once per source epoch."""
@@ -94,6 +98,8 @@ class DataConfig:
             raise ConfigError("data.shards: source=webdataset needs at least one shard path (or data.sources)")
         for i, text in enumerate(self.filters):
             parse_filter(text, f"data.filters[{i}]")
+        if not 0.0 <= self.max_failed_shard_fraction <= 1.0:
+            raise ConfigError(f"data.max_failed_shard_fraction: {self.max_failed_shard_fraction} is not in [0, 1]")
         if self.open_shards < 1:
             raise ConfigError(f"data.open_shards: must be >= 1, got {self.open_shards}")
         if self.source == "jsonl" and not self.jsonl:

@@ -75,6 +75,9 @@ class SourceConfig:
     """Language tag per caption field where it differs from `language`, e.g. {"json:caption_zh": zh}."""
     open_shards: int | None = None
     """Shards each reading rank reads interleaved from this source (None: data.open_shards)."""
+    max_failed_shard_fraction: float | None = None
+    """Unreadable shards of this source a reading rank tolerates, as a fraction of its share (None:
+    data.max_failed_shard_fraction)."""
     filters: list[str] = field(default_factory=list)
     """Sample filters of this source on top of data.filters, e.g. "json:similarity >= 0.25" (syntax: data.filters)."""
 
@@ -101,6 +104,8 @@ class SourceConfig:
             raise ConfigError(f"{where}.open_shards: must be >= 1, got {self.open_shards}")
         for i, text in enumerate(self.filters):
             parse_filter(text, f"{where}.filters[{i}]")
+        if self.max_failed_shard_fraction is not None and not 0.0 <= self.max_failed_shard_fraction <= 1.0:
+            raise ConfigError(f"{where}.max_failed_shard_fraction: {self.max_failed_shard_fraction} is not in [0, 1]")
 
 
 def validate_sources(sources: list[SourceConfig]) -> None:

@@ -14,6 +14,7 @@ from m2megatron.data.formats import ShardError, expand_shards, read_jsonl
 from m2megatron.data.image import Augment, ImageLimits
 from m2megatron.data.loader import TrainLoader
 from m2megatron.data.mixture import build_mixture
+from m2megatron.data.shard_open import ShardFailures
 from m2megatron.data.sources import JsonlSource, SyntheticSource, WebdatasetSource
 from m2megatron.data.sp_train import synthetic_tokenizer_path
 from m2megatron.data.synthetic import SyntheticScenes
@@ -49,9 +50,11 @@ def build_source(cfg: DataConfig, *, image_size: int, dp_rank: int, dp_size: int
         return build_mixture(cfg, dp_rank=dp_rank, dp_size=dp_size, seed=seed)
     if cfg.source == "webdataset":
         # No stat of every shard here: at 600k shards that is a metadata storm on every reading rank. A
-        # shard that is missing or unreadable is a ShardError naming it when the loader opens it.
-        return WebdatasetSource(expand_shards(cfg.shards), seed, dp_rank, dp_size, cfg.shuffle_block,
-                                filters=Filters(cfg.filters), name="default")
+        # shard that is missing or unreadable is a counted skip naming it when the loader opens it.
+        shards = expand_shards(cfg.shards)
+        failures = ShardFailures("default", len(shards), dp_size, cfg.max_failed_shard_fraction, "data.shards")
+        return WebdatasetSource(shards, seed, dp_rank, dp_size, cfg.shuffle_block, filters=Filters(cfg.filters),
+                                name="default", failures=failures)
     if cfg.source == "jsonl":
         try:
             items = read_jsonl(cfg.jsonl)

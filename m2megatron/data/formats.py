@@ -20,14 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from m2megatron.config.base import ConfigError
+from m2megatron.data.shard_open import ShardError, is_remote, open_tar  # noqa: F401 - ShardError is importable from here
 from m2megatron.data.skips import BadSample
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IMAGE_SUFFIXES = {"." + e for e in IMAGE_EXTS}
-
-
-class ShardError(ValueError):
-    """A shard or data file that cannot be read at all (named in the message)."""
 
 
 @dataclass
@@ -44,12 +41,9 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def iter_tar_records(path: str, start: int = 0) -> Iterator[TarRecord | BadSample]:
-    """Records of a tar shard from record number `start` on; a cut-short shard ends with BadSample."""
-    try:
-        tf = tarfile.open(path, "r:*")
-    except (OSError, tarfile.TarError, EOFError) as exc:
-        raise ShardError(f"cannot open shard {path}: {exc}") from None
-    with tf:
+    """Records of a tar shard (a path, pipe: command or URL: shard_open) from record number `start` on; a
+    cut-short shard ends with BadSample; one that cannot be opened raises ShardError."""
+    with open_tar(path) as tf:
         index, key, members = -1, None, {}
         try:
             for member in _members(tf):
@@ -127,7 +121,7 @@ def expand_shards(patterns: list[str], setting: str = "data.shards") -> list[str
             continue
         matched = []
         for p in _brace_expand(pattern):
-            hits = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
+            hits = sorted(glob.glob(p)) if glob.has_magic(p) and not is_remote(p) else [p]
             matched.extend(hits)
         if not matched:
             raise ConfigError(f"{setting}: {pattern!r} matches no file")
@@ -141,7 +135,7 @@ def _read_shard_list(path: str, setting: str) -> list[str]:
     except OSError as exc:
         raise ConfigError(f"{setting}: cannot read the shard list {path}: {exc.strerror}") from None
     folder = Path(path).parent
-    shards = [str(folder / line.strip()) if not os.path.isabs(line.strip()) else line.strip()
+    shards = [line.strip() if os.path.isabs(line.strip()) or is_remote(line.strip()) else str(folder / line.strip())
               for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not shards:
         raise ConfigError(f"{setting}: the shard list {path} names no shard")

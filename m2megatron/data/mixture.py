@@ -35,6 +35,7 @@ from m2megatron.data.captions import CaptionFields
 from m2megatron.data.filters import Filters
 from m2megatron.data.formats import expand_shards
 from m2megatron.data.position import Work, redistribute, units_left
+from m2megatron.data.shard_open import ShardFailures
 from m2megatron.data.sources import WebdatasetSource, _rng
 
 log = logging.getLogger("m2megatron.data")
@@ -217,7 +218,10 @@ def build_mixture(cfg: DataConfig, *, dp_rank: int, dp_size: int, seed: int) -> 
         source_seed = int(_rng(seed, zlib.crc32(src.name.encode())).integers(2**31))  # distinct orders per source
         lane_type = ResampledShards if cfg.resampled else WebdatasetSource
         filters = Filters([*cfg.filters, *src.filters])
+        fraction = cfg.max_failed_shard_fraction if src.max_failed_shard_fraction is None \
+            else src.max_failed_shard_fraction
+        failures = ShardFailures(src.name, len(shards), dp_size, fraction, setting)  # shared by the lanes
         lanes = [lane_type(shards, source_seed, dp_rank * k + j, dp_size * k, cfg.shuffle_block, fields=fields,
-                           filters=filters, name=src.name, setting=setting) for j in range(k)]
+                           filters=filters, name=src.name, setting=setting, failures=failures) for j in range(k)]
         components.append(Component(src.name, src.weight, lanes))
     return MixtureSource(components, seed, dp_rank, dp_size, resampled=cfg.resampled)

@@ -18,6 +18,7 @@ every saved rank's (work, position) tells exactly which records of an epoch are 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from m2megatron.data.captions import CaptionFields, record_json
 from m2megatron.data.filters import Filters
 from m2megatron.data.formats import JsonlItem, iter_tar_records, read_file
 from m2megatron.data.position import Work, redistribute, units_left
+from m2megatron.data.shard_open import ShardError, ShardFailures
 from m2megatron.data.skips import BadSample
 from m2megatron.data.synthetic import SyntheticScenes
 
@@ -254,7 +256,7 @@ class WebdatasetSource(_Source):
 
     def __init__(self, shards: list[str], seed: int, dp_rank: int, dp_size: int, shuffle_block: int = 256, *,
                  fields: CaptionFields | None = None, filters: Filters | None = None, name: str = "",
-                 setting: str = "data.shards"):
+                 setting: str = "data.shards", failures: ShardFailures | None = None):
         if len(shards) < dp_size:
             raise ConfigError(f"{setting}: {len(shards)} shard(s) cannot feed {dp_size} data-parallel ranks "
                               f"(each rank reads whole, distinct shards)")
@@ -262,6 +264,7 @@ class WebdatasetSource(_Source):
         self.shards, self.block = list(shards), shuffle_block
         self.fields, self.name = fields or CaptionFields({}), name
         self.filters = filters or Filters([])
+        self.failures = failures or ShardFailures(name or "default", len(shards), dp_size, 0.0, setting)
         self._image_filters = self.filters if self.filters.aspect else None
 
     def epoch_shards(self, epoch: int) -> list[int]:
@@ -278,6 +281,13 @@ class WebdatasetSource(_Source):
         """Records of one shard in emitted (block-shuffled) order, from emitted number `start` on."""
         first_block = start // self.block
         records = iter_tar_records(self.shards[shard], start=first_block * self.block)
+        try:  # a shard that cannot be opened fails on the first record
+            records = itertools.chain([next(records)], records)
+        except StopIteration:
+            return
+        except ShardError as exc:
+            yield self.failures.record(self.shards[shard], exc)
+            return
         block_no, skip, done = first_block, start % self.block, False
         while not done:
             block = []
