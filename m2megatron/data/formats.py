@@ -25,6 +25,7 @@ from m2megatron.data.skips import BadSample
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IMAGE_SUFFIXES = {"." + e for e in IMAGE_EXTS}
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what a glob of shards keeps
 
 
 @dataclass
@@ -109,8 +110,9 @@ def utf8(data: bytes, where: str) -> str:
 
 
 def expand_shards(patterns: list[str], setting: str = "data.shards") -> list[str]:
-    """Expand `{000..009}` ranges, globs and `@list.txt` files (one shard path per line, relative paths from
-    the list's folder); each pattern must match something (ConfigError otherwise).
+    """Expand `{000..009}` ranges, globs (which keep only .tar/.tar.gz/.tgz files) and `@list.txt` files (one
+    shard path per line, relative paths from the list's folder); each pattern must match something
+    (ConfigError otherwise). pipe: commands and URLs get their ranges expanded, never globbed.
 
     Ranges and list files touch no shard (nothing is stat-ed: at 600k shards that is a metadata storm);
     a glob lists its directories."""
@@ -121,8 +123,10 @@ def expand_shards(patterns: list[str], setting: str = "data.shards") -> list[str
             continue
         matched = []
         for p in _brace_expand(pattern):
-            hits = sorted(glob.glob(p)) if glob.has_magic(p) and not is_remote(p) else [p]
-            matched.extend(hits)
+            if glob.has_magic(p) and not is_remote(p):  # tars only: img2dataset puts .parquet and .json beside
+                matched.extend(h for h in sorted(glob.glob(p)) if h.endswith(SHARD_SUFFIXES))
+            else:
+                matched.append(p)
         if not matched:
             raise ConfigError(f"{setting}: {pattern!r} matches no file")
         shards.extend(matched)
