@@ -26,7 +26,8 @@ def test_img2dataset_folders_read_as_a_source_with_its_size_from_the_stats(tmp_p
     assert read_source_stats([f"pipe:cat {s}" for s in shards]).samples_per_epoch() is None
 
     src = SourceConfig(name="laion", shards=[str(folder / "*")], language="en",
-                       captions={"json:caption": 0.5, "json:caption_zh": 0.5}, caption_languages={"json:caption_zh": "zh"},
+                       captions={"json:caption": 0.5, "json:caption_zh": 0.5},
+                       caption_languages={"json:caption_zh": "zh"},
                        filters=["json:similarity >= 0.25", "json:status == success"])
     mix = build_source(DataConfig(source="webdataset", sources=[src]), image_size=16, dp_rank=0, dp_size=1, seed=0)
     stream = mix.stream(mix.start_position())
