@@ -128,3 +128,12 @@ class DataConfig:
         """Read through the mixture reader (m2megatron.data.mixture) rather than the plain shard reader:
         several sources, interleaved open shards or resampling."""
         return self.source == "webdataset" and (bool(self.sources) or self.open_shards > 1 or self.resampled)
+
+    def samples_seen_keys(self) -> list[str]:
+        """The per-source and per-language sample counts a webdataset run logs (samples_seen/<key>): source
+        names, then "lang/<tag>" for every language tag the sources name (und: untagged)."""
+        if self.source != "webdataset":
+            return []
+        sources = self.webdataset_sources()
+        tags = {t for s in sources for t in (s.language or "und", *s.caption_languages.values())}
+        return [s.name for s in sources] + [f"lang/{t}" for t in sorted(tags)]

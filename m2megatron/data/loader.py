@@ -26,6 +26,7 @@ the saved epochs that no saved rank had returned, shared out over this run's ran
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -77,6 +78,7 @@ class TrainLoader:
         self.pin_device = pin_device
         self._position = source.start_position()
         self._counts: dict[str, int] = {}
+        self._seen: dict[str, int] = {}  # samples returned per mixture source and per "lang/<tag>"
         self.batches = 0  # batches returned so far (resumed runs include the earlier ones)
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
@@ -90,7 +92,7 @@ class TrainLoader:
     def __next__(self) -> dict:
         if self.prefetch == 0:
             if self._sync_stream is None:
-                self._sync_stream = self._produce(self._position, self._counts)
+                self._sync_stream = self._produce(self._position, self._counts, self._seen)
             try:
                 batch = next(self._sync_stream)
             except BaseException:
@@ -103,7 +105,7 @@ class TrainLoader:
             if isinstance(batch, BaseException):
                 self._stop_producer(failed=True)
                 raise batch
-        self._position, self._counts = batch.pop("_position"), batch.pop("_skipped")
+        self._position, self._counts, self._seen = batch.pop("_position"), batch.pop("_skipped"), batch.pop("_seen")
         self.batches += 1
         return batch
 
@@ -111,7 +113,7 @@ class TrainLoader:
         """Small JSON-able position after the last returned batch (save it in the checkpoint): the source's
         state (this rank's work and its position in it, m2megatron.data.position), skip counts and batches."""
         return {"version": getattr(self.source, "state_version", STATE_VERSION), **self.source.state(self._position),
-                "skipped": dict(self._counts), "batches": self.batches}
+                "skipped": dict(self._counts), "seen": dict(self._seen), "batches": self.batches}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`, saved by this DP rank at this DP size (from every saved rank's state at
@@ -119,6 +121,7 @@ class TrainLoader:
         self._stop_producer()  # its thread reads the source's work
         self._position = self.source.restore(state)
         self._counts, self.batches = dict(state.get("skipped", {})), int(state.get("batches", 0))
+        self._seen = dict(state.get("seen", {}))
 
     def load_global_state(self, states: list[dict]) -> None:
         """Continue from the states of every DP rank of a checkpoint saved at any DP size (other entries,
@@ -134,9 +137,10 @@ class TrainLoader:
         self._stop_producer()
         self._position = src.restore_global(saved)
         counts: dict[str, int] = {}
+        seen: dict[str, int] = {}
         for state in saved:
-            counts = _merge(counts, state.get("skipped", {}))
-        self._counts = counts if src.dp_rank == 0 else {}
+            counts, seen = _merge(counts, state.get("skipped", {})), _merge(seen, state.get("seen", {}))
+        self._counts, self._seen = (counts, seen) if src.dp_rank == 0 else ({}, {})
         self.batches = max(int(state.get("batches", 0)) for state in saved)
 
     @staticmethod
@@ -158,6 +162,11 @@ class TrainLoader:
     def skipped(self) -> dict[str, int]:
         """Skipped samples by reason (skips.REASONS), as of the last returned batch."""
         return dict(self._counts)
+
+    def samples_seen(self) -> dict[str, int]:
+        """Samples returned so far per webdataset source name and per "lang/<language tag>" (part of the state,
+        so cumulative over resumes; after a layout change the saved ranks' counts are summed into DP rank 0's)."""
+        return dict(self._seen)
 
     @property
     def epoch(self) -> int:
@@ -203,15 +212,15 @@ class TrainLoader:
     def _start(self) -> None:
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.prefetch)
-        args = (self._position, self._counts, self._queue, self._stop)
+        args = (self._position, self._counts, self._seen, self._queue, self._stop)
         self._thread = threading.Thread(target=self._run, args=args, name="m2-data", daemon=True)
         self._thread.start()
 
-    def _run(self, position, counts, out: queue.Queue, stop: threading.Event) -> None:
+    def _run(self, position, counts, seen, out: queue.Queue, stop: threading.Event) -> None:
         try:
             if self.pin_device is not None:
                 torch.cuda.set_device(self.pin_device)  # pinned memory belongs to this rank's GPU, not GPU 0
-            for batch in self._produce(position, counts):
+            for batch in self._produce(position, counts, seen):
                 while not stop.is_set():
                     try:
                         out.put(batch, timeout=0.1)
@@ -223,7 +232,7 @@ class TrainLoader:
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             out.put(exc)
 
-    def _produce(self, position: dict, counts: dict[str, int]):
+    def _produce(self, position: dict, counts: dict[str, int], seen: dict[str, int]):
         probe_skips, decode_skips = SkipCounter(), SkipCounter()
         probe_skips.load(counts)
         probed = self._probed(self.source.stream(position), probe_skips)
@@ -232,12 +241,13 @@ class TrainLoader:
         reuses = getattr(self.decoder, "reuses_buffers", False)
         inflight: deque = deque()
         ready: deque[_Ready] = deque()
+        seen = collections.Counter(seen)
         while True:
             while len(inflight) < depth:  # keep the decoder busy
                 inflight.append(self._submit([next(probed) for _ in range(chunk)]))
             ready.extend(self._collect(*inflight.popleft(), decode_skips))
             while len(ready) >= self.micro_batch_size:
-                yield self._batch([ready.popleft() for _ in range(self.micro_batch_size)])
+                yield self._batch([ready.popleft() for _ in range(self.micro_batch_size)], seen)
             if reuses:  # samples kept for the next batch point into a buffer the next submit overwrites
                 ready = deque(r._replace(image=r.image.clone()) for r in ready)
 
@@ -284,16 +294,21 @@ class TrainLoader:
             out.append(_Ready(p.item, image, p.position, _merge(p.skipped, decode_counts)))
         return out
 
-    def _batch(self, samples: list[_Ready]) -> dict:
+    def _batch(self, samples: list[_Ready], seen: collections.Counter) -> dict:
+        """Stack and tokenize `samples`; `seen` (the per-source/language counts) counts them."""
         images = [s.image for s in samples]
         out = None
         if self.pin_device is not None and images[0].device.type == "cpu":
             out = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=True)
         captions = [s.item.caption for s in samples]
         ids, mask = self.tokenizer.encode(captions)
+        for s in samples:
+            if getattr(s.item, "source", ""):
+                seen[s.item.source] += 1
+                seen["lang/" + s.item.language] += 1
         return {"images": torch.stack(images, out=out), "text_ids": ids, "text_mask": mask,
                 "keys": [s.item.key for s in samples], "captions": captions,
-                "_position": samples[-1].position, "_skipped": samples[-1].skipped}
+                "_position": samples[-1].position, "_skipped": samples[-1].skipped, "_seen": dict(seen)}
 
     def _augment_params(self, item) -> tuple[tuple[float, float, float, float], bool]:
         if self.augment is None:

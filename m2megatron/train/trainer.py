@@ -214,6 +214,8 @@ class Trainer:
                 record["hfu"] = record["hardware_tflops"] / (peak * dist.get_world_size())
         for reason, count in self.batches.skipped().items():
             record[f"skipped_{reason}"] = float(count)
+        for key, count in self.batches.samples_seen().items():  # every rank: an all-reduce over DP
+            record[f"samples_seen/{key}"] = float(count)
         return record
 
     def _logit_scale(self) -> float:

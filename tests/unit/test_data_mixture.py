@@ -156,9 +156,27 @@ def test_every_microbatch_of_a_50_50_mixture_of_single_language_shards_mixes(tok
     cfg = DataConfig(source="webdataset", sources=sources, decoder="pil", num_workers=0, prefetch=0, open_shards=2)
     loader = build_train_loader(cfg, tokenizer=tok, image_size=16, micro_batch_size=32, seed=0, gpu=False)
     zh = [sum(map(_is_zh, next(loader)["captions"])) for _ in range(8)]
+    seen = loader.samples_seen()  # what the log reports as samples_seen/<source> and samples_seen/lang/<tag>
     loader.close()
     assert all(0 < n < 32 for n in zh), zh
     assert 0.4 < sum(zh) / (8 * 32) < 0.6
+    assert seen == {"zh": sum(zh), "lang/zh": sum(zh), "en": 256 - sum(zh), "lang/en": 256 - sum(zh)}
+    assert cfg.samples_seen_keys() == ["en", "zh", "lang/en", "lang/zh"]
+
+
+def test_the_run_report_shows_the_realized_mixture_against_the_weights(tmp_path):
+    from m2megatron.eval.report import collect, markdown
+
+    sources = [{"name": "en", "weight": 3.0}, {"name": "zh", "weight": 1.0}]
+    (tmp_path / "config.json").write_text(json.dumps({"data": {"sources": sources}}))
+    records = [{"step": 1, "loss": 2.0, "samples_seen/en": 20, "samples_seen/zh": 12, "samples_seen/lang/en": 20,
+                "samples_seen/lang/zh": 12}, {"step": 2, "loss": 1.5, "samples_seen/en": 50, "samples_seen/zh": 14,
+                                              "samples_seen/lang/en": 50, "samples_seen/lang/zh": 14}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = markdown(collect(tmp_path), None)
+    assert "## Data mixture (samples seen by step 2)" in text
+    assert "| en | 50 | 0.781 | 0.750 |" in text and "| zh | 14 | 0.219 | 0.250 |" in text
+    assert "| language zh | 14 | 0.219 | – |" in text
 
 
 def _lane_epoch_of_last_sample(before: dict, after: dict) -> tuple[int, int, int]:
