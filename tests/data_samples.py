@@ -68,37 +68,3 @@ def write_jsonl_set(root: str | Path, *, num_samples: int, seed: int = 6, image_
     (root / "set.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root / "set.jsonl"
 
-
-def write_img2dataset_shards(root: str | Path, *, num_shards: int, per_shard: int, seed: int = 1, image_size: int = 16,
-                             language: str = "en", zh_field: bool = False, failed_every: int = 0) -> Path:
-    """Shards exactly as img2dataset's webdataset writer lays them out: `{shard:05d}.tar` with `key.jpg`,
-    `key.txt` and `key.json` (its metadata keys, indented; key = shard id and index), `{shard:05d}.parquet`
-    and `{shard:05d}_stats.json` beside each tar. Captions in `language` (en/zh), scenes from a synthetic set;
-    `zh_field` adds a "caption_zh" column (a translated source); every `failed_every`-th sample failed to
-    download: it is in the stats' count, not in the tar. Similarity cycles 0.15, 0.20, ..., 0.45."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    scenes = SyntheticScenes(seed=seed, image_size=image_size, language=language)
-    for shard in range(num_shards):
-        records, successes = [], 0
-        for i in range(per_shard):
-            n = shard * per_shard + i
-            if failed_every and n % failed_every == failed_every - 1:
-                continue
-            s, both = scenes[n], scenes.captions(n)
-            key = f"{shard:05d}{i:04d}"
-            meta = {"url": f"https://example.com/{n}.jpg", "caption": s.caption, "key": key, "status": "success",
-                    "error_message": None, "width": image_size, "height": image_size,
-                    "original_width": 2 * image_size, "original_height": 2 * image_size, "exif": "{}",
-                    "sha256": f"{n:064x}", "similarity": round(0.15 + 0.05 * (n % 7), 2)}
-            if zh_field:
-                meta["caption_zh"] = both["zh"]
-            records.append((key, {"jpg": encode_jpeg(s.image), "txt": s.caption.encode("utf-8"),
-                                  "json": json.dumps(meta, indent=4).encode("utf-8")}))
-            successes += 1
-        write_shard(root / f"{shard:05d}.tar", records)
-        (root / f"{shard:05d}.parquet").write_bytes(b"PAR1 not read by the loader PAR1")
-        stats = {"count": per_shard, "successes": successes, "failed_to_download": per_shard - successes,
-                 "failed_to_resize": 0, "duration": 1.5, "status_dict": {"success": successes}}
-        (root / f"{shard:05d}_stats.json").write_text(json.dumps(stats, indent=4))
-    return root

@@ -58,6 +58,17 @@ def data_problems(cfg: RunConfig, dp_size: int | None = None) -> list[str]:
     return out
 
 
+def tokenizer_vocabulary(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
+    """cfg with model.vocab_size following data.tokenizer when that loads (as the trainer does), and the
+    disagreement as a problem line."""
+    if not cfg.data.tokenizer or not Path(cfg.data.tokenizer).is_file():
+        return cfg, []
+    try:
+        return vocabulary_follows_tokenizer(cfg, Tokenizer(cfg.data.tokenizer).vocab_size), []
+    except ValueError as exc:
+        return cfg, [str(exc).splitlines()[0]]
+
+
 def data_summary(cfg: RunConfig, global_batch: int) -> list[str]:
     """One line per webdataset source: shards, weight share, and its size and epoch in steps when img2dataset
     _stats.json files are there."""

@@ -264,6 +264,11 @@ def run_dry(cfg: RunConfig, world_size: int, *, rank: int | None = None, all_ran
     """The dry run's command: print the visited ranks; with --all-ranks, fail (exit 1) on any problem.
     `check_data`: also check the data, tokenizer and eval sets (train.data_checks) and print each source."""
     cfg.validate(world_size=world_size)
+    vocab_problems = []
+    if check_data:  # the model's vocabulary follows the tokenizer, as in training
+        from m2megatron.train.data_checks import tokenizer_vocabulary
+
+        cfg, vocab_problems = tokenizer_vocabulary(cfg)
     if (cfg.model.layer_spec, cfg.model.attention) != ("local", "megatron"):
         print(f"note: built with the local spec and Megatron's attention (layer_spec={cfg.model.layer_spec}, "
               f"attention={cfg.model.attention} have the same parameters; their fused GPU attention keeps less, "
@@ -288,7 +293,7 @@ def run_dry(cfg: RunConfig, world_size: int, *, rank: int | None = None, all_ran
 
         for line in data_summary(cfg, figures["global_batch"]):
             print(line, flush=True)
-        found += data_problems(cfg, layout.data_parallel)
+        found += vocab_problems + data_problems(cfg, layout.data_parallel)
     worst = max(abs(rep.planned[k] - rep.built[k]) / rep.built[k] for rep in reports
                 for k in ("parameters", "gradients", "optimizer", "activations_per_microbatch") if rep.built[k])
     for line in found:

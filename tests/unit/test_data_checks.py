@@ -10,10 +10,9 @@ import pytest
 from m2megatron.config import load_config
 from m2megatron.config.data_source import SourceConfig
 from m2megatron.data.build import resolve_tokenizer
-from m2megatron.data.shard_writer import write_synthetic_shards
+from m2megatron.data.shard_writer import write_img2dataset_shards, write_synthetic_shards
 from m2megatron.data.sp_train import synthetic_tokenizer_path
 from m2megatron.train.data_checks import data_problems, data_summary, vocabulary_follows_tokenizer
-from tests.data_samples import write_img2dataset_shards
 
 pytestmark = pytest.mark.unit
 

@@ -10,8 +10,8 @@ from m2megatron.config.data_source import SourceConfig
 from m2megatron.data.build import build_source
 from m2megatron.data.formats import expand_shards
 from m2megatron.data.shard_stats import read_source_stats
+from m2megatron.data.shard_writer import write_img2dataset_shards
 from m2megatron.data.skips import BadSample
-from tests.data_samples import write_img2dataset_shards
 
 pytestmark = pytest.mark.unit
 
