@@ -3,8 +3,9 @@
 **Lanes.** Each reading rank reads every source through K open shards ("lanes"; K = the source's
 open_shards, at most its shards // DP size). Lane j of DP rank r is the source's reader of virtual rank
 r·K + j of P·K (m2megatron.data.sources / position): it reads whole, distinct shards of that source in
-the source's own seeded epoch order, epoch after epoch. A source that runs out starts its next epoch while
-the others go on, so a small source is upsampled and a large one read once per source epoch.
+the source's own seeded epoch order, epoch after epoch; the lanes share all of an epoch's shards (the first
+N mod P·K lanes read one more, `Work.share_remainder`): nothing is left out. A source that runs out starts
+its next epoch while the others go on, so a small source is upsampled and a large one read once per epoch.
 
 **Mixing.** Sample d of this rank comes from a lane drawn with probability weight_s / K_s (source s's
 weight spread over its lanes), by a seeded generator of (seed, P, r, base, d // 4096): the draws are a
@@ -144,7 +145,8 @@ class MixtureSource:
         for comp, saved in zip(self.components, state["sources"]):
             row = []
             for lane, lane_state in zip(comp.lanes, saved["lanes"]):
-                lane.work = Work.from_state(lane.num_units, lane.dp_rank, lane.dp_size, lane_state)
+                lane.work = Work.from_state(lane.num_units, lane.dp_rank, lane.dp_size, lane_state,
+                                            lane.work.share_remainder)
                 row.append(dict(lane_state["position"]))
             lanes.append(row)
         self._set_base(int(state["base"]))
@@ -158,11 +160,12 @@ class MixtureSource:
             if self.resampled:  # no epochs: nothing to share out, every lane draws afresh
                 lanes.append([lane.start_position() for lane in comp.lanes])
                 continue
-            saved = _saved_lanes(comp.lanes[0].num_units, [state["sources"][c] for state in states])
+            share = comp.lanes[0].work.share_remainder
+            saved = _saved_lanes(comp.lanes[0].num_units, [state["sources"][c] for state in states], share)
             size = self.dp_size * len(comp.lanes)
             plans, then = redistribute(saved, size)
             for lane in comp.lanes:
-                lane.work = Work(lane.num_units, lane.dp_rank, size, plans[lane.dp_rank], then)
+                lane.work = Work(lane.num_units, lane.dp_rank, size, plans[lane.dp_rank], then, share)
             lanes.append([lane.work.position() for lane in comp.lanes])
             if self.dp_rank == 0:
                 log.info("data: source %s: position saved on %d lanes continues on %d: %d shards left, then epoch %d",
@@ -193,13 +196,13 @@ class MixtureSource:
                              "a position means nothing in another data set (weights may change, sources may not)")
 
 
-def _saved_lanes(num_units: int, saved: list[dict]) -> list[tuple[Work, dict]]:
+def _saved_lanes(num_units: int, saved: list[dict], share_remainder: bool) -> list[tuple[Work, dict]]:
     """(work, position) of every saved lane of one source, in virtual-rank order (rank r's lane j = r·K + j)."""
     out = []
     for rank, source in enumerate(saved):
         k = len(source["lanes"])
         for j, lane in enumerate(source["lanes"]):
-            work = Work.from_state(num_units, rank * k + j, len(saved) * k, lane)
+            work = Work.from_state(num_units, rank * k + j, len(saved) * k, lane, share_remainder)
             out.append((work, dict(lane["position"])))
     return out
 
@@ -222,6 +225,7 @@ def build_mixture(cfg: DataConfig, *, dp_rank: int, dp_size: int, seed: int) -> 
             else src.max_failed_shard_fraction
         failures = ShardFailures(src.name, len(shards), dp_size, fraction, setting)  # shared by the lanes
         lanes = [lane_type(shards, source_seed, dp_rank * k + j, dp_size * k, cfg.shuffle_block, fields=fields,
-                           filters=filters, name=src.name, setting=setting, failures=failures) for j in range(k)]
+                           filters=filters, name=src.name, setting=setting, failures=failures, share_remainder=True)
+                 for j in range(k)]
         components.append(Component(src.name, src.weight, lanes))
     return MixtureSource(components, seed, dp_rank, dp_size, resampled=cfg.resampled)

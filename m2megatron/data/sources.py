@@ -66,9 +66,10 @@ class _Source:
     kind, left_out_reason, unit_name = "", "", "units"
     records_per_unit: int | None = None  # one for samples; a shard's count is known only at its end
 
-    def __init__(self, num_units: int, seed: int, dp_rank: int, dp_size: int, order_tag: int):
+    def __init__(self, num_units: int, seed: int, dp_rank: int, dp_size: int, order_tag: int,
+                 share_remainder: bool = False):
         self.seed, self._order_tag = seed, order_tag
-        self.work = Work(num_units, dp_rank, dp_size)
+        self.work = Work(num_units, dp_rank, dp_size, share_remainder=share_remainder)
         self._order: tuple[int, np.ndarray] | None = None
 
     @property
@@ -93,7 +94,7 @@ class _Source:
 
     def epoch_units(self, epoch: int) -> list[int]:
         """This rank's units of epoch `epoch` at its standard share (no plan)."""
-        seg = Work(self.num_units, self.dp_rank, self.dp_size, (), epoch).segment(0)
+        seg = Work(self.num_units, self.dp_rank, self.dp_size, (), epoch, self.work.share_remainder).segment(0)
         return [int(u) for u in self.global_order(epoch)[seg.start:seg.stop:seg.step]]
 
     def start_position(self) -> dict:
@@ -256,11 +257,11 @@ class WebdatasetSource(_Source):
 
     def __init__(self, shards: list[str], seed: int, dp_rank: int, dp_size: int, shuffle_block: int = 256, *,
                  fields: CaptionFields | None = None, filters: Filters | None = None, name: str = "",
-                 setting: str = "data.shards", failures: ShardFailures | None = None):
+                 setting: str = "data.shards", failures: ShardFailures | None = None, share_remainder: bool = False):
         if len(shards) < dp_size:
             raise ConfigError(f"{setting}: {len(shards)} shard(s) cannot feed {dp_size} data-parallel ranks "
                               f"(each rank reads whole, distinct shards)")
-        super().__init__(len(shards), seed, dp_rank, dp_size, _SHARDS)
+        super().__init__(len(shards), seed, dp_rank, dp_size, _SHARDS, share_remainder)
         self.shards, self.block = list(shards), shuffle_block
         self.fields, self.name = fields or CaptionFields({}), name
         self.filters = filters or Filters([])

@@ -31,8 +31,8 @@ class _Lane(_Source):
 
     kind, left_out_reason, unit_name = "fake", "left_out_shards", "shards"
 
-    def __init__(self, name: str, records: list[int], vrank: int, vsize: int, bad: bool = True):
-        super().__init__(len(records), 11, vrank, vsize, 777)
+    def __init__(self, name: str, records: list[int], vrank: int, vsize: int, bad: bool = True, share=False):
+        super().__init__(len(records), 11, vrank, vsize, 777, share)
         self.name, self.records, self.bad = name, records, bad
 
     def _unit_items(self, epoch, unit, start):
@@ -47,8 +47,9 @@ class _Lane(_Source):
 SOURCES = {"a": ([5, 3, 7, 4, 6, 2], 0.5), "b": ([9, 8, 10, 7, 9, 12, 8, 11], 0.3), "c": ([3, 2, 4, 3], 0.2)}
 
 
-def _mixture(rank: int, size: int, lanes: dict[str, int], bad: bool = True) -> MixtureSource:
-    comps = [Component(name, w, [_Lane(name, recs, rank * lanes[name] + j, size * lanes[name], bad)
+def _mixture(rank: int, size: int, lanes: dict[str, int], bad: bool = True, share=()) -> MixtureSource:
+    """`share`: the sources whose lanes share an epoch's remainder (as real mixtures do) instead of leaving it out."""
+    comps = [Component(name, w, [_Lane(name, recs, rank * lanes[name] + j, size * lanes[name], bad, name in share)
                                  for j in range(lanes[name])]) for name, (recs, w) in SOURCES.items()]
     return MixtureSource(comps, seed=3, dp_rank=rank, dp_size=size)
 
@@ -107,10 +108,11 @@ def test_the_same_layout_resumes_exactly():
 def test_layout_changes_of_three_sources_cover_every_record_of_every_source_epoch_once(trial):
     rng = random.Random(trial)
     layouts = [(rng.choice([1, 2, 3]), {n: rng.choice([1, 2]) for n in SOURCES}) for _ in range(rng.randint(2, 3))]
+    share = {n for n in SOURCES if rng.random() < 0.5}
     kept, states = [], None
     for size, lanes in layouts:
         lanes = {n: max(1, min(k, len(SOURCES[n][0]) // size)) for n, k in lanes.items()}
-        mixes = [_mixture(r, size, lanes) for r in range(size)]
+        mixes = [_mixture(r, size, lanes, share=share) for r in range(size)]
         positions = [m.restore_global(states) if states else m.start_position() for m in mixes]
         states = []
         for mix, pos in zip(mixes, positions):
@@ -119,10 +121,10 @@ def test_layout_changes_of_three_sources_cover_every_record_of_every_source_epoc
             states.append({"version": 3, **mix.state(last)})
         states = json.loads(json.dumps(states))
     # finish: one reader reads on until every lane of each source is past the last epoch any saved lane entered
-    horizon = {c["name"]: max(Work.from_state(c["units"], 0, 1, lane).horizon(lane["position"])
+    horizon = {c["name"]: max(Work.from_state(c["units"], 0, 1, lane, c["name"] in share).horizon(lane["position"])
                               for s in states for c2 in s["sources"] if c2["name"] == c["name"] for lane in c2["lanes"])
                for c in states[0]["sources"]}
-    final = _mixture(0, 1, {n: 1 for n in SOURCES})
+    final = _mixture(0, 1, {n: 1 for n in SOURCES}, share=share)
     got, _ = _tagged(final, final.restore_global(states), 3000)
     kept += got
     for name, (records, _) in SOURCES.items():
@@ -186,10 +188,10 @@ def _lane_epoch_of_last_sample(before: dict, after: dict) -> tuple[int, int, int
 
 
 def test_three_sources_dp_change_mid_epoch_reads_every_sample_once(tok, tmp_path):
-    sources = _sources(tmp_path, {"a": (6, 5, "en"), "b": (12, 4, "zh"), "c": (6, 6, "en")})
+    sources = _sources(tmp_path, {"a": (6, 5, "en"), "b": (12, 4, "zh"), "c": (5, 6, "en")})
     cfg = DataConfig(source="webdataset", sources=sources, decoder="pil", num_workers=0, prefetch=2,
                      shuffle_block=3, open_shards=3)
-    sizes = {"a": 30, "b": 48, "c": 36}
+    sizes = {"a": 30, "b": 48, "c": 30}  # c: 5 shards on 4 and 3 lanes, nothing left out
 
     def loader(rank, size):
         return build_train_loader(cfg, tokenizer=tok, image_size=16, micro_batch_size=1, seed=7, dp_rank=rank,
