@@ -8,32 +8,10 @@ generator, so a resumed run picks the same captions.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
-from m2megatron.data.formats import IMAGE_EXTS, TarRecord, caption_list, record_sample, utf8
+from m2megatron.data.formats import TarRecord, caption_list, record_image, record_json, record_sample, utf8
 from m2megatron.data.skips import BadSample
-
-
-def record_image(record: TarRecord) -> bytes:
-    image = next((record.members[e] for e in IMAGE_EXTS if e in record.members), None)
-    if image is None:
-        raise BadSample("missing_image", record.key)
-    return image
-
-
-def record_json(record: TarRecord) -> dict | None:
-    """The record's .json member as a dict (None when it has none), or BadSample("bad_json")."""
-    if "json" not in record.members:
-        return None
-    try:
-        meta = json.loads(utf8(record.members["json"], record.key))
-    except json.JSONDecodeError:
-        raise BadSample("bad_json", record.key) from None
-    if not isinstance(meta, dict):
-        raise BadSample("bad_json", record.key)
-    return meta
 
 
 class CaptionFields:

@@ -71,22 +71,35 @@ def _members(tf: tarfile.TarFile):
 
 def record_sample(record: TarRecord) -> tuple[bytes, list[str]]:
     """(image bytes, captions) of a record, or BadSample."""
-    image = next((record.members[e] for e in IMAGE_EXTS if e in record.members), None)
-    if image is None:
-        raise BadSample("missing_image", record.key)
+    image = record_image(record)
     if "txt" in record.members:
         captions = [utf8(record.members["txt"], record.key)]
     elif "json" in record.members:
-        try:
-            meta = json.loads(utf8(record.members["json"], record.key))
-        except json.JSONDecodeError:
-            raise BadSample("bad_json", record.key) from None
-        if not isinstance(meta, dict):
-            raise BadSample("bad_json", record.key)
-        captions = caption_list(meta.get("caption"), record.key)
+        captions = caption_list(record_json(record).get("caption"), record.key)
     else:
         raise BadSample("missing_caption", record.key)
     return image, captions
+
+
+def record_image(record: TarRecord) -> bytes:
+    """The record's image bytes (jpg/jpeg/png/webp member), or BadSample("missing_image")."""
+    image = next((record.members[e] for e in IMAGE_EXTS if e in record.members), None)
+    if image is None:
+        raise BadSample("missing_image", record.key)
+    return image
+
+
+def record_json(record: TarRecord) -> dict | None:
+    """The record's .json member as a dict (None when it has none), or BadSample("bad_json")."""
+    if "json" not in record.members:
+        return None
+    try:
+        meta = json.loads(utf8(record.members["json"], record.key))
+    except json.JSONDecodeError:
+        raise BadSample("bad_json", record.key) from None
+    if not isinstance(meta, dict):
+        raise BadSample("bad_json", record.key)
+    return meta
 
 
 def caption_list(value, where: str) -> list[str]:

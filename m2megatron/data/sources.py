@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from m2megatron.config.base import ConfigError
-from m2megatron.data.captions import CaptionFields, record_json
+from m2megatron.data.captions import CaptionFields
 from m2megatron.data.filters import Filters
-from m2megatron.data.formats import JsonlItem, iter_tar_records, read_file
+from m2megatron.data.formats import JsonlItem, iter_tar_records, read_file, record_json
 from m2megatron.data.position import Work, redistribute, units_left
 from m2megatron.data.shard_open import ShardError, ShardFailures
 from m2megatron.data.skips import BadSample
