@@ -21,12 +21,12 @@ SHORT = ["--train.train_steps=3", "--train.log_interval=1", "--train.micro_batch
          "--model.image_size=16", "--model.embed_dim=16", "--eval.batch_size=32", "--data.prefetch=1"]
 
 
-def _train(root: str, run_dir: str) -> dict:
+def _train(root: str, run_dir: str, *more: str) -> dict:
     from m2megatron.train.run import train_and_evaluate
 
     os.chdir(root)  # the recipe's data paths are relative: data/bilingual/...
     try:
-        return train_and_evaluate(load_config(RECIPE, SHORT + [f"--train.run_dir={run_dir}"])) or {}
+        return train_and_evaluate(load_config(RECIPE, SHORT + [f"--train.run_dir={run_dir}", *more])) or {}
     finally:
         os.chdir(REPO)
 
@@ -45,5 +45,10 @@ def test_the_bilingual_mixture_recipe_dry_runs_and_trains_on_two_ranks(dist_pool
     assert last["samples_seen/lang/en"] == sources["web_en"]
     assert last["samples_seen/lang/zh"] == sources["web_zh"] + sources["web_en_translated"]
     assert (tmp_path / "run" / "tokenizer.model").is_file()
+    # resumed at DP 1 from the DP-2 checkpoint: the mixture's position is shared out, the counts carry over
+    dist_pool(1).run(_train, str(tmp_path), str(tmp_path / "run"), "--train.train_steps=4", "--train.eval_at_end=false")
+    resumed = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert resumed["step"] == 4
+    assert sum(resumed[f"samples_seen/{k}"] for k in sources) == 3 * 16 + 8
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["sources"][2]["captions"] == {
         "json:caption_zh": 1.0}
