@@ -64,3 +64,20 @@ def test_the_run_directory_keeps_a_copy_of_the_tokenizer(tmp_path):
     assert (run / "tokenizer.model").read_bytes() == original.read_bytes()
     original.unlink()  # the original has gone: the run's copy is used
     assert resolve_tokenizer(cfg, max_length=16, cache_dir=run).vocab_size == tok.vocab_size
+
+
+def test_submit_refuses_a_job_whose_data_is_missing_and_keeps_remote_shards_as_they_are(tmp_path):
+    from m2megatron.cli import UserError
+    from m2megatron.launch.submit import absolute_paths, submit
+
+    sources = [SourceConfig(name="a", shards=["rel/x-{0..3}.tar", "@lists/a.txt"]),
+               SourceConfig(name="b", shards=["pipe:aws s3 cp s3://b/{0..3}.tar -", "s3://b/y.tar"])]
+    cfg = load_config(overrides={"data": {"source": "webdataset", "tokenizer": "sp.model"},
+                                 "train": {"run_dir": str(tmp_path / "run")}})
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources))
+    fixed = absolute_paths(cfg, tmp_path).data
+    assert fixed.sources[0].shards == [str(tmp_path / "rel/x-{0..3}.tar"), "@" + str(tmp_path / "lists/a.txt")]
+    assert fixed.sources[1].shards == sources[1].shards and fixed.tokenizer == str(tmp_path / "sp.model")
+    with pytest.raises(UserError, match=r"^the data check refuses this job \(--no-data-check skips it\):\n  data"):
+        submit(cfg, dry_run=True, data_check=True)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
