@@ -129,6 +129,8 @@ class MixtureSource:
                 "resampled": self.resampled, "base": self.base, "draw": int(position["draw"]), "sources": sources}
 
     def same_layout(self, states: list[dict]) -> bool:
+        for state in states:
+            self._check(state)
         return len(states) == self.dp_size and all(
             len(saved["lanes"]) == len(comp.lanes)
             for state in states for saved, comp in zip(state["sources"], self.components))

@@ -102,6 +102,11 @@ def test_the_same_layout_resumes_exactly():
     again = _mixture(1, 2, {"a": 2, "b": 2, "c": 1})
     rest, _ = _tagged(again, again.restore(state), 700 - 300 + 50)
     assert (first + rest)[:len(straight)] == straight
+    plain = {"version": 2, "kind": "webdataset", "seed": 3, "dp_rank": 0, "dp_size": 1, "position": {}}
+    with pytest.raises(ValueError, match="cannot change from one list of shards to a mixture"):
+        again.same_layout([plain])  # load_global_state asks this first
+    with pytest.raises(ValueError, match=r"sources \(name, shards\) \[\('a', 6\), \('b', 8\)\]"):
+        again.restore({**state, "sources": state["sources"][:2]})
 
 
 @pytest.mark.parametrize("trial", range(12))
