@@ -55,6 +55,11 @@ def data_problems(cfg: RunConfig, dp_size: int | None = None) -> list[str]:
         configured_sets(cfg)
     except ValueError as exc:
         out.append(str(exc).splitlines()[0])
+    for i, pattern in enumerate(cfg.eval.retrieval_shards):  # configured_sets does not look at these
+        try:
+            expand_shards([pattern], f"eval.retrieval_shards[{i}]")
+        except ConfigError as exc:
+            out.append(str(exc))
     return out
 
 

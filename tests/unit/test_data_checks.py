@@ -25,13 +25,15 @@ def test_every_failure_is_one_line_naming_its_setting(tmp_path):
                SourceConfig(name="gone", shards=[str(tmp_path / "gone-*.tar")]),
                SourceConfig(name="broken", shards=[str(tmp_path / "bad" / "x.tar"), "pipe:false"])]
     cfg = load_config(overrides={"data": {"source": "webdataset", "tokenizer": str(tmp_path / "sp.model")},
-                                 "eval": {"retrieval_jsonl": [str(tmp_path / "coco.jsonl")]}})
+                                 "eval": {"retrieval_jsonl": [str(tmp_path / "coco.jsonl")],
+                                          "retrieval_shards": [str(tmp_path / "held-*.tar")]}})
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources))
     found = data_problems(cfg, dp_size=2)
     assert found[0].startswith("data.sources[1].shards: ") and "matches no file" in found[0]
     assert found[1].startswith("data.sources[2].shards: no readable shard in the first 2 of source 'broken': ")
     assert found[2].startswith("data.tokenizer: ") and "sp.model" in found[2]
-    assert found[3].startswith("eval.retrieval_jsonl: ") and len(found) == 4
+    assert found[3].startswith("eval.retrieval_jsonl: ")
+    assert found[4].startswith("eval.retrieval_shards[0]: ") and "matches no file" in found[4] and len(found) == 5
     wide = data_problems(cfg, dp_size=4)
     assert wide[0].startswith("data.sources[0].shards: source 'ok' has 2 shard(s), fewer than the 4")
 

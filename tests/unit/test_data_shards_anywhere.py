@@ -31,16 +31,19 @@ def test_pipe_file_and_memory_urls_read_the_same_records_and_resume_inside_a_sha
     mem = fsspec.filesystem("memory")
     for p in paths:
         mem.pipe(f"/shards/{p.name}", p.read_bytes())
-    local, positions = _records([str(p) for p in paths], 15)
-    forms = {"pipe": [f"pipe:cat {p}" for p in paths], "file": [f"file://{p}" for p in paths],
-             "memory": [f"memory://shards/{p.name}" for p in paths]}
-    for name, shards in forms.items():
-        keys, _ = _records(shards, 15)
-        assert keys == local, name
-        resumed, _ = _records(shards, 6, positions[8])  # mid-shard: reads on from the position
-        assert resumed == local[9:15], name
-    with pytest.raises(ShardError, match="nothing-here"):
-        _records(["memory://shards/nothing-here.tar"], 1)
+    try:
+        local, positions = _records([str(p) for p in paths], 15)
+        forms = {"pipe": [f"pipe:cat {p}" for p in paths], "file": [f"file://{p}" for p in paths],
+                 "memory": [f"memory://shards/{p.name}" for p in paths]}
+        for name, shards in forms.items():
+            keys, _ = _records(shards, 15)
+            assert keys == local, name
+            resumed, _ = _records(shards, 6, positions[8])  # mid-shard: reads on from the position
+            assert resumed == local[9:15], name
+        with pytest.raises(ShardError, match="nothing-here"):
+            _records(["memory://shards/nothing-here.tar"], 1)
+    finally:
+        mem.rm("/shards", recursive=True)  # the memory filesystem lives as long as the process
 
 
 def test_unreadable_shards_are_counted_skips_until_too_many_of_a_source_fail(tmp_path, caplog):
