@@ -45,7 +45,7 @@ def data_problems(cfg: RunConfig, dp_size: int | None = None) -> list[str]:
         try:
             Tokenizer(data.tokenizer)
         except (OSError, ValueError, RuntimeError) as exc:
-            out.append(f"data.tokenizer: {data.tokenizer}: {str(exc).splitlines()[0]}")
+            out.append(f"data.tokenizer: {str(exc).splitlines()[0].removeprefix('tokenizer: ')}")
     elif data.source != "synthetic":
         out.append(f"data.tokenizer: source={data.source} needs a SentencePiece model path (the reference sp.model, "
                    "or one from tools/train_tokenizer.py)")
