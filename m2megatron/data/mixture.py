@@ -218,7 +218,11 @@ def build_mixture(cfg: DataConfig, *, dp_rank: int, dp_size: int, seed: int) -> 
         if len(shards) < dp_size:
             raise ConfigError(f"{setting}: source {src.name!r} has {len(shards)} shard(s), fewer than the {dp_size} "
                               "data-parallel ranks (each rank reads whole, distinct shards of every source)")
-        k = max(1, min(src.open_shards or cfg.open_shards, len(shards) // dp_size))
+        asked = src.open_shards or cfg.open_shards
+        k = max(1, min(asked, len(shards) // dp_size))
+        if k < asked and dp_rank == 0:
+            log.info("data: source %s reads %d open shard(s) per rank, not %d: %d shards for %d data-parallel ranks",
+                     src.name, k, asked, len(shards), dp_size)
         fields = CaptionFields(src.captions, src.language, src.caption_languages)
         source_seed = int(_rng(seed, zlib.crc32(src.name.encode())).integers(2**31))  # distinct orders per source
         lane_type = ResampledShards if cfg.resampled else WebdatasetSource
