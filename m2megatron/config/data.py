@@ -14,9 +14,10 @@ class DataConfig:
     source: Literal["synthetic", "webdataset", "jsonl"] = "synthetic"
     """Training data: the built-in synthetic bilingual scenes, webdataset tar shards, or a reference-format jsonl."""
     shards: list[str] = field(default_factory=list)
-    """Webdataset shard paths, globs, {000..009} ranges or @list.txt files of paths (source=webdataset); needs at
-    least one shard per DP rank. Shards are not checked up front: a missing one is an error naming it when
-    its reading rank opens it."""
+    """Webdataset shard paths, globs, {000..009} ranges or @list.txt files of paths, pipe:<command>s or fsspec
+    URLs (source=webdataset; the one-source shorthand of data.sources); needs at least one shard per DP rank.
+    Training checks no shard up front (the dry run checks the first few): a missing or unreadable one is a
+    counted skip naming it when its reading rank opens it (see max_failed_shard_fraction)."""
     sources: list[SourceConfig] = field(default_factory=list)
     """A weighted mixture of named webdataset sources (source=webdataset; instead of data.shards): each with
     its shards, weight, caption fields, language and open_shards (m2megatron/config/data_source.py,

@@ -13,7 +13,9 @@ every saved rank's (work, position) tells exactly which records of an epoch are 
   every P-th shard (the same count on every rank, so the left-out shards, counted as `left_out_shards`,
   change from epoch to epoch). Inside a shard, records are read in tar order in blocks of
   `shuffle_block` and each block is permuted. A position inside a shard is the count of records emitted
-  from it; resuming reopens the shard and skips whole records without reading their data.
+  from it; resuming reopens the shard and skips whole records without reading their data. A shard that
+  cannot be opened is an `unreadable_shard` skip (shard_open.ShardFailures decides when that stops the job).
+- a mixture (m2megatron.data.mixture) reads several webdataset sources through WebdatasetSource "lanes".
 """
 
 from __future__ import annotations
