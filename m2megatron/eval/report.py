@@ -113,7 +113,32 @@ def collect(run_dir: str | Path) -> dict:
             rows += _launcher_rows(path, json.loads(path.read_text(encoding="utf-8")))
     loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
     return {"run_dir": str(run_dir.resolve()), "rows": rows,
-            "loss": {"steps": [s for s, _ in loss], "values": [v for _, v in loss]}}
+            "loss": {"steps": [s for s, _ in loss], "values": [v for _, v in loss]},
+            "mixture": _mixture(records, run_dir / "config.json")}
+
+
+def _mixture(records: list[dict], config_path: Path) -> list[dict]:
+    """The realized data mixture of the last record with samples_seen/<source> keys against the configured
+    weights (config.json's data.sources; data.shards is one source "default"): one row per source and
+    per language ("lang/<tag>", no weight)."""
+    last = next((r for r in reversed(records) if any(k.startswith("samples_seen/") for k in r)), None)
+    if last is None:
+        return []
+    seen = {k.removeprefix("samples_seen/"): float(v) for k, v in last.items() if k.startswith("samples_seen/")}
+    weights = {"default": 1.0}
+    if config_path.is_file():
+        sources = json.loads(config_path.read_text(encoding="utf-8")).get("data", {}).get("sources") or []
+        weights = {s["name"]: float(s["weight"]) for s in sources} or weights
+    rows = []
+    for kind, names in (("source", [k for k in seen if not k.startswith("lang/")]),
+                        ("language", [k for k in seen if k.startswith("lang/")])):
+        total = sum(seen[k] for k in names) or 1.0
+        for k in names:
+            weight = weights.get(k) if kind == "source" else None
+            rows.append({"kind": kind, "name": k.removeprefix("lang/"), "step": last["step"], "samples": int(seen[k]),
+                         "share": seen[k] / total,
+                         "weight_share": None if weight is None else weight / sum(weights.values())})
+    return rows
 
 
 def markdown(report: dict, plot_name: str | None) -> str:
@@ -136,6 +161,14 @@ def markdown(report: dict, plot_name: str | None) -> str:
         out.append("")
     if not report["rows"]:
         out += ["No evaluation results found.", ""]
+    if report.get("mixture"):
+        out += [f"## Data mixture (samples seen by step {report['mixture'][0]['step']})", "",
+                "| source / language | samples | realized share | weight share |", "|---|---:|---:|---:|"]
+        for r in report["mixture"]:
+            weight = "–" if r["weight_share"] is None else f"{r['weight_share']:.3f}"
+            name = r["name"] if r["kind"] == "source" else f"language {r['name']}"
+            out.append(f"| {name} | {r['samples']} | {r['share']:.3f} | {weight} |")
+        out.append("")
     if plot_name:
         out += [f"![loss, R@1 and top-1 against step]({plot_name})", ""]
     return "\n".join(out)

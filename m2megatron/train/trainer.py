@@ -10,7 +10,6 @@ train.exit_interval (not marked).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -28,6 +27,7 @@ from m2megatron.parallel import initialize, seed_everything
 from m2megatron.planning import flops
 from m2megatron.runtime import StepResult, TrainStep, build_stages
 from m2megatron.train.checkpointing import TrainCheckpointer, checkpoint_root
+from m2megatron.train.data_checks import vocabulary_follows_tokenizer
 from m2megatron.train.metrics import MetricsWriter, ThroughputMeter
 from m2megatron.train.preemption import PreemptionHandler
 from m2megatron.train.run_lock import lock_run_directories
@@ -92,14 +92,7 @@ class Trainer:
         dist.barrier()
         if not self.is_logging_rank:
             self.tokenizer = resolve_tokenizer(cfg.data, max_length=cfg.model.max_text_len, cache_dir=cache)
-        if self.tokenizer.vocab_size == cfg.model.vocab_size:
-            return cfg
-        if cfg.data.tokenizer:
-            if self.tokenizer.vocab_size > cfg.model.vocab_size:
-                raise ValueError(f"data.tokenizer: {cfg.data.tokenizer} has {self.tokenizer.vocab_size} pieces, "
-                                 f"more than model.vocab_size={cfg.model.vocab_size}")
-            return cfg
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size))
+        return vocabulary_follows_tokenizer(cfg, self.tokenizer.vocab_size)
 
     # ---- one step ---------------------------------------------------------------------------------
     def train_step(self) -> StepResult:
@@ -224,6 +217,8 @@ class Trainer:
                 record["hfu"] = record["hardware_tflops"] / (peak * dist.get_world_size())
         for reason, count in self.batches.skipped().items():
             record[f"skipped_{reason}"] = float(count)
+        for key, count in self.batches.samples_seen().items():  # every rank: an all-reduce over DP
+            record[f"samples_seen/{key}"] = float(count)
         return record
 
     def _logit_scale(self) -> float:
