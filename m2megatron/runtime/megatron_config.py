@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from m2megatron.config.run import RunConfig
 from m2megatron.models.transformer_config import transformer_config
 from m2megatron.parallel.groups import ParallelGroups
+from m2megatron.runtime.timers import PhaseTimers
 
 PARAMS_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                 "bf16-autocast": torch.float32}
@@ -78,7 +79,10 @@ def runtime_overrides(cfg: RunConfig, groups: ParallelGroups, hooks: ChunkSyncHo
         # Our config says PP=1 (stages are ours), so Megatron's default group size would be 1.
         "microbatch_group_size_per_vp_stage": layout.pipeline_parallel if vp else None,
         "finalize_model_grads_func": finalize_model_grads,
+        "barrier_with_L1_time": False,  # a barrier would move waiting time between phases
     }
+    if hooks is not None and cfg.logging.timers:  # training: the schedules time their phases (logging.timers)
+        overrides["timers"] = PhaseTimers(cfg.logging.timers, groups.device)
     par = cfg.parallel
     if hooks is not None and par.overlap_grad_reduce:  # as Megatron-LM's training loop wires them
         overrides["no_sync_func"] = hooks.funcs("no_sync", num_chunks)

@@ -15,6 +15,7 @@ the same numbers in both passes.
 from __future__ import annotations
 
 import torch
+from megatron.core.timers import DummyTimer
 
 from m2megatron.loss import accumulated_loss_and_grads, contrastive_loss, surrogate_loss
 from m2megatron.parallel import rng
@@ -40,13 +41,21 @@ class ContrastiveStep:
         if self.cfg.loss.accumulation_steps > 1:
             return self._accumulated(microbatches)
         group, loss_cfg = self.loss_group, self.cfg.loss
+        timer = self._loss_timer()
 
         def loss_fn(batch, out):
+            timer.start()  # the loss group's gather: where a rank waits for the slowest of its group
             loss = contrastive_loss(out.image, out.text, out.logit_scale, group=group, config=loss_cfg)
+            timer.stop()
             return loss, {"loss": loss.detach()}
 
         reports = run_schedule(self.stages.chunks, self.stages.groups, microbatches, loss_fn)
         return torch.stack([r["loss"] for r in reports]).mean() if self.stages.is_last_stage else None
+
+    def _loss_timer(self):
+        """The 'loss' phase timer (logging.timers), or Megatron's no-op timer."""
+        timers = self.stages.config.timers
+        return timers("loss") if timers is not None else DummyTimer()
 
     def _accumulated(self, microbatches: list[dict]) -> torch.Tensor | None:
         num = len(microbatches)
@@ -64,11 +73,14 @@ class ContrastiveStep:
             run_schedule(self.stages.chunks, self.stages.groups, microbatches, collect,
                          forward_only=True)  # pass 1
         cached = None
+        timer = self._loss_timer()
         if self.stages.is_last_stage:  # pass 2
+            timer.start()
             order = sorted(collected)
             cached = accumulated_loss_and_grads([collected[i][0] for i in order], [collected[i][1] for i in order],
                                                 collected[order[-1]][2], group=self.loss_group,
                                                 config=self.cfg.loss)
+            timer.stop()
         rng.restore(state)
 
         def surrogate(batch, out):

@@ -22,9 +22,10 @@ from m2megatron.parallel import initialize, seed_everything
 from m2megatron.planning import flops
 from m2megatron.runtime import ContrastiveStep, build_stages
 from m2megatron.train.checkpointing import TrainCheckpointer, checkpoint_root
-from m2megatron.train.metrics import MetricsWriter, ThroughputMeter
+from m2megatron.train.metrics import MetricsWriter, ThroughputMeter, wandb_settings
 from m2megatron.train.preemption import PreemptionHandler
 from m2megatron.train.run_lock import lock_run_directories
+from m2megatron.train.run_monitor import RunMonitor, global_mean_loss
 
 log = logging.getLogger("m2megatron.train")
 
@@ -60,6 +61,11 @@ class Trainer:
                                     num_microbatches=self.num_microbatches, groups=self.groups,
                                     seed=self.cfg.train.seed)
         self.step_fn = ContrastiveStep(self.stages)
+        # logging.*: phase timers (Megatron's config.timers), stragglers, memory, progress, loss spikes
+        self.monitor = RunMonitor(
+            self.cfg, self.groups, self.stages.config.timers, self.batches,
+            samples_per_step=self.cfg.train.micro_batch_size * self.num_microbatches * self.groups.layout.data_parallel,
+            tokens_per_sample=self.cfg.model.num_image_tokens + self.cfg.model.max_text_len)
         from m2megatron.eval.during_training import configured_sets
 
         self.eval_sets = configured_sets(self.cfg)  # fails now on a missing eval path, not after hours
@@ -119,10 +125,16 @@ class Trainer:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()  # with overlap_param_gather this also dispatches the first all-gather
-        loss = self.step_fn(self._next_microbatches())
+        with self.monitor.phase("data-wait"):
+            microbatches = self._next_microbatches()
+        loss = self.step_fn(microbatches)
         if not self._all_finite(loss):
             return self._skip("non-finite loss or gradient")
-        updated, grad_norm, _ = self.optimizer.step()
+        if self.monitor.loss_spike(loss, self.step + 1):  # flagged, and logging.skip_spikes
+            self.skipped_steps += 1
+            return {"loss": loss, "grad_norm": float("nan"), "skipped": 1.0}
+        with self.monitor.phase("optimizer"):
+            updated, grad_norm, _ = self.optimizer.step()
         if not updated:  # fp16: the scaled gradients overflowed; the loss scale went down
             self.skipped_steps += 1
             log.info("step %d: fp16 gradient overflow, loss scale now %g", self.step + 1,
@@ -130,30 +142,33 @@ class Trainer:
             return {"loss": loss, "grad_norm": float("nan"), "skipped": 1.0}
         self.nonfinite_in_row = 0
         self.scheduler.step(increment=1)
+        self.monitor.grad_norm_jump(grad_norm, self.step + 1)
         return {"loss": loss, "grad_norm": grad_norm, "skipped": 0.0}
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self) -> int:
         cfg = self.cfg
         writer = MetricsWriter(self.run_dir, enabled=self.is_logging_rank, tensorboard=cfg.train.tensorboard,
-                               total_steps=cfg.train.train_steps, start_step=self.step, progress=self.progress)
+                               total_steps=cfg.train.train_steps, start_step=self.step, progress=self.progress,
+                               wandb=wandb_settings(cfg))
         meter = ThroughputMeter()
-        samples_per_step = cfg.train.micro_batch_size * self.num_microbatches * self.groups.layout.data_parallel
-        tokens_per_sample = cfg.model.num_image_tokens + cfg.model.max_text_len
+        samples_per_step, tokens_per_sample = self.monitor.samples_per_step, self.monitor.tokens_per_sample
         try:
             while self.step < cfg.train.train_steps:
-                result = self.train_step()
+                with self.monitor.step():
+                    result = self.train_step()
                 self.step += 1
                 meter.add(samples_per_step, samples_per_step * tokens_per_sample)
                 writer.step()
                 if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.train_steps:
-                    writer.write(self.step, self._log_record(result, meter.read()))
+                    record = self._log_record(result, meter.read())
+                    writer.write(self.step, {**record, **self.monitor.interval(self.step)})
                 if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < cfg.train.train_steps:
                     writer.write(self.step, self.evaluate())
                     meter.read()  # eval time is not training throughput
                 self.checkpointer.poll()
                 if self.checkpointer.due(self.step):
-                    with self.stages.params_in_sync():
+                    with self.monitor.phase("checkpoint"), self.stages.params_in_sync():
                         self.checkpointer.save(self.step)
                 if self.preemption.requested():
                     # The requeued job must find this step's checkpoint complete.
@@ -182,15 +197,7 @@ class Trainer:
 
     def _log_record(self, result: dict, speed: dict) -> dict:
         """Bring the loss to the logging rank and assemble the record."""
-        loss = result["loss"]
-        value = torch.zeros(2, device=self.device)
-        if loss is not None:
-            value[0], value[1] = torch.as_tensor(loss, device=self.device).float(), 1.0
-        if self.groups.is_last_stage:
-            value[0] = value[0] / self.groups.layout.data_parallel
-        dist.all_reduce(value)  # last-stage ranks hold the loss; mean over DP, TP copies counted once below
-        tp = self.groups.layout.tensor_parallel
-        mean_loss = value[0].item() / tp
+        mean_loss = global_mean_loss(result["loss"], self.groups)
         logit_scale = self._logit_scale()
         record = {
             "loss": mean_loss,
