@@ -122,8 +122,10 @@ def log_lines(record: dict) -> list[str]:
     plain = " | ".join(f"{k} {_fmt(v)}" for k, v in record.items()
                        if not k.startswith("mem/") and not k.endswith(per_rank))
     lines = [plain]
-    times = [f"{k[5:-7]} {record[k]:.1f}@{int(record[k[:-7] + '/max_rank'])}" for k in record
-             if k.startswith("time/") and k.endswith("/max_ms")]
+    times = []
+    for key in (k for k in record if k.startswith("time/") and k.endswith("/max_ms")):
+        rank = record.get(key.removesuffix("/max_ms") + "/max_rank")
+        times.append(f"{key[5:-7]} {record[key]:.1f}" + ("" if rank is None else f"@{int(rank)}"))
     if times:
         lines.append("  time ms/step, max over ranks @rank: " + " | ".join(times))
     memory = [f"{k[4:]} {_fmt(v)}" for k, v in record.items() if k.startswith("mem/")]
