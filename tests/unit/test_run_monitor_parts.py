@@ -140,3 +140,22 @@ def test_wandb_unset_imports_nothing_and_set_without_the_package_is_one_line(tmp
 def test_bad_logging_settings_name_themselves(override, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(overrides=[override]).validate()
+
+
+def test_the_run_report_has_a_panel_of_phase_times_and_memory(tmp_path):
+    import json
+
+    from m2megatron.eval.report import write_report
+
+    records = [{"step": s, "loss": 3.0 - s / 10, "time/step/max_ms": 100.0 + s, "time/step/max_rank": 1,
+                "time/data_wait/max_ms": 10.0 * s, "mem/cpu_rss_gb": 0.5 + s / 100, "mem/cpu_rss_gb_rank": 0}
+               for s in (2, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    paths = write_report(tmp_path)
+    report = json.loads(paths["json"].read_text())
+    assert report["phases"] == {"step": {"steps": [2, 4], "values": [102.0, 104.0]},
+                                "data_wait": {"steps": [2, 4], "values": [20.0, 40.0]}}
+    assert report["memory"] == {"cpu_rss": {"steps": [2, 4], "values": [0.52, 0.54]}}
+    md = paths["markdown"].read_text()
+    assert "| step | 103.0 | 104.0 |" in md and "| data_wait | 30.0 | 40.0 |" in md
+    assert "Memory (GiB, max over ranks and steps): cpu_rss 0.54" in md
