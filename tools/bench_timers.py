@@ -8,7 +8,8 @@ One process (gloo world of 1, or one GPU when CUDA is present), the stage runtim
 trainer's timed phases (step, data wait, optimizer; Megatron's own inside the schedule), at
 logging.timers=0 (no timers), 1 (the default) and 2, the settings taking turns round by round. Prints:
 - the fastest step of each level (the one least disturbed by other processes) and `ratio_timers_<L>` =
-  level L / level 0; on a shared machine the noise of a step time is larger than the timers' cost, so also
+  level L / level 0, beside `ratio_control`: a second level-0 model against the first, the noise floor of
+  those ratios (on a shared machine it is larger than the timers' cost), so also
 - the timers' own cost: the start/stop pairs a step makes at each level (counted in a real step) times the
   measured cost of one pair, plus the interval read (one wait and an all-gather) spread over
   --log-interval steps, as a share of the level-0 step: `overhead_pct_<L>`.
@@ -32,6 +33,8 @@ SHAPES = {
                    "--model.vocab_size=4096", "--model.max_text_len=52"],
 }
 LEVELS = (0, 1, 2)
+CONTROL = "0-again"
+"""A second model without timers: the ratio of two identical settings shows the measurement's noise."""
 
 
 def _setup(args):
@@ -42,6 +45,7 @@ def _setup(args):
     from m2megatron.parallel import Layout, build_groups, cpu_compat, seed_everything
     from m2megatron.planning.measure import synthetic_microbatches
     from m2megatron.runtime import ContrastiveStep, build_stages
+    from m2megatron.train.run_monitor import RunMonitor
 
     cpu_compat.apply()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -51,34 +55,27 @@ def _setup(args):
     groups = build_groups(Layout(world_size=1))
     seed_everything(0, groups)
     runs = {}
-    for level in LEVELS:
+    for level in (*LEVELS, CONTROL):
         cfg = load_config(overrides=SHAPES[args.shape] + [f"--train.micro_batch_size={args.batch}",
                                                           f"--train.global_batch_size={args.batch * args.microbatches}",
-                                                          f"--logging.timers={level}"])
+                                                          f"--logging.timers={0 if level == CONTROL else level}"])
         stages = build_stages(cfg, groups)
-        runs[level] = (stages, ContrastiveStep(stages), synthetic_microbatches(cfg, args.microbatches))
+        monitor = RunMonitor(cfg, groups, stages.config, None, samples_per_step=args.batch * args.microbatches,
+                             tokens_per_sample=cfg.model.num_image_tokens + cfg.model.max_text_len)
+        runs[level] = (stages, monitor, ContrastiveStep(stages), synthetic_microbatches(cfg, args.microbatches))
     return runs
 
 
-def _phase(timers, name: str):
-    import contextlib
-
-    from m2megatron.train.run_monitor import _Running
-
-    return contextlib.nullcontext() if timers is None else _Running(timers(name))
-
-
-def _step(stages, step, batches) -> None:
+def _step(stages, monitor, step, batches) -> None:
     """The trainer's step with its phases: step ⊃ data wait, the schedule (Megatron's timers), optimizer."""
-    timers = stages.config.timers
-    with _phase(timers, "step"):
-        with _phase(timers, "data-wait"):
+    with monitor.step():
+        with monitor.phase("data-wait"):
             microbatches = list(batches)
         for chunk in stages.chunks:
             chunk.zero_grad_buffer()
         stages.optimizer.zero_grad()
         step(microbatches)
-        with _phase(timers, "optimizer"):
+        with monitor.phase("optimizer"):
             stages.optimizer.step()
     _sync(stages)
 
@@ -90,18 +87,18 @@ def _sync(stages) -> None:
         torch.cuda.synchronize()
 
 
-def _interval_read(stages) -> float:
-    """Seconds of one interval read: this rank's phase seconds and the all-gather of them."""
-    from m2megatron.train.run_monitor import _all_gather_rows
+def _interval_read(monitor) -> float:
+    """Seconds of one log record's monitor part: read the timers and memory, all-gather them, reduce (the
+    fastest of a few)."""
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        monitor.interval(step=1)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
-    timers = stages.config.timers
-    start = time.perf_counter()
-    names = timers.names()
-    _all_gather_rows(timers.read(names), stages.device)
-    return time.perf_counter() - start
 
-
-def _pairs_per_step(stages, step, batches) -> int:
+def _pairs_per_step(stages, monitor, step, batches) -> int:
     from m2megatron.runtime.timers import PhaseTimer
 
     count = [0]
@@ -113,7 +110,7 @@ def _pairs_per_step(stages, step, batches) -> int:
 
     PhaseTimer.start = counting
     try:
-        _step(stages, step, batches)
+        _step(stages, monitor, step, batches)
     finally:
         PhaseTimer.start = real
     return count[0]
@@ -146,23 +143,22 @@ def main(argv=None) -> int:
     device = runs[0][0].device
     print(f"# timers on {device.type}: shape {args.shape}, {args.microbatches} microbatches of {args.batch}, "
           f"{args.rounds} rounds × {args.steps} steps per level")
-    times = {level: [] for level in LEVELS}
-    for level in LEVELS:  # warm-up: Adam allocates its state on the first step
+    times = {level: [] for level in runs}
+    for level in runs:  # warm-up: Adam allocates its state on the first step
         _step(*runs[level])
     for _ in range(args.rounds):
-        for level in LEVELS:
+        for level in runs:
             for _ in range(args.steps):
                 start = time.perf_counter()
                 _step(*runs[level])
                 times[level].append(time.perf_counter() - start)
-            if level:
-                runs[level][0].config.timers.read(runs[level][0].config.timers.names())
+            runs[level][1].interval(step=1)  # a log record per round
     medians = {level: min(t) for level, t in times.items()}
-    results = {}
+    results = {"ratio_control": medians[CONTROL] / medians[0]}
     for level in LEVELS[1:]:
-        stages = runs[level][0]
+        stages, monitor = runs[level][:2]
         pairs, pair_s = _pairs_per_step(*runs[level]), _pair_cost(stages)
-        per_step = pairs * pair_s + _interval_read(stages) / args.log_interval
+        per_step = pairs * pair_s + max(_interval_read(monitor) - _interval_read(runs[0][1]), 0) / args.log_interval
         results[f"ratio_timers_{level}"] = medians[level] / medians[0]
         results[f"overhead_pct_{level}"] = 100 * per_step / medians[0]
         print(f"level {level}: {medians[level] * 1e3:.1f} ms/step (level 0: {medians[0] * 1e3:.1f}), fastest; "

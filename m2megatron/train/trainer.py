@@ -63,7 +63,7 @@ class Trainer:
         self.step_fn = ContrastiveStep(self.stages)
         # logging.*: phase timers (Megatron's config.timers), stragglers, memory, progress, loss spikes
         self.monitor = RunMonitor(
-            self.cfg, self.groups, self.stages.config.timers, self.batches,
+            self.cfg, self.groups, self.stages.config, self.batches,
             samples_per_step=self.cfg.train.micro_batch_size * self.num_microbatches * self.groups.layout.data_parallel,
             tokens_per_sample=self.cfg.model.num_image_tokens + self.cfg.model.max_text_len)
         from m2megatron.eval.during_training import configured_sets
@@ -192,7 +192,7 @@ class Trainer:
         """The configured eval sets (eval.*) with the training stages at the training layout; every rank."""
         from m2megatron.eval.during_training import evaluate_configured_sets
 
-        with self.stages.params_in_sync():
+        with self.stages.params_in_sync(), self.monitor.paused():
             return evaluate_configured_sets(self.modules, self.groups, self.cfg, self.tokenizer, self.step)
 
     def _log_record(self, result: dict, speed: dict) -> dict:
