@@ -25,13 +25,6 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
-SHAPES = {
-    "tiny": [],
-    "m2-0.4b-d2": ["--model.preset=m2-0.4b", "--model.hidden_size=768", "--model.num_attention_heads=12",
-                   "--model.ffn_hidden_size=3072", "--model.num_layers=2", "--model.num_vl_layers=1",
-                   "--model.image_size=224", "--model.patch_size=16", "--model.embed_dim=768",
-                   "--model.vocab_size=4096", "--model.max_text_len=52"],
-}
 LEVELS = (0, 1, 2)
 CONTROL = "0-again"
 """A second model without timers: the ratio of two identical settings shows the measurement's noise."""
@@ -56,7 +49,7 @@ def _setup(args):
     seed_everything(0, groups)
     runs = {}
     for level in (*LEVELS, CONTROL):
-        cfg = load_config(overrides=SHAPES[args.shape] + [f"--train.micro_batch_size={args.batch}",
+        cfg = load_config(overrides=args.shape_overrides + [f"--train.micro_batch_size={args.batch}",
                                                           f"--train.global_batch_size={args.batch * args.microbatches}",
                                                           f"--logging.timers={0 if level == CONTROL else level}"])
         stages = build_stages(cfg, groups)
@@ -131,6 +124,10 @@ def _pair_cost(stages, n: int = 2000) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "kernels"),
+                    str(Path(__file__).resolve().parent)]
+    from bench_train_step import SHAPES
+
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--microbatches", type=int, default=4)
@@ -138,7 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4, help="steps per level per round")
     p.add_argument("--log-interval", type=int, default=10, help="steps per interval read (train.log_interval)")
     args = p.parse_args(argv)
-    sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "kernels")]
+    args.shape_overrides = SHAPES[args.shape]
     runs = _setup(args)
     device = runs[0][0].device
     print(f"# timers on {device.type}: shape {args.shape}, {args.microbatches} microbatches of {args.batch}, "
