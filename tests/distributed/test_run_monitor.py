@@ -88,3 +88,22 @@ def test_a_corrupted_batch_is_flagged_as_a_loss_spike_and_the_run_goes_on(dist_p
     assert len(spike["keys"]) == 8  # the reading rank's samples (synthetic keys; webdataset's name the shard)
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["spikes"] == 1 and records[-1]["skipped_steps"] == 1
+
+
+def _fit_level_2(run_dir: str) -> None:
+    trainer = _trainer(run_dir, ["--train.train_steps=2", "--train.log_interval=2", "--logging.timers=2",
+                                 "--parallel.pipeline_parallel=2", "--train.global_batch_size=16"])
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+
+
+def test_level_2_records_megatrons_compute_and_pipeline_timers(dist_pool, tmp_path):
+    dist_pool(2).run(_fit_level_2, str(tmp_path / "run"))
+    (record,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for phase in ("step", "data_wait", "forward_backward", "loss", "all_grads_sync", "optimizer", "forward_compute",
+                  "backward_compute", "forward_recv", "backward_send"):
+        assert record[f"time/{phase}/max_ms"] >= record[f"time/{phase}/min_ms"] > 0, phase
+    assert record["time/loss/max_rank"] == 1  # the loss runs on the last stage only
+    assert 0 < record["time/pipeline_wait_share"] < 1
