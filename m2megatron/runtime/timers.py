@@ -81,7 +81,8 @@ class PhaseTimer(TimerBase):
     def elapsed(self, reset: bool = True, barrier: bool = False) -> float:
         """Seconds in the finished intervals (a running one counts up to its stop)."""
         if self._pairs:
-            self._pairs[-1][1].synchronize()  # stream order: every earlier event is done too
+            for _, end in reversed(self._pairs):  # the last waits; the others (same stream) are done by then
+                end.synchronize()
             self._seconds += sum(a.elapsed_time(b) for a, b in self._pairs) / 1e3
             self._pairs = []
         seconds = self._seconds
