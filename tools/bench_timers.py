@@ -53,7 +53,7 @@ def _setup(args):
                                                           f"--train.global_batch_size={args.batch * args.microbatches}",
                                                           f"--logging.timers={0 if level == CONTROL else level}"])
         stages = build_stages(cfg, groups)
-        monitor = RunMonitor(cfg, groups, stages.config, None, samples_per_step=args.batch * args.microbatches,
+        monitor = RunMonitor(cfg, groups, stages.config.timers, None, samples_per_step=args.batch * args.microbatches,
                              tokens_per_sample=cfg.model.num_image_tokens + cfg.model.max_text_len)
         runs[level] = (stages, monitor, ContrastiveStep(stages), synthetic_microbatches(cfg, args.microbatches))
     return runs

@@ -10,10 +10,10 @@ from m2megatron.config.base import ConfigError
 @dataclass(kw_only=True)
 class LoggingConfig:
     timers: int = 1
-    """Phase timers (docs/TRAINING.md, "Phase timers"). 0: none (no time/ keys, no straggler check). 1: the
-    step, data wait, forward-backward, contrastive loss, gradient sync, optimizer and checkpoint blocking time,
-    plus Megatron's level-1 optimizer timers. 2: also Megatron's per-microbatch forward/backward compute and
-    pipeline send/receive timers (the pipeline wait share)."""
+    """Phase timers (docs/TRAINING.md, "What a log interval records"). 0: none (no time/ keys, no straggler
+    check). 1: the step, data wait, forward-backward, contrastive loss, gradient sync, optimizer and checkpoint
+    blocking time. 2: also Megatron's per-microbatch forward/backward compute and pipeline send/receive timers
+    (the pipeline wait share)."""
     straggler_factor: float = 1.5
     """A rank whose busy time per step (step time less the time spent waiting in loss, gradient and pipeline
     collectives) exceeds the median over ranks by this factor is slow for that log interval."""

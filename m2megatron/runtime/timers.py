@@ -14,6 +14,7 @@ wall time (time.perf_counter) between start and stop.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -23,8 +24,8 @@ from megatron.core.timers import Timer, TimerBase, Timers
 PHASES: dict[str, int] = {
     # ours (trainer and runtime)
     "step": 1, "data-wait": 1, "loss": 1, "optimizer": 1, "checkpoint": 1,
-    # Megatron-Core's, under the names its schedules, finalize_model_grads and optimizers use
-    "forward-backward": 1, "all-grads-sync": 1, "params-all-gather": 1,
+    # Megatron-Core's, under the names its schedules and finalize_model_grads use
+    "forward-backward": 1, "all-grads-sync": 1,
     "forward-compute": 2, "backward-compute": 2,
     "forward-recv": 2, "backward-recv": 2, "forward-send": 2, "backward-send": 2,
     "forward-send-backward-recv": 2, "backward-send-forward-recv": 2,
@@ -33,12 +34,12 @@ PHASES: dict[str, int] = {
 }
 """Every phase the report knows, with the level that records it (the same list on every rank)."""
 
-WAIT_PHASES = ("loss", "all-grads-sync", "params-all-gather", "forward-recv", "backward-recv",
+WAIT_PHASES = ("loss", "all-grads-sync", "forward-recv", "backward-recv",
                "forward-send-backward-recv", "backward-send-forward-recv", "forward-send-forward-recv",
                "backward-send-backward-recv", "forward-backward-send-forward-backward-recv")
 """Phases in which a rank mostly waits for other ranks (collectives, pipeline receives)."""
 
-PIPELINE_WAIT_PHASES = WAIT_PHASES[3:]
+PIPELINE_WAIT_PHASES = WAIT_PHASES[2:]
 
 
 class PhaseTimer(TimerBase):
@@ -98,12 +99,24 @@ class PhaseTimers(Timers):
         super().__init__(level, "minmax")
         self.level = level
         self.device = torch.device(device)
+        self._paused = False
 
     def __call__(self, name: str, log_level: int | None = None):
+        if self._paused:
+            return self._dummy_timer
         timer = super().__call__(name, PHASES.get(name, log_level) if log_level is None else log_level)
         if type(timer) is Timer:  # just made by Megatron: replace it with ours
             timer = self._timers[name] = PhaseTimer(name, self.device)
         return timer
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Every timer a no-op inside (evaluation with the training stages runs the schedules too)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def read(self, names) -> list[float]:
         """This rank's seconds per phase of `names` since the last read (0 for a phase it never ran)."""

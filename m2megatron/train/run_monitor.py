@@ -1,6 +1,6 @@
 """What the trainer records beside the loss: phase times over ranks, stragglers, memory, progress, spikes.
 
-    monitor = RunMonitor(cfg, groups, stages.config, batches, samples_per_step=..., tokens_per_sample=...)
+    monitor = RunMonitor(cfg, groups, stages.config.timers, batches, samples_per_step=..., tokens_per_sample=...)
     with monitor.step():                      # the 'step' phase, and counts the step
         with monitor.phase("data-wait"): ...  # any phase of runtime.timers.PHASES
     monitor.loss_spike(loss, step)            # every rank, every step: True = skip this update
@@ -40,11 +40,10 @@ def global_mean_loss(loss, groups) -> float:
 
 
 class RunMonitor:
-    def __init__(self, cfg, groups, megatron_config, batches, *, samples_per_step: int, tokens_per_sample: int):
-        """megatron_config: the stages' TransformerConfig, whose `timers` (None with logging.timers=0) Megatron's
-        schedules time themselves with."""
-        self.cfg, self.groups, self.batches = cfg, groups, batches
-        self.megatron_config, self.timers = megatron_config, megatron_config.timers
+    def __init__(self, cfg, groups, timers, batches, *, samples_per_step: int, tokens_per_sample: int):
+        """timers: the stages' `config.timers` (runtime.timers.PhaseTimers; None with logging.timers=0), which
+        Megatron's schedules time themselves with."""
+        self.cfg, self.groups, self.timers, self.batches = cfg, groups, timers, batches
         self.samples_per_step, self.tokens_per_sample = samples_per_step, tokens_per_sample
         self.is_logging_rank = dist.get_rank() == 0
         self.stragglers = StragglerDetector(cfg.logging.straggler_factor, cfg.logging.straggler_intervals)
@@ -68,14 +67,9 @@ class RunMonitor:
             yield
         self._steps += 1
 
-    @contextlib.contextmanager
     def paused(self):
         """No timing inside (evaluation with the training stages runs Megatron's schedules too)."""
-        self.megatron_config.timers = None
-        try:
-            yield
-        finally:
-            self.megatron_config.timers = self.timers
+        return contextlib.nullcontext() if self.timers is None else self.timers.paused()
 
     # ---- spikes -----------------------------------------------------------------------------------
     def loss_spike(self, loss, step: int) -> bool:

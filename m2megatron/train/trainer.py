@@ -63,7 +63,7 @@ class Trainer:
         self.step_fn = ContrastiveStep(self.stages)
         # logging.*: phase timers (Megatron's config.timers), stragglers, memory, progress, loss spikes
         self.monitor = RunMonitor(
-            self.cfg, self.groups, self.stages.config, self.batches,
+            self.cfg, self.groups, self.stages.config.timers, self.batches,
             samples_per_step=self.cfg.train.micro_batch_size * self.num_microbatches * self.groups.layout.data_parallel,
             tokens_per_sample=self.cfg.model.num_image_tokens + self.cfg.model.max_text_len)
         from m2megatron.eval.during_training import configured_sets

@@ -42,6 +42,9 @@ def test_a_cpu_phase_is_the_host_wall_time_summed_over_the_interval():
     assert timers.read(["data-wait"]) == [0.0]  # read resets
     with pytest.raises(RuntimeError, match="stopped before it started"):
         timers("step").stop()
+    with timers.paused():  # evaluation between steps: nothing is timed
+        assert isinstance(timers("forward-backward", log_level=1), DummyTimer)
+    assert isinstance(timers("forward-backward", log_level=1), PhaseTimer)
 
 
 def _phases(slow_rank: int | None, extra: float = 0.5) -> dict[str, list[float]]:
