@@ -40,6 +40,8 @@ def global_mean_loss(loss, groups) -> float:
 
 
 class RunMonitor:
+    """The trainer's phases, spike checks and interval records (see the module docstring); every rank has one."""
+
     def __init__(self, cfg, groups, timers, batches, *, samples_per_step: int, tokens_per_sample: int):
         """timers: the stages' `config.timers` (runtime.timers.PhaseTimers; None with logging.timers=0), which
         Megatron's schedules time themselves with."""
