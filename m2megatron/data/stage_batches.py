@@ -71,6 +71,7 @@ class StageBatches:
         self.mode = "broadcast" if cfg.source == "synthetic" or self.tp_size == 1 else cfg.tp_decode
         self.loader = self._follower = self._split = None
         self.seen_keys = cfg.samples_seen_keys()
+        self.last_keys: list[str] = []  # the reading rank's sample keys of the last step (loss-spike logs)
         if self.mode == "split" and self.is_first_stage:
             self._build_split(cfg, tokenizer, seed)
         elif self.is_reader:
@@ -104,6 +105,7 @@ class StageBatches:
         """This rank's M microbatches of the next optimizer step (a collective over the replica)."""
         m, b = self.num_microbatches, self.b
         batches = [next(self.loader) for _ in range(m)] if self.is_reader else None
+        self.last_keys = [k for x in batches for k in x.get("keys", ())] if batches else []
         if self._split is not None:
             self._split.finish_step()
         follower_images = None

@@ -151,7 +151,7 @@ def build_stages(cfg: RunConfig, groups: ParallelGroups, *, training: bool = Tru
         stages.optimizer = build_optimizer(stages.chunks, cfg.optim, groups.collection,
                                            distributed=cfg.parallel.distributed_optimizer,
                                            params_dtype=params_dtype(cfg))
-        attach_schedule_hooks(config, cfg, stages.chunks, stages.optimizer)
+        attach_schedule_hooks(config, cfg, stages.chunks, stages.optimizer, groups.device)
         stages.scheduler = build_scheduler(stages.optimizer, cfg.optim, cfg.train.train_steps)
     return stages
 

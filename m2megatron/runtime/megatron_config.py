@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from m2megatron.config.run import RunConfig
 from m2megatron.models.transformer_config import transformer_config
 from m2megatron.parallel.groups import ParallelGroups
+from m2megatron.runtime.timers import PhaseTimers
 
 PARAMS_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                 "bf16-autocast": torch.float32}
@@ -51,6 +52,7 @@ def runtime_overrides(cfg: RunConfig, groups: ParallelGroups) -> dict:
         # The config says PP=1 (module docstring), so Megatron's default group size would be 1.
         "microbatch_group_size_per_vp_stage": layout.pipeline_parallel if vp else None,
         "finalize_model_grads_func": finalize_model_grads,
+        "barrier_with_L1_time": False,  # a barrier would move waiting time between phases
     }
     par = cfg.parallel
     # Sequence parallelism: the model pads and scatters its segments (models.sequence_parallel).
@@ -78,9 +80,10 @@ def build_transformer_config(cfg: RunConfig, groups: ParallelGroups) -> Transfor
                               **runtime_overrides(cfg, groups))
 
 
-def attach_schedule_hooks(config: TransformerConfig, cfg: RunConfig, chunks: list, optimizer) -> None:
+def attach_schedule_hooks(config: TransformerConfig, cfg: RunConfig, chunks: list, optimizer, device) -> None:
     """Point the schedules' hooks at the DDP chunks and the optimizer, as Megatron-LM's training.py does
-    after wrapping (one callable per chunk: a list with virtual stages, the callable itself without)."""
+    after wrapping (one callable per chunk: a list with virtual stages, the callable itself without), and give
+    them the run's phase timers (logging.timers; training builds only)."""
     def per_chunk(name: str):
         funcs = [getattr(chunk, name) for chunk in chunks]
         return funcs if len(funcs) > 1 else funcs[0]
@@ -93,3 +96,5 @@ def attach_schedule_hooks(config: TransformerConfig, cfg: RunConfig, chunks: lis
         config.param_sync_func = per_chunk("start_param_sync")
     if cfg.train.precision == "fp16":
         config.grad_scale_func = optimizer.scale_loss
+    if cfg.logging.timers:  # the schedules and finalize_model_grads time their phases
+        config.timers = PhaseTimers(cfg.logging.timers, device)

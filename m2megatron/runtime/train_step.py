@@ -22,10 +22,12 @@ the same numbers in both passes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core.timers import DummyTimer
 
 from m2megatron.loss import accumulated_loss_and_grads, contrastive_loss, surrogate_loss
 from m2megatron.models.sequence_parallel import packed_seq_length
@@ -58,13 +60,17 @@ class ContrastiveStep:
         if self.cfg.loss.accumulation_steps > 1:
             return self._accumulated(microbatches)
         group, loss_cfg = self.loss_group, self.cfg.loss
+        timer = phase_timer(self.stages.config, "loss")
 
         def loss_fn(batch, out):
+            timer.start()  # the loss group's gather: where a rank waits for the slowest of its group
             loss = contrastive_loss(out.image, out.text, out.logit_scale, group=group, config=loss_cfg)
+            timer.stop()
             return loss, {"loss": loss.detach()}
 
         reports = self._run(microbatches, loss_fn)
         return torch.stack([r["loss"] for r in reports]).mean() if self.stages.is_last_stage else None
+
 
     def _accumulated(self, microbatches: list[dict]) -> torch.Tensor | None:
         num = len(microbatches)
@@ -81,11 +87,14 @@ class ContrastiveStep:
         with torch.no_grad():
             self._run(microbatches, collect, forward_only=True)  # pass 1
         cached = None
+        timer = phase_timer(self.stages.config, "loss")
         if self.stages.is_last_stage:  # pass 2
+            timer.start()
             order = sorted(collected)
             cached = accumulated_loss_and_grads([collected[i][0] for i in order], [collected[i][1] for i in order],
                                                 collected[order[-1]][2], group=self.loss_group,
                                                 config=self.cfg.loss)
+            timer.stop()
         rng.restore(state)
 
         def surrogate(batch, out):
@@ -97,6 +106,10 @@ class ContrastiveStep:
         return cached.loss if cached is not None else None
 
 
+SPIKE_SKIP = "loss spike"
+"""StepResult.skipped of a finite step whose update `skip_update` declined (logging.skip_spikes)."""
+
+
 @dataclass
 class StepResult:
     """What one training step did, the same on every rank except `loss`."""
@@ -106,7 +119,8 @@ class StepResult:
     grad_norm: float
     """The gradient norm Megatron's optimizer measured (before clipping); NaN when the update was skipped."""
     skipped: str | None
-    """Why the update was skipped ("non-finite loss or gradient", "fp16 gradient overflow"); None if applied."""
+    """Why the update was skipped ("non-finite loss or gradient", "fp16 gradient overflow", SPIKE_SKIP); None if
+    applied."""
     stop_requested: bool
     """Some rank's `stop_flag` was set for this step (agreed in the step's one all-reduce)."""
 
@@ -125,7 +139,10 @@ class TrainStep:
         # optimizer skips the update and lowers the scale), so only the loss is checked.
         self.check_gradients = stages.cfg.train.precision != "fp16"
 
-    def __call__(self, microbatches: list[dict], *, stop_flag: bool = False) -> StepResult:
+    def __call__(self, microbatches: list[dict], *, stop_flag: bool = False,
+                 skip_update: Callable[[torch.Tensor | None], bool] | None = None) -> StepResult:
+        """`skip_update(loss)`, called on every rank once the step is known to be finite (a collective may run
+        in it), returns True to skip the update (logging.skip_spikes)."""
         stages = self.stages
         for chunk in stages.chunks:
             chunk.zero_grad_buffer()
@@ -136,11 +153,21 @@ class TrainStep:
         nonfinite, stop = agree_any([nonfinite_flag(loss, buffers, stages.device), stop_flag], stages.device)
         if nonfinite:
             return StepResult(float("nan"), float("nan"), "non-finite loss or gradient", stop)
+        if skip_update is not None and skip_update(loss):
+            return StepResult(loss, float("nan"), SPIKE_SKIP, stop)
+        timer = phase_timer(stages.config, "optimizer")
+        timer.start()
         updated, grad_norm, _ = stages.optimizer.step()
+        timer.stop()
         if not updated:  # fp16: the scaled gradients overflowed; the loss scale went down
             return StepResult(loss, float("nan"), "fp16 gradient overflow", stop)
         stages.scheduler.step(increment=1)
         return StepResult(loss, float("nan") if grad_norm is None else grad_norm, None, stop)
+
+
+def phase_timer(config, name: str):
+    """The run's timer of phase `name` (logging.timers; runtime.timers), or Megatron's no-op timer."""
+    return config.timers(name) if config.timers is not None else DummyTimer()
 
 
 def nonfinite_flag(loss: torch.Tensor | None, buffers: list, device) -> torch.Tensor:

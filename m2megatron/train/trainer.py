@@ -26,11 +26,13 @@ from m2megatron.data.stage_batches import StageBatches
 from m2megatron.parallel import initialize, seed_everything
 from m2megatron.planning import flops
 from m2megatron.runtime import StepResult, TrainStep, build_stages
+from m2megatron.runtime.train_step import SPIKE_SKIP
 from m2megatron.train.checkpointing import TrainCheckpointer, checkpoint_root
 from m2megatron.train.data_checks import vocabulary_follows_tokenizer
-from m2megatron.train.metrics import MetricsWriter, ThroughputMeter
+from m2megatron.train.metrics import MetricsWriter, ThroughputMeter, wandb_settings
 from m2megatron.train.preemption import PreemptionHandler
 from m2megatron.train.run_lock import lock_run_directories
+from m2megatron.train.run_monitor import RunMonitor, global_mean_loss
 
 log = logging.getLogger("m2megatron.train")
 
@@ -66,6 +68,11 @@ class Trainer:
                                     num_microbatches=self.num_microbatches, groups=self.groups,
                                     seed=self.cfg.train.seed)
         self.step_fn = TrainStep(self.stages)
+        # logging.*: phase timers (Megatron's config.timers), stragglers, memory, progress, loss spikes
+        self.monitor = RunMonitor(
+            self.cfg, self.groups, self.stages.config.timers, self.batches,
+            samples_per_step=self.cfg.train.micro_batch_size * self.num_microbatches * self.groups.layout.data_parallel,
+            tokens_per_sample=self.cfg.model.num_image_tokens + self.cfg.model.max_text_len)
         from m2megatron.eval.during_training import configured_sets
 
         self.eval_sets = configured_sets(self.cfg)  # fails now on a missing eval path, not after hours
@@ -100,8 +107,13 @@ class Trainer:
         budget = self.cfg.train.exit_duration_minutes
         if budget is not None and time.time() - psutil.Process().create_time() >= budget * 60:
             self.preemption.request("train.exit_duration_minutes")  # the budget counts from the process start
-        result = self.step_fn(self.batches.next_step(), stop_flag=self.preemption.local_flag)
+        with self.monitor.phase("data-wait"):
+            microbatches = self.batches.next_step()
+        result = self.step_fn(microbatches, stop_flag=self.preemption.local_flag,
+                              skip_update=lambda loss: self.monitor.loss_spike(loss, self.step + 1))
         self._account(result)
+        if result.skipped is None:
+            self.monitor.grad_norm_jump(result.grad_norm, self.step + 1)
         return result
 
     def _account(self, result: StepResult) -> None:
@@ -114,6 +126,8 @@ class Trainer:
             log.info("step %d: fp16 gradient overflow, loss scale now %g", self.step + 1,
                      self.optimizer.get_loss_scale().item())
             return
+        if result.skipped == SPIKE_SKIP:  # logged by the run monitor
+            return
         self.nonfinite_in_row += 1
         log.warning("step %d: %s, update skipped (%d in a row)", self.step + 1, result.skipped,
                     self.nonfinite_in_row)
@@ -125,24 +139,26 @@ class Trainer:
     def fit(self) -> int:
         cfg = self.cfg
         writer = MetricsWriter(self.run_dir, enabled=self.is_logging_rank, tensorboard=cfg.train.tensorboard,
-                               total_steps=cfg.train.train_steps, start_step=self.step, progress=self.progress)
+                               total_steps=cfg.train.train_steps, start_step=self.step, progress=self.progress,
+                               wandb=wandb_settings(cfg))
         meter = ThroughputMeter()
-        samples_per_step = cfg.train.micro_batch_size * self.num_microbatches * self.groups.layout.data_parallel
-        tokens_per_sample = cfg.model.num_image_tokens + cfg.model.max_text_len
+        samples_per_step, tokens_per_sample = self.monitor.samples_per_step, self.monitor.tokens_per_sample
         try:
             while self.step < cfg.train.train_steps:
-                result = self.train_step()
+                with self.monitor.step():
+                    result = self.train_step()
                 self.step += 1
                 meter.add(samples_per_step, samples_per_step * tokens_per_sample)
                 writer.step()
                 if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.train_steps:
-                    writer.write(self.step, self._log_record(result, meter.read()))
+                    record = self._log_record(result, meter.read())
+                    writer.write(self.step, {**record, **self.monitor.interval(self.step)})
                 if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < cfg.train.train_steps:
                     writer.write(self.step, self.evaluate())
                     meter.read()  # eval time is not training throughput
                 self.checkpointer.poll()
                 if self.checkpointer.due(self.step):
-                    with self.stages.params_in_sync():
+                    with self.monitor.phase("checkpoint"), self.stages.params_in_sync():
                         self.checkpointer.save()
                 if self._stop_early(result):
                     return self.step
@@ -180,20 +196,12 @@ class Trainer:
         """The configured eval sets (eval.*) with the training stages at the training layout; every rank."""
         from m2megatron.eval.during_training import evaluate_configured_sets
 
-        with self.stages.params_in_sync():
+        with self.stages.params_in_sync(), self.monitor.paused():
             return evaluate_configured_sets(self.modules, self.groups, self.cfg, self.tokenizer, self.step)
 
     def _log_record(self, result: StepResult, speed: dict) -> dict:
         """Bring the loss to the logging rank and assemble the record."""
-        loss = result.loss
-        value = torch.zeros(2, device=self.device)
-        if loss is not None:
-            value[0], value[1] = torch.as_tensor(loss, device=self.device).float(), 1.0
-        if self.groups.is_last_stage:
-            value[0] = value[0] / self.groups.layout.data_parallel
-        dist.all_reduce(value)  # last-stage ranks hold the loss; mean over DP, TP copies counted once below
-        tp = self.groups.layout.tensor_parallel
-        mean_loss = value[0].item() / tp
+        mean_loss = global_mean_loss(result.loss, self.groups)
         logit_scale = self._logit_scale()
         record = {
             "loss": mean_loss,
