@@ -128,8 +128,9 @@ class StepResult:
 class TrainStep:
     """The whole optimizer step of this rank's stages (module docstring).
 
-    Per step it makes one all-reduce of its own and one host sync: the non-finite flag and the caller's stop
-    flag (preemption) travel together. Megatron's optimizer adds its grad-norm reduction.
+    Per step it makes one all-reduce of its own and one host sync: the non-finite flag, the caller's stop flag
+    (preemption) and the loss for the spike check travel together. Megatron's optimizer adds its grad-norm
+    reduction.
     """
 
     def __init__(self, stages):
@@ -140,9 +141,9 @@ class TrainStep:
         self.check_gradients = stages.cfg.train.precision != "fp16"
 
     def __call__(self, microbatches: list[dict], *, stop_flag: bool = False,
-                 skip_update: Callable[[torch.Tensor | None], bool] | None = None) -> StepResult:
-        """`skip_update(loss)`, called on every rank once the step is known to be finite (a collective may run
-        in it), returns True to skip the update (logging.skip_spikes)."""
+                 skip_update: Callable[[float], bool] | None = None) -> StepResult:
+        """`skip_update(mean_loss)`, called on every rank with the step's global mean loss once the step is known
+        to be finite, returns True (on every rank alike) to skip the update (logging.skip_spikes)."""
         stages = self.stages
         for chunk in stages.chunks:
             chunk.zero_grad_buffer()
@@ -150,10 +151,11 @@ class TrainStep:
         loss = self.forward_backward(microbatches)
         buffers = [b for c in stages.chunks for b in c.buffers + c.expert_parallel_buffers] \
             if self.check_gradients else []
-        nonfinite, stop = agree_any([nonfinite_flag(loss, buffers, stages.device), stop_flag], stages.device)
+        nonfinite, stop, mean_loss = agree(nonfinite_flag(loss, buffers, stages.device), stop_flag, loss,
+                                           stages.device)
         if nonfinite:
             return StepResult(float("nan"), float("nan"), "non-finite loss or gradient", stop)
-        if skip_update is not None and skip_update(loss):
+        if skip_update is not None and skip_update(mean_loss):
             return StepResult(loss, float("nan"), SPIKE_SKIP, stop)
         timer = phase_timer(stages.config, "optimizer")
         timer.start()
@@ -186,8 +188,14 @@ def nonfinite_flag(loss: torch.Tensor | None, buffers: list, device) -> torch.Te
     return (~torch.isfinite(torch.cat(parts))).any().float()
 
 
-def agree_any(flags: list, device) -> list[bool]:
-    """Each flag (a bool or a device scalar) OR-ed over every rank: one all-reduce, one host sync."""
-    values = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=device).reshape(()) for f in flags])
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [v > 0 for v in values.tolist()]
+def agree(nonfinite: torch.Tensor, stop: bool, loss: torch.Tensor | None, device) -> tuple[bool, bool, float]:
+    """One SUM all-reduce and one host sync per step: whether any rank is non-finite, whether any rank asked to
+    stop, and the step's mean loss over the last-stage ranks that hold one (the loss-spike check reads it)."""
+    held = loss is not None
+    values = torch.stack([nonfinite.to(device=device, dtype=torch.float32).reshape(()),
+                          torch.tensor(float(stop), device=device),
+                          loss.detach().float().reshape(()) if held else torch.zeros((), device=device),
+                          torch.tensor(float(held), device=device)])
+    dist.all_reduce(values)
+    flagged, stops, total, count = values.tolist()
+    return flagged > 0, stops > 0, total / count if count else float("nan")

@@ -3,7 +3,7 @@
     monitor = RunMonitor(cfg, groups, stages.config.timers, batches, samples_per_step=..., tokens_per_sample=...)
     with monitor.step():                      # the 'step' phase, and counts the step
         with monitor.phase("data-wait"): ...  # any phase of runtime.timers.PHASES
-    monitor.loss_spike(loss, step)            # every rank, every step: True = skip this update
+    monitor.loss_spike(mean_loss, step)       # every rank, every step: True = skip this update
     monitor.grad_norm_jump(grad_norm, step)   # every rank, after the update
     record = monitor.interval(step)           # every rank, at a log interval: time/, mem/, progress keys
 
@@ -74,11 +74,11 @@ class RunMonitor:
         return contextlib.nullcontext() if self.timers is None else self.timers.paused()
 
     # ---- spikes -----------------------------------------------------------------------------------
-    def loss_spike(self, loss, step: int) -> bool:
-        """Check the step's global loss (a collective with logging.spike_sigma > 0); True: skip its update."""
+    def loss_spike(self, mean_loss: float, step: int) -> bool:
+        """Check the step's global mean loss (the same on every rank); True: skip its update."""
         if not self.cfg.logging.spike_sigma:
             return False
-        reason = self.spike_detector.loss_spike(global_mean_loss(loss, self.groups))
+        reason = self.spike_detector.loss_spike(mean_loss)
         if reason is None:
             return False
         skip = self.cfg.logging.skip_spikes
