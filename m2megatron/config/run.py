@@ -19,6 +19,7 @@ from m2megatron.config.data import DataConfig
 from m2megatron.config.eval import EvalConfig
 from m2megatron.config.finetune import FinetuneConfig
 from m2megatron.config.launch import LaunchConfig
+from m2megatron.config.logging import LoggingConfig
 from m2megatron.config.loss import LossConfig
 from m2megatron.config.model import ModelConfig, preset
 from m2megatron.config.optim import OptimConfig
@@ -40,6 +41,8 @@ class RunConfig:
     """Optimizer and LR schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Steps, batch sizes, precision, logging."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Phase timers, stragglers, loss spikes, wandb."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint saving and loading."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -53,7 +56,8 @@ class RunConfig:
         """Raise ConfigError naming the first bad setting; return self for chaining."""
         self.model.validate()
         self.parallel.validate(world_size, self.model.num_attention_heads, self.model.num_layers)
-        for part in (self.data, self.loss, self.optim, self.train, self.checkpoint, self.eval, self.launch):
+        for part in (self.data, self.loss, self.optim, self.train, self.logging, self.checkpoint, self.eval,
+                     self.launch):
             part.validate()
         self.finetune.validate(self.model.num_layers, self.model.num_vl_layers)
         if self.loss.accumulation_steps > 1 and self.parallel.virtual_pipeline:
