@@ -25,7 +25,6 @@ from m2megatron.checkpoint.files import is_consolidated, load_consolidated_confi
 from m2megatron.checkpoint.reference_format import heads_for_width, infer_model_config, reference_to_ours
 from m2megatron.checkpoint.safety import CheckpointError
 from m2megatron.config.base import ConfigError
-from m2megatron.config.checkpoint import is_weights_file
 from m2megatron.config.model import PRESETS, ModelConfig
 from m2megatron.models.state import load_full_state_dict, local_state_dict
 
@@ -35,14 +34,9 @@ SIZE_FIELDS = ("hidden_size", "num_layers", "num_vl_layers", "num_attention_head
 _DEFAULT_PRESET = "tiny"
 
 
-def starts_from_file(cfg) -> bool:
-    """The run starts from a single weights file (checkpoint.load names one, load_mode weights/finetune)."""
-    return cfg.checkpoint.load_mode != "resume" and is_weights_file(cfg.checkpoint.load)
-
-
 def start_model_config(cfg):
     """`cfg` (a RunConfig) with the model sizes of the weights file it starts from; unchanged otherwise."""
-    if not starts_from_file(cfg):
+    if not cfg.checkpoint.starts_from_file:
         return cfg
     path = Path(cfg.checkpoint.load)
     if not path.is_file():

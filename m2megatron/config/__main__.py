@@ -18,7 +18,6 @@ import yaml
 
 from m2megatron.cli import run_main
 from m2megatron.config import RunConfig, count_parameters, field_docs, load_config
-from m2megatron.config.checkpoint import is_weights_file
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
@@ -48,8 +47,7 @@ def main() -> int:
         print("\n".join(describe()))
         return 0
     cfg = load_config(args.config, rest, preset_name=args.preset)
-    if cfg.checkpoint.load_mode != "resume" and is_weights_file(cfg.checkpoint.load) and \
-            Path(cfg.checkpoint.load).is_file():
+    if cfg.checkpoint.starts_from_file and Path(cfg.checkpoint.load).is_file():
         from m2megatron.checkpoint.start_file import start_model_config
 
         cfg = start_model_config(cfg)  # the sizes the trainer takes from the weights file it starts from

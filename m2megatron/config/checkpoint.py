@@ -42,6 +42,11 @@ class CheckpointConfig:
     async_save: bool = False
     """Write checkpoints in the background while training continues."""
 
+    @property
+    def starts_from_file(self) -> bool:
+        """The run starts from a single weights file (load names one, load_mode weights or finetune)."""
+        return self.load_mode != "resume" and is_weights_file(self.load)
+
     def validate(self) -> None:
         if self.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last: must be >= 1, got {self.keep_last}")

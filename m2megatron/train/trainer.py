@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from m2megatron.checkpoint import writer_results
-from m2megatron.checkpoint.start_file import start_model_config, starts_from_file
+from m2megatron.checkpoint.start_file import start_model_config
 from m2megatron.config.run import RunConfig
 from m2megatron.data.build import resolve_tokenizer
 from m2megatron.data.stage_batches import StageBatches
@@ -101,12 +101,6 @@ class Trainer:
         dist.barrier()
         if not self.is_logging_rank:
             self.tokenizer = resolve_tokenizer(cfg.data, max_length=cfg.model.max_text_len, cache_dir=cache)
-        if starts_from_file(cfg):  # the embedding table is the file's: the tokenizer's ids must fit in it
-            if self.tokenizer.vocab_size > cfg.model.vocab_size:
-                raise ValueError(f"data.tokenizer: {cfg.data.tokenizer or 'the synthetic tokenizer'} has "
-                                 f"{self.tokenizer.vocab_size} pieces, more than the {cfg.model.vocab_size} rows of "
-                                 f"the embedding in checkpoint.load {cfg.checkpoint.load}")
-            return cfg
         return vocabulary_follows_tokenizer(cfg, self.tokenizer.vocab_size)
 
     # ---- one step ---------------------------------------------------------------------------------
