@@ -1,7 +1,7 @@
 """Run test bodies on N gloo processes, paying process start-up once per world size.
 
-`DistributedPool(n)` spawns n workers that each join one gloo process group and apply the CPU
-workarounds, then wait for work. `pool.run(fn, *args)` runs the module-level function `fn` on every
+`DistributedPool(n)` spawns n workers that each come up through m2megatron's bootstrap (one gloo process
+group, the CPU patches), then wait for work. `pool.run(fn, *args)` runs the module-level function `fn` on every
 rank and returns the per-rank results in rank order. If any rank raises, the pool is torn down (its
 collectives may be half-done) and an error carrying each failing rank's traceback is raised; the
 next `run` starts a fresh pool. Each body sets up the Megatron layout it needs with
@@ -177,17 +177,16 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
     import torch
     import torch.distributed as dist
 
-    from m2megatron.checkpoint import writer_results
+    from m2megatron.config.parallel import ParallelConfig
+    from m2megatron.parallel.bootstrap import initialize, local_rank_env
 
     torch.set_num_threads(1)
-    writer_results.start_before_process_groups()
     try:
         timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
-        from m2megatron.parallel import cpu_compat
-
-        cpu_compat.apply()
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)  # starts no thread
+        # The bootstrap: the checkpoint writer's queue (forked), the process group, the CPU patches.
+        initialize(ParallelConfig(timeout_s=COLLECTIVE_TIMEOUT_S), local_rank_env(rank, world_size, store=store),
+                   megatron_state=False)
         outbox.put((rank, "ready", None))
     except BaseException:  # noqa: BLE001 - reported to the parent
         outbox.put((rank, "error", traceback.format_exc()))

@@ -1,4 +1,4 @@
-"""m2megatron.checkpoint.writer_results: Megatron's writer result queue, forked before process groups,
+"""m2megatron.compat.writer_queue (Q1): Megatron's writer result queue, forked before process groups,
 survives the job's stop signals and dies with its rank."""
 
 import contextlib
@@ -13,7 +13,7 @@ from tests.harness import start_fresh_process
 def _rank(report: str) -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from m2megatron.checkpoint import writer_results
+    from m2megatron.compat import writer_queue as writer_results
 
     started = writer_results.start_before_process_groups()
     pid = writer_results.server_pid()
