@@ -26,8 +26,6 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
-from m2megatron.parallel.bootstrap import free_port  # noqa: E402
-
 SHAPES = {
     "tiny": [],
     "m2-0.4b-d2": ["--model.preset=m2-0.4b", "--model.hidden_size=768", "--model.num_attention_heads=12",
@@ -118,6 +116,8 @@ def _overlap_worker(rank: int, world: int, port: int, args, out: str) -> None:
 
 def overlap_part(args) -> dict:
     import torch.multiprocessing as mp
+
+    from m2megatron.parallel.bootstrap import free_port
 
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
