@@ -34,7 +34,7 @@ def run_main(main: Callable[[], int | None]) -> None:
     except (ConfigError, InputError) as exc:
         _stop(f"error: {exc}", status=2)
     except Exception as exc:  # noqa: BLE001 - a rank whose peer died: the peer tells why
-        if not _process_group_running() or not any(s in str(exc) for s in _PEER_LOST):
+        if not _joined() or not any(s in str(exc) for s in _PEER_LOST):
             raise
         _stop(f"rank {_rank()}: stopped: another rank failed ({type(exc).__name__})", status=1, quiet=True)
     sys.exit(code or 0)
@@ -47,15 +47,16 @@ def _rank() -> int:
     return 0
 
 
-def _process_group_running() -> bool:
-    dist = sys.modules.get("torch.distributed")
-    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+def _joined() -> bool:
+    """Whether this process started a process group (the entry point may have shut it down already)."""
+    bootstrap = sys.modules.get("m2megatron.parallel.bootstrap")
+    return bool(bootstrap is not None and bootstrap.joined())
 
 
 def _stop(line: str, *, status: int, quiet: bool = False) -> None:
     """Print `line` once, record it for torchrun, exit. After the process group started, the rank that found
     the error prints it; before, every rank found it, and rank 0 prints it."""
-    running = _process_group_running()
+    running = _joined()
     if quiet:
         _record_for_torchrun(line, delay_s=1)  # after the root cause in torchrun's summary
     elif running or _rank() == 0:
@@ -65,8 +66,9 @@ def _stop(line: str, *, status: int, quiet: bool = False) -> None:
         # Rank 0 reports the same error: let it fail first, so that torchrun names it as the root cause (the
         # launcher stops this rank as soon as rank 0 exits).
         time.sleep(_HEAD_START_S)
-    if running:
-        # Peers may block in a collective, and the process group's threads in interpreter shutdown: leave now.
+    if running and ("RANK" in os.environ or "SLURM_PROCID" in os.environ):
+        # A launched rank: peers may block in a collective, and threads (gloo, loaders) in interpreter
+        # shutdown; leave now. (Not in a plain process, e.g. a test calling an entry point in-process.)
         sys.stdout.flush()
         os._exit(status)
     sys.exit(status)

@@ -43,6 +43,8 @@ from m2megatron.parallel.launch_env import (  # noqa: F401 - the bootstrap's pub
 from m2megatron.parallel.layout import Layout
 
 log = logging.getLogger(__name__)
+_JOINED = False
+"""Whether this process has started a process group (m2megatron.cli tells errors before and after apart)."""
 
 
 def pick_backend(requested: str, device: torch.device | None = None) -> str:
@@ -56,8 +58,15 @@ def pick_backend(requested: str, device: torch.device | None = None) -> str:
     return requested
 
 
+def joined() -> bool:
+    """True once this process has started a process group (also after it was shut down again)."""
+    return _JOINED
+
+
 def _join_process_group(cfg: ParallelConfig, env: LaunchEnv, device: torch.device | None) -> torch.device:
     """Start the default process group as `env` says; returns the runtime device."""
+    global _JOINED
+    _JOINED = True
     if env.source == "fake":
         from torch.testing._internal.distributed.fake_pg import FakeStore
 

@@ -1,6 +1,7 @@
 """One clean line per error under torchrun (issue 26): a config or input error that needs no process group is
 found by every rank before one starts, printed once (by rank 0) and named by torchrun's summary as the root
-cause; no rank prints a traceback."""
+cause; one found later is printed by the rank that found it, and its peers, whose collectives lose the
+connection, stop without a word. No rank prints a traceback."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ CASES = {  # name: (overrides, what the one line must name)
     # docs/TRAINING.md's 8-rank example scaled to 4 ranks: 8 microbatches per step and rank, accumulation 4.
     "accumulation conflict": (["--loss.accumulation_steps=4", "--train.global_batch_size=32"],
                               "loss.accumulation_steps"),
+    # Found by rank 0 alone, after the process group started (the trainer resolves the tokenizer there).
+    "late: jsonl without tokenizer": (["--data.source=jsonl", "--data.jsonl={tmp}/none.jsonl"], "data.tokenizer"),
 }
 
 
