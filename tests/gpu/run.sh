@@ -37,7 +37,7 @@ for name, what in (("megatron.core", "Megatron-Core"), ("transformer_engine", "T
     print(f"# {what}: {'present' if found else 'absent' + (' — needs an NGC host' if what in ('Transformer Engine', 'DALI') else '')}")
 EOF
 
-GPU_TESTS=(tests/gpu/test_loss_kernel.py tests/gpu/test_loss_ring.py tests/gpu/test_attention.py
+GPU_TESTS=(tests/gpu/test_loss_kernel.py tests/gpu/test_loss_ring.py tests/gpu/test_attention.py tests/gpu/test_timers.py
            tests/gpu/test_te_spec.py tests/gpu/test_dali_mixed.py tests/gpu/test_checkpoint_fused_adam.py)
 NCCL_TESTS=(tests/gpu/test_nccl.py)  # makes its own NCCL world: its own pytest process
 present=(); for f in "${GPU_TESTS[@]}"; do [ -f "$f" ] && present+=("$f"); done
