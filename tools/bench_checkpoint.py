@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="repetitions; the best time counts")
     p.add_argument("--result", default=None, help="write the JSON result here (default OUT/../bench_checkpoint.json)")
     args = p.parse_args(argv)
-    from m2megatron.checkpoint.cli import run_on_ranks
+    from m2megatron.parallel.local_ranks import run_on_ranks
 
     result = args.result or str(Path(args.out).parent / "bench_checkpoint.json")
     run_on_ranks(args.ranks, _bench, args.out, args.preset, args.optimizer, args.repeat, result)

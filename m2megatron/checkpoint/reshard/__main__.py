@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = argument_parser(__doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from m2megatron.checkpoint.cli import run_on_ranks
     from m2megatron.checkpoint.reshard import build_m2_from_config, reshard_on_this_rank
     from m2megatron.parallel.bootstrap import read_launch_env
+    from m2megatron.parallel.local_ranks import run_on_ranks
 
     env = read_launch_env()
     world_size = args.world_size
