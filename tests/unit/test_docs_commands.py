@@ -90,7 +90,10 @@ SKIP = [
     (r"^pip |pip install", "installs packages (network)"),
     (r"/data/|\.ckpt\b|runs/big\b|\bsp\.model\b|corpus\.txt", "reads a user's own data, checkpoint or tokenizer"),
     (r"\bruns/tiny\b", "reads the main job's run directory: docs/EVAL.md's `tested` blocks run the same launchers on it"),
-    (r"--all-ranks", "builds every rank class of a 256-GPU layout (~20 s): tests/unit/test_dry_run.py runs it"),
+    (r"m2-10b_h100_256\.yaml.*--all-ranks", "builds every rank class of a 256-GPU layout (~20 s): "
+                                           "tests/unit/test_dry_run.py runs it"),
+    (r"bilingual_mixture|make_bilingual_mixture", "the toy mixture recipe: tests/distributed/test_data_mixture_recipe.py "
+                                                 "writes its shards, dry-runs it and trains it"),
     (r"tools/plan_layout\.py --(config|gpus)", "searches every 256-GPU layout (~20 s): tests/unit/test_stage_split.py "
                                                "and test_planning.py run it"),
 ]
