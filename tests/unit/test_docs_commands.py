@@ -33,6 +33,10 @@ pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_BLOCKS = {"bash", "sh", "shell", "console"}
+COMMAND_LINE = re.compile(r"^(?:\w+=\S+ )*(?:\.venv/bin/)?(?:python3?|torchrun|pytest) |^make \w")
+"""In a block without a language, the lines that are commands (the rest is output, trees, tables)."""
+INLINE_SYNOPSIS = re.compile(r"`((?:\.venv/bin/)?python -m m2megatron\.[\w.]+ [^`]*|tools/\w+\.py [^`]*)`")
+"""A command synopsis in running text or a table: checked against its program's --help, never run."""
 PLACEHOLDER = re.compile(r"<[^>]+>|\[|…|\.\.\.|\b[A-Z][A-Z_]{1,}\b(?!=)")
 """A user's value to fill in: <run>, [--opt V], …, or an upper-case name such as CKPT, SRC, OUT (not VAR=)."""
 
@@ -58,7 +62,13 @@ def doc_commands(path: Path) -> list[DocCommand]:
             info = stripped[3:].split()
             fence, extra = (None, "") if fence is not None else ((info or [""])[0], " ".join(info[1:]))
             continue
-        if fence not in SHELL_BLOCKS or not stripped or stripped.startswith("#"):
+        if fence is None:
+            out += [DocCommand(str(path.relative_to(REPO)), number, m.group(1), "synopsis")
+                    for m in INLINE_SYNOPSIS.finditer(line)]
+            continue
+        if fence == "" and not (pending or COMMAND_LINE.match(stripped)):
+            continue
+        if fence not in SHELL_BLOCKS | {""} or not stripped or stripped.startswith("#"):
             continue
         if fence == "console":
             if not (pending or stripped.startswith("$ ")):
@@ -109,6 +119,8 @@ RUN = [
 def classify(command: DocCommand) -> tuple[str, str]:
     if command.fence == "tested":
         return "skip", SKIP[0][1]
+    if command.fence == "synopsis":
+        return "skip", "a synopsis in running text: its options are checked against the program's --help"
     for pattern, reason in SKIP[1:]:
         if re.search(pattern, command.text):
             return "skip", reason
@@ -136,7 +148,8 @@ ACTIVATE = "source .venv/bin/activate"
 def test_commands_start_the_project_interpreter():
     """A bare python/torchrun is fine on a page that says to activate the venv first."""
     activated = {str(p.relative_to(REPO)) for p in PAGES if ACTIVATE in p.read_text(encoding="utf-8")}
-    bare = [str(c) for c in ALL if BARE.search(c.text) and "-m venv" not in c.text and c.page not in activated]
+    bare = [str(c) for c in ALL if BARE.search(c.text) and "-m venv" not in c.text and c.page not in activated
+            and c.fence != "synopsis"]
     assert not bare, ("commands that start a bare python/torchrun/pytest on a page that does not say "
                       f"`{ACTIVATE}` (a fresh shell has no venv active):\n" + "\n".join(bare))
 
