@@ -93,17 +93,19 @@ SKIP = [
     (r"^make (demo|test)\b", "the README's own two commands: CI runs `make test`, and `make demo` is the main job"),
     (r"^make gpu-", "needs a GPU host (tests/gpu/run.sh's rehearsal runs on CPU in tests/unit/test_gpu_scripts.py)"),
     (r"^bash tests/gpu/", "needs a GPU host (rehearsed in tests/unit/test_gpu_scripts.py)"),
-    (r"\bsbatch\b|\bsrun\b|launch\.submit\b(?!.*--dry-run)", "submits to a Slurm cluster (tests/slurm runs the templates)"),
+    (r"\bsbatch\b|\bsrun\b|launch\.submit\b(?!.*--dry-run)",
+     "submits to a Slurm cluster (tests/slurm runs the templates)"),
     (r"launch\.submit\b.*--dry-run", "the submit helper's dry run of a 256-GPU recipe (~20 s, every rank class): "
-                                      "tests/unit/test_launch_submit.py runs its dry run, test_dry_run.py this recipe's"),
+                                      "tests/unit/test_launch_submit.py runs its dry run, test_dry_run.py the recipe"),
     (r"tools/bench_", "a benchmark: minutes of CPU, run by hand (docs/PERFORMANCE.md)"),
     (r"^pip |pip install", "installs packages (network)"),
     (r"/data/|\.ckpt\b|runs/big\b|\bsp\.model\b|corpus\.txt", "reads a user's own data, checkpoint or tokenizer"),
-    (r"\bruns/tiny\b", "reads the main job's run directory: docs/EVAL.md's `tested` blocks run the same launchers on it"),
+    (r"\bruns/tiny\b", "reads the main job's run directory: docs/EVAL.md's `tested` blocks run the same launchers "
+                     "on it"),
     (r"m2-10b_h100_256\.yaml.*--all-ranks", "builds every rank class of a 256-GPU layout (~20 s): "
                                            "tests/unit/test_dry_run.py runs it"),
-    (r"bilingual_mixture|make_bilingual_mixture", "the toy mixture recipe: tests/distributed/test_data_mixture_recipe.py "
-                                                 "writes its shards, dry-runs it and trains it"),
+    (r"bilingual_mixture", "the toy mixture recipe: tests/distributed/test_data_mixture_recipe.py writes its shards, "
+                           "dry-runs it and trains it"),
     (r"tools/plan_layout\.py --(config|gpus)", "searches every 256-GPU layout (~20 s): tests/unit/test_stage_split.py "
                                                "and test_planning.py run it"),
 ]
@@ -238,7 +240,8 @@ def test_documented_options_exist_and_brackets_mean_optional(kind, name):
         shown, optional = documented_options(command)
         problems += [f"{command}: {opt} is not an option of {name}" for opt in sorted(shown)
                      if not re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", help_out)]
-        problems += [f"{command}: {opt} is shown as optional but {name} requires it" for opt in sorted(optional & required)]
+        problems += [f"{command}: {opt} is shown as optional but {name} requires it"
+                     for opt in sorted(optional & required)]
     assert not problems, "\n".join(problems)
 
 

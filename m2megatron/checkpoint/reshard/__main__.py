@@ -3,7 +3,8 @@
 Reshard a checkpoint offline: load it at a new TP/PP/DP layout and save it there (docs/CHECKPOINTS.md).
 Under torchrun or srun (the Slurm reshard job, `python -m m2megatron.launch.submit --kind reshard`) the
 ranks are the launcher's: one per GPU on a GPU host, NCCL, each on its own device. Started as a plain
-process it spawns --world-size local gloo ranks itself (default TP × PP: one data-parallel replica). Every rank rebuilds the model from the saved config
+process it spawns --world-size local gloo ranks itself (default TP × PP: one data-parallel replica).
+Every rank rebuilds the model from the saved config
 (the stage runtime), loads its slices (resharding on load) and writes them, so per-rank memory is about
 one shard of model and optimizer.
 
