@@ -26,7 +26,6 @@ class InputError(ValueError):
     as one line (m2megatron.cli.run_main); library packages raise it (or a subclass) instead of a CLI type."""
 
 
-@functools.cache
 def require_at_least(section: str, obj: Any, names: tuple[str, ...], minimum: float, note: str = "") -> None:
     """A ConfigError naming `section.name` for the first of `names` whose value is below `minimum`."""
     for name in names:
@@ -35,6 +34,7 @@ def require_at_least(section: str, obj: Any, names: tuple[str, ...], minimum: fl
             raise ConfigError(f"{section}.{name}: must be >= {minimum}{note}, got {value}")
 
 
+@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Map each dataclass field of `cls` to its attribute docstring ('' when missing)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
