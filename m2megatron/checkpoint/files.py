@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -27,12 +28,15 @@ _WRAPPERS = ("state_dict", "module", "model")
 _DS_PREFIX = "_forward_module."
 
 
-def torch_load_weights(path: str | Path) -> object:
-    """`torch.load(weights_only=True)` on CPU; pickled code → CheckpointError naming the file."""
+def torch_load_weights(path: str | Path, *, mmap: bool = False) -> object:
+    """`torch.load(weights_only=True)` on CPU; pickled code → CheckpointError naming the file. `mmap`: the
+    tensors stay in the file (read on first use) where its format allows (torch's zip format), else are read."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
+        if mmap and zipfile.is_zipfile(path):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: refusing to load, the file needs pickled code beyond plain tensors "
@@ -61,15 +65,15 @@ def unwrap_reference(obj: object, source: str = "checkpoint") -> dict[str, torch
     return out
 
 
-def read_reference_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+def read_reference_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     """A released M2-Encoder checkpoint (`.ckpt`/`.pt`/`.pth`, or the `.safetensors` of a port) as a flat
-    state dict in the released layout."""
+    state dict in the released layout (`mmap`: see `torch_load_weights`)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return unwrap_reference(load_file(str(path)), str(path))
-    return unwrap_reference(torch_load_weights(path), str(path))
+    return unwrap_reference(torch_load_weights(path, mmap=mmap), str(path))
 
 
 def save_consolidated(path: str | Path, full: dict[str, torch.Tensor], cfg: ModelConfig,
@@ -89,16 +93,24 @@ def read_consolidated(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     from safetensors import safe_open
 
     path = Path(path)
+    cfg = load_consolidated_config(path)
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: not an m2megatron consolidated file "
-                                  f"(metadata format={meta.get('format')!r})")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    cfg = update_dataclass(ModelConfig(), json.loads(meta["model_config"]), prefix="model")
     full = {k: v for k, v in tensors.items() if not k.startswith(UNUSED_PREFIX)}
     unused = {k[len(UNUSED_PREFIX):]: v for k, v in tensors.items() if k.startswith(UNUSED_PREFIX)}
     return cfg, full, unused
+
+
+def load_consolidated_config(path: str | Path) -> ModelConfig:
+    """The model config of a consolidated file, from its metadata (no tensor is read)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an m2megatron consolidated file (metadata format={meta.get('format')!r})")
+    return update_dataclass(ModelConfig(), json.loads(meta["model_config"]), prefix="model")
 
 
 def is_consolidated(path: str | Path) -> bool:

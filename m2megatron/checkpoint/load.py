@@ -16,6 +16,7 @@ is refused, with its name, before anything is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyPara
 
 from m2megatron.checkpoint import atomic, manifest, optimizer_state, safety, state
 from m2megatron.checkpoint.safety import CheckpointError
+from m2megatron.config.finetune import LR_SETTINGS, PARTS, FinetuneConfig, part_groups
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ def load_checkpoint(path_or_root: str | Path, model_chunks: list, optimizer=None
     sharded = state.model_sharded_state_dict(model_chunks, metadata)
     _check_model_tensors(path, meta, sharded["model"])
     _check_optimizer(path, meta, optimizer, groups)
+    if optimizer is not None:
+        _raise_on_param_group_changes(path, meta, config)
     _check_files(path, meta, verify)
     same_layout = _same_layout(meta["layout"], groups.layout)
     _add_rank_objects(sharded, meta, groups, same_layout, restore_rng)
@@ -160,6 +164,32 @@ def _check_optimizer(path: Path, meta: dict, optimizer, groups) -> None:
             f"saved at TP={old['tensor_parallel']} PP={old['pipeline_parallel']}, now TP={new.tensor_parallel} "
             f"PP={new.pipeline_parallel}. Resume once at the saved TP×PP and save again (checkpoints written "
             "now reshard across TP, PP and DP), or load weights only (checkpoint.load_mode=weights).")
+
+
+def param_group_changes(saved: dict | None, current: dict | None) -> list[str]:
+    """What keeps a saved optimizer state from loading into the current optimizer (configs as dicts): other LR
+    multipliers or layer decays (other Megatron parameter groups), or a parameter trainable now that was locked
+    when it was saved (it has no state). Checkpoints from before finetune.* count as its defaults."""
+    if not saved or not current or "model" not in current:
+        return []
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    was, now = (FinetuneConfig(**{k: v for k, v in (cfg.get("finetune") or {}).items() if k in known})
+                for cfg in (saved, current))
+    changes = [f"finetune.{k}: checkpoint {getattr(was, k)}, current {getattr(now, k)}" for k in LR_SETTINGS
+               if getattr(was, k) != getattr(now, k)]
+    for part in PARTS:
+        groups = part_groups(part, current["model"]["num_layers"], current["model"]["num_vl_layers"])
+        if now.locked_groups(part, groups) < was.locked_groups(part, groups):
+            changes.append(f"finetune.lock_{part}: {was.locked_groups(part, groups)} of its {groups} groups were "
+                           f"locked in the checkpoint (no optimizer state), {now.locked_groups(part, groups)} now")
+    return changes
+
+
+def _raise_on_param_group_changes(path: Path, meta: dict, config) -> None:
+    changes = param_group_changes(meta.get("config"), manifest.config_to_dict(config))
+    if changes:
+        raise CheckpointError(f"{path}: its optimizer state does not fit this run's parameter groups ("
+                              + "; ".join(changes) + "); start from its weights only (checkpoint.load_mode=weights)")
 
 
 def _check_files(path: Path, meta: dict, verify: bool) -> None:

@@ -110,9 +110,9 @@ def _stacks(cfg: ModelConfig):
 # ---- config inference -------------------------------------------------------------------------
 
 def infer_model_config(ref: dict[str, torch.Tensor], *, num_heads: int | None = None,
-                       preset: str | None = None) -> ModelConfig:
+                       preset: str | None = None, base: ModelConfig | None = None) -> ModelConfig:
     """Architecture sizes from the tensor shapes; heads from `num_heads`, `preset`, or the released preset
-    of the same width."""
+    of the same width. max_text_len and vocab_pad_multiple from `base` (else the preset's or the defaults)."""
     def shape(key):
         if key not in ref:
             raise ValueError(f"reference checkpoint: key {key} is missing, cannot infer the architecture")
@@ -125,8 +125,8 @@ def infer_model_config(ref: dict[str, torch.Tensor], *, num_heads: int | None = 
     if side * side != patches:
         raise ValueError(f"reference checkpoint: vision position table of {patches + 3} rows is not a square grid")
     depth = _count_layers(ref, r"backbone\.encoder\.layers\.(\d+)\.")
-    heads = num_heads or (PRESETS[preset].num_attention_heads if preset else _heads_for_width(d))
-    base = PRESETS[preset] if preset else ModelConfig()
+    heads = num_heads or (PRESETS[preset].num_attention_heads if preset else heads_for_width(d))
+    base = base or (PRESETS[preset] if preset else ModelConfig())
     cfg = ModelConfig(
         preset=preset or "imported", hidden_size=d, num_layers=depth,
         num_vl_layers=_count_layers(ref, r"backbone_vl\.layers\.(\d+)\."), num_attention_heads=heads,
@@ -144,7 +144,8 @@ def _count_layers(ref, pattern: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _heads_for_width(d: int) -> int:
+def heads_for_width(d: int) -> int:
+    """The heads of the preset of width `d` (ConfigError when no preset has it)."""
     widths = {c.hidden_size: c.num_attention_heads for c in PRESETS.values()}
     if d not in widths:
         raise ConfigError(f"model.num_attention_heads: hidden size {d} matches no preset; give the heads "
@@ -184,19 +185,44 @@ def split_qkv(fused: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tens
     return q, k, v
 
 
-def reference_to_ours(ref: dict[str, torch.Tensor], cfg: ModelConfig
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(our full state dict, unused reference tensors). Raises ValueError on any key or shape mismatch."""
+class FusedQKV:
+    """`fuse_qkv` of q, k, v, computed only for the rows indexed: a TP rank's slice of the fused rows is whole
+    heads, so it fuses just those heads (what `models.shard_full_state_dict` asks for)."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int):
+        self.q, self.k, self.v, self.heads = q, k, v, heads
+        self.shape = torch.Size([3 * q.shape[0], *q.shape[1:]])
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rows = index[0] if isinstance(index, tuple) and len(index) == 1 else index
+        per_head = self.shape[0] // self.heads
+        if isinstance(rows, slice) and rows.step in (None, 1):
+            start, stop, _ = rows.indices(self.shape[0])
+            if start % per_head == 0 and stop % per_head == 0:
+                a, b = start // per_head * (per_head // 3), stop // per_head * (per_head // 3)
+                return fuse_qkv(self.q[a:b], self.k[a:b], self.v[a:b], (stop - start) // per_head)
+        return fuse_qkv(self.q, self.k, self.v, self.heads)[index]
+
+
+def reference_to_ours(ref: dict[str, torch.Tensor], cfg: ModelConfig, keys: set[str] | None = None,
+                      lazy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(our full state dict, unused reference tensors). Raises ValueError on any key or shape mismatch.
+    `keys`: convert only these of ours (e.g. one pipeline stage's). `lazy`: fused QKVs as `FusedQKV`, fused when
+    (and where) indexed."""
     check_reference_keys(ref, cfg)
-    full = {ours: ref[theirs] for ours, theirs in _TOP_PAIRS}
+    wanted = (lambda key: True) if keys is None else keys.__contains__
+    full = {ours: ref[theirs] for ours, theirs in _TOP_PAIRS if wanted(ours)}
     for stack, prefix, m, depth in _stacks(cfg):
         for i in range(depth):
             src, dst = f"{prefix}.{i}.", f"{stack}.{i}."
             for ours, theirs in _LAYER_PAIRS:
-                full[dst + ours] = ref[src + theirs.format(m=m)]
+                if wanted(dst + ours):
+                    full[dst + ours] = ref[src + theirs.format(m=m)]
             for wb in ("weight", "bias"):
-                q, k, v = (ref[f"{src}self_attn.{x}_proj.{m}.{wb}"] for x in ("q", "k", "v"))
-                full[f"{dst}self_attention.linear_qkv.{wb}"] = fuse_qkv(q, k, v, cfg.num_attention_heads)
+                if wanted(f"{dst}self_attention.linear_qkv.{wb}"):
+                    q, k, v = (ref[f"{src}self_attn.{x}_proj.{m}.{wb}"] for x in ("q", "k", "v"))
+                    fuse = FusedQKV if lazy else fuse_qkv
+                    full[f"{dst}self_attention.linear_qkv.{wb}"] = fuse(q, k, v, cfg.num_attention_heads)
     unused = {k: ref[k] for k in UNUSED_KEYS}
     return full, unused
 

@@ -1,6 +1,7 @@
 """`python -m m2megatron.config [--preset NAME] [--config recipe.yaml] [--section.field=value ...]`
 
-Prints the resolved config as YAML and the parameter count computed from it (no model is built).
+Prints the resolved config as YAML and the parameter count computed from it (no model is built); with
+checkpoint.load naming a weights file to start from (load_mode weights/finetune), with the sizes from that file.
 The parallel layout is validated against `--world-size N`, or else against the recipe's launch size
 launch.nodes × launch.procs_per_node when that is more than one rank; then the layout (TP × PP × DP, VP)
 and each pipeline stage's tower layers are printed too. `--describe` lists every field with its documentation.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from pathlib import Path
 
 import yaml
 
@@ -45,6 +47,10 @@ def main() -> int:
         print("\n".join(describe()))
         return 0
     cfg = load_config(args.config, rest, preset_name=args.preset)
+    if cfg.checkpoint.starts_from_file and Path(cfg.checkpoint.load).is_file():
+        from m2megatron.checkpoint.start_file import start_model_config
+
+        cfg = start_model_config(cfg)  # the sizes the trainer takes from the weights file it starts from
     world = args.world_size or (cfg.launch.world_size() if cfg.launch.world_size() > 1 else None)
     cfg.validate(world)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")

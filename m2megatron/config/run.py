@@ -17,6 +17,7 @@ from m2megatron.config.base import ConfigError, to_dict, update_dataclass
 from m2megatron.config.checkpoint import CheckpointConfig
 from m2megatron.config.data import DataConfig
 from m2megatron.config.eval import EvalConfig
+from m2megatron.config.finetune import FinetuneConfig
 from m2megatron.config.launch import LaunchConfig
 from m2megatron.config.logging import LoggingConfig
 from m2megatron.config.loss import LossConfig
@@ -44,6 +45,8 @@ class RunConfig:
     """Phase timers, stragglers, loss spikes, wandb."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint saving and loading."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Locked towers, per-tower learning-rate multipliers, layer-wise learning-rate decay."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation settings."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
@@ -56,6 +59,7 @@ class RunConfig:
         for part in (self.data, self.loss, self.optim, self.train, self.logging, self.checkpoint, self.eval,
                      self.launch):
             part.validate()
+        self.finetune.validate(self.model.num_layers, self.model.num_vl_layers)
         if self.loss.accumulation_steps > 1 and self.parallel.virtual_pipeline:
             raise ConfigError("loss.accumulation_steps: not supported together with parallel.virtual_pipeline")
         if world_size is not None:

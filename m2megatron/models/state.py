@@ -58,19 +58,30 @@ def local_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def shard_full_state_dict(full: dict[str, torch.Tensor], cfg: ModelConfig, tp_rank: int, tp_size: int
                           ) -> dict[str, torch.Tensor]:
-    """The slice of a full state dict that TP rank `tp_rank` of `tp_size` holds (vocab padded with zeros)."""
+    """The slice of a full state dict that TP rank `tp_rank` of `tp_size` holds (vocab padded with zeros).
+
+    Only indexing and `.shape` are used, so a value may also be a lazy view of a file (safetensors' get_slice):
+    then only this rank's slice is read."""
     out = {}
     for name, tensor in full.items():
         axis = tp_axis(name)
         if name == VOCAB_KEY:
-            rows = padded_vocab_size(cfg, tp_size)
-            padded = tensor.new_zeros(rows, tensor.shape[1])
-            padded[:tensor.shape[0]] = tensor
-            tensor = padded
-        if axis is not None and tp_size > 1:
-            tensor = tensor.chunk(tp_size, dim=axis)[tp_rank]
-        out[name] = tensor
+            out[name] = _vocab_rows(tensor, padded_vocab_size(cfg, tp_size) // tp_size, tp_rank)
+        elif axis is not None and tp_size > 1:
+            size = tensor.shape[axis] // tp_size
+            out[name] = tensor[(slice(None),) * axis + (slice(tp_rank * size, (tp_rank + 1) * size),)]
+        else:
+            out[name] = tensor[...]
     return out
+
+
+def _vocab_rows(table, rows: int, tp_rank: int) -> torch.Tensor:
+    """Rows [tp_rank·rows, (tp_rank+1)·rows) of the vocabulary table padded with zero rows (never read)."""
+    vocab = table.shape[0]
+    real = table[min(tp_rank * rows, vocab):min((tp_rank + 1) * rows, vocab)]
+    if real.shape[0] == rows:
+        return real
+    return torch.cat([real, real.new_zeros(rows - real.shape[0], *real.shape[1:])])
 
 
 def merge_tp_shards(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -7,9 +7,10 @@ The order is fixed: one TransformerConfig (runtime.megatron_config) → every st
 directly on `groups.device` (a `torch.device` context, so no tensor of ours or Megatron's is left on
 the host) → Megatron's TP attributes on every sharded parameter (runtime.param_attributes) → parameters
 in the run's dtype (train.precision) → deterministic init by parameter name (skipped on `meta`, which
-holds no data) → a check that every parameter and buffer is on the device →
-Megatron DDP (fp32 main gradients, optional overlap) → Megatron's (mixed-precision) optimizer → the
-schedules' sync hooks assigned on the config (as Megatron-LM does after wrapping).
+holds no data) → a check that every parameter and buffer is on the device → locked parameters
+(finetune.lock_*) marked requires_grad=False → Megatron DDP (fp32 main gradients, optional overlap) →
+Megatron's (mixed-precision) optimizer with the LR multipliers of finetune.* → the schedules' sync hooks
+assigned on the config (as Megatron-LM does after wrapping).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from m2megatron.config.run import RunConfig
 from m2megatron.models.m2_encoder import M2Encoder
 from m2megatron.models.state import init_weights
 from m2megatron.parallel.groups import ParallelGroups
+from m2megatron.runtime.finetune import lock_parameters, lr_overrides
 from m2megatron.runtime.megatron_config import (
     aligned_param_gather,
     attach_schedule_hooks,
@@ -147,10 +149,13 @@ def build_stages(cfg: RunConfig, groups: ParallelGroups, *, training: bool = Tru
     check_placement(modules, groups.device)
     stages = Stages(cfg=cfg, groups=groups, config=config, specs=specs, modules=modules, chunks=list(modules))
     if training:
+        lock_parameters(modules, cfg.model, cfg.finetune)  # before DDP: no gradient buffer, no optimizer state
         stages.chunks = wrap_ddp(modules, groups, ddp_config(cfg))
         stages.optimizer = build_optimizer(stages.chunks, cfg.optim, groups.collection,
                                            distributed=cfg.parallel.distributed_optimizer,
-                                           params_dtype=params_dtype(cfg))
+                                           params_dtype=params_dtype(cfg),
+                                           param_overrides=lr_overrides(cfg.model, cfg.finetune, cfg.optim.lr,
+                                                                        cfg.optim.min_lr))
         attach_schedule_hooks(config, cfg, stages.chunks, stages.optimizer, groups.device)
         stages.scheduler = build_scheduler(stages.optimizer, cfg.optim, cfg.train.train_steps)
     return stages

@@ -3,6 +3,8 @@ parameter groups.
 
 No weight decay on norms, biases, position tables, the cls token and the logit scale: these are the
 1-D parameters plus the position tables, matched by name so the rule survives renames of layers.
+Per-parameter learning-rate multipliers (finetune.*) come in as more `config_overrides`
+(runtime/finetune.py); parameters with requires_grad=False (locked) are left out by Megatron.
 """
 
 from __future__ import annotations
@@ -49,11 +51,13 @@ def megatron_optimizer_config(cfg: OptimConfig, *, distributed: bool,
 
 
 def build_optimizer(model_chunks: list, cfg: OptimConfig, pg_collection, *, distributed: bool = False,
-                    params_dtype: torch.dtype = torch.float32):
-    """A MegatronOptimizer over all chunks' parameters, weight decay off where it should be."""
+                    params_dtype: torch.dtype = torch.float32, param_overrides: dict | None = None):
+    """A MegatronOptimizer over all chunks' trainable parameters, weight decay off where it should be.
+    `param_overrides`: more Megatron `config_overrides` (ParamKey → group settings), e.g. LR multipliers."""
     overrides = {
         ParamKey(with_name_predicate=ParamWithNamePredicate(name="m2_no_weight_decay", fn=no_weight_decay)):
-            {"wd_mult": 0.0}
+            {"wd_mult": 0.0},
+        **(param_overrides or {}),
     }
     return get_megatron_optimizer(
         megatron_optimizer_config(cfg, distributed=distributed, params_dtype=params_dtype),

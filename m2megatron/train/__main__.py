@@ -39,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     # What needs no process group is checked before one starts (and before torch and Megatron-Core are
     # imported): every rank finds the same error, and rank 0 reports it (m2megatron.cli.run_main).
     env = read_launch_env()
-    cfg = load_config(args.config, overrides, preset_name=args.preset).validate(world_size=env.world_size)
+    cfg = load_config(args.config, overrides, preset_name=args.preset)
+    if cfg.checkpoint.starts_from_file:  # the model's sizes come from the weights file (this imports torch)
+        from m2megatron.checkpoint.start_file import start_model_config
+
+        cfg = start_model_config(cfg)
+    cfg.validate(world_size=env.world_size)
     _check_inputs(cfg)
     # One voice: rank 0 logs progress, the other ranks only warnings and errors.
     level = logging.INFO if env.rank == 0 else logging.WARNING
@@ -74,9 +79,10 @@ def _dry_run(args, overrides: list[str]) -> int:
     # torch's fake backend warns once per process group when the next visited rank tears the groups down.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from m2megatron.checkpoint.start_file import start_model_config
     from m2megatron.train.dry_run import run_dry
 
-    cfg = load_config(args.config, overrides, preset_name=args.preset).validate()
+    cfg = start_model_config(load_config(args.config, overrides, preset_name=args.preset)).validate()
     world = args.world_size or cfg.launch.world_size()
     return run_dry(cfg, world, rank=args.rank, all_ranks=args.all_ranks, gpu_memory_gib=args.gpu_memory_gib,
                    check_data=not args.no_data_check)

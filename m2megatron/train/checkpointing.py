@@ -10,7 +10,9 @@ At start-up (`TrainCheckpointer.resume`), in this order:
      says which);
    - weights: the model weights only, everything else fresh from step 0;
    - finetune: the model weights and optimizer state, with the step counter, LR schedule (the current
-     optim.* settings), data order and RNG fresh from step 0.
+     optim.* settings), data order and RNG fresh from step 0;
+   a single weights file (a released .ckpt or a consolidated .safetensors) gives the weights only, in
+   either mode (checkpoint/start_file.py).
 
 A resume at the saved layout restores every rank's data position and RNG streams exactly. At another
 layout (docs/CHECKPOINTS.md, "What carries over"): the model, optimizer (plain and distributed),
@@ -29,6 +31,8 @@ import torch.distributed as dist
 
 from m2megatron.checkpoint.load import load_checkpoint
 from m2megatron.checkpoint.save import Checkpointer
+from m2megatron.checkpoint.start_file import load_weights_file
+from m2megatron.config.checkpoint import is_weights_file
 from m2megatron.parallel import seed_everything
 
 log = logging.getLogger("m2megatron.train")
@@ -116,6 +120,14 @@ class TrainCheckpointer:
 
     def _start_from(self, source: str, *, finetune: bool) -> int:
         """Weights (and for a fine-tune the optimizer state) of `source`; a new run from step 0."""
+        if is_weights_file(source):  # a released .ckpt or a consolidated file: weights only, either mode
+            load_weights_file(source, self.modules, self.cfg.model)
+            self.optimizer.reload_model_params()  # mixed precision: the fp32 main weights follow the loaded ones
+            if dist.get_rank() == 0:
+                log.info("started from the weights of %s%s; optimizer, step, LR schedule, data order and RNG "
+                         "start fresh", source, " (a weights file has no optimizer state to fine-tune from)"
+                         if finetune else "")
+            return 0
         optimizer = self.optimizer if finetune else None
         settings = _hyper_parameters(optimizer) if finetune else None
         loaded = load_checkpoint(source, self.modules, optimizer, None, groups=self.groups, config=self.cfg,

@@ -128,10 +128,16 @@ def _first_readable(shards: list[str]) -> str | None:
 def vocabulary_follows_tokenizer(cfg: RunConfig, pieces: int) -> RunConfig:
     """model.vocab_size := the tokenizer's pieces, for every source. A model.vocab_size set to another value
     than its preset's (e.g. to load a checkpoint's embedding) that disagrees with the tokenizer is a one-line
-    error naming both."""
+    error naming both. A start from a weights file keeps the file's vocabulary (checkpoint/start_file.py), which
+    the tokenizer's ids must fit in."""
     if pieces == cfg.model.vocab_size:
         return cfg
     name = cfg.data.tokenizer or "the synthetic tokenizer"
+    if cfg.checkpoint.starts_from_file:  # the embedding table is the file's: the tokenizer's ids must fit in it
+        if pieces > cfg.model.vocab_size:
+            raise ValueError(f"data.tokenizer: {name} has {pieces} pieces, more than the {cfg.model.vocab_size} rows "
+                             f"of the embedding in checkpoint.load {cfg.checkpoint.load}")
+        return cfg
     preset = PRESETS.get(cfg.model.preset)
     if preset is not None and cfg.model.vocab_size != preset.vocab_size:
         raise ValueError(f"data.tokenizer: {name} has {pieces} pieces, but model.vocab_size={cfg.model.vocab_size} "

@@ -19,6 +19,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from m2megatron.checkpoint.start_file import start_model_config
 from m2megatron.config.run import RunConfig
 from m2megatron.data.build import resolve_tokenizer
 from m2megatron.data.stage_batches import StageBatches
@@ -47,6 +48,7 @@ class Trainer:
         self.groups = groups or initialize(cfg.parallel)  # the bootstrap: writer queue, device, groups, patches
         self.device = self.groups.device
         self.preemption.device = self.device
+        cfg = start_model_config(cfg)  # a start from a weights file takes the model's sizes from it
         cfg.validate(world_size=dist.get_world_size())
         self.run_dir = Path(cfg.train.run_dir)
         self.is_logging_rank = dist.get_rank() == 0
