@@ -1,0 +1,87 @@
+"""The TP-sharded Sub-LN's Triton kernels (model.sub_ln_kernel='triton'), run by Triton's CPU interpreter on two
+gloo ranks, equal the eager TPLayerNorm and an unsharded LayerNorm: output and the gradients of input, weight and
+bias at TP2. Widths and rows are not multiples of the interpreter's 16-wide blocks, to exercise every mask.
+
+TRITON_INTERPRET=1 must be set before triton is imported (its own library functions are jit'd at import), so the
+check runs in a child process, this file as a script, which forks its two ranks.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.distributed
+WIDTH = 74  # 37 columns per rank
+TOL = 2e-6  # fp32: the order of accumulation only
+
+
+def _parity(group) -> dict[str, float]:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from m2megatron.models import TPLayerNorm
+    from m2megatron.models.sub_ln import use_triton
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 3, WIDTH, generator=gen) * 2 + 0.5
+    w, b = 1 + torch.randn(WIDTH, generator=gen) * 0.1, torch.randn(WIDTH, generator=gen)
+    up = torch.randn(7, 3, WIDTH, generator=gen)
+    full = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref = F.layer_norm(full[0], (WIDTH,), full[1], full[2], 1e-5)
+    (ref * up).sum().backward()
+    sl = slice(dist.get_rank() * WIDTH // 2, (dist.get_rank() + 1) * WIDTH // 2)
+    results = {}
+    for kernel in ("eager", "triton"):
+        norm = TPLayerNorm(WIDTH, eps=1e-5, tp_group=group, kernel=kernel)
+        with torch.no_grad():
+            norm.weight.copy_(w[sl])
+            norm.bias.copy_(b[sl])
+        local_x = x[..., sl].clone().requires_grad_()
+        out = norm(local_x)
+        (out * up[..., sl]).sum().backward()
+        results[kernel] = [out.detach(), local_x.grad, norm.weight.grad, norm.bias.grad]
+    unsharded = [ref.detach()[..., sl], full[0].grad[..., sl], full[1].grad[sl], full[2].grad[sl]]
+    return {"triton_vs_eager": max((g - r).abs().max().item() for g, r in zip(results["triton"], results["eager"])),
+            "triton_vs_unsharded": max((g - r).abs().max().item() for g, r in zip(results["triton"], unsharded)),
+            "auto_picks_triton_on_cpu": use_triton("auto", x)}
+
+
+def _rank(rank: int, store_path: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        (Path(out_dir) / f"{rank}.json").write_text(json.dumps(_parity(dist.group.WORLD)))
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_rank, args=(f"{tmp}/store", tmp), nprocs=2, start_method="fork")
+        print(json.dumps([json.loads((Path(tmp) / f"{r}.json").read_text()) for r in range(2)]))
+
+
+def test_triton_sub_ln_equals_eager_and_unsharded_layernorm_at_tp2():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for diff in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert diff["triton_vs_eager"] <= TOL and diff["triton_vs_unsharded"] <= 1e-5, diff
+        assert not diff["auto_picks_triton_on_cpu"], diff
+
+
+if __name__ == "__main__":
+    sys.path[:0] = [str(Path(__file__).resolve().parents[2])]
+    main()
