@@ -58,7 +58,8 @@ class _TritonTPLayerNorm(torch.autograd.Function):
 
         rows = x.reshape(-1, x.shape[-1]).contiguous()
         stats = kernels.row_stats(rows)
-        dist.all_reduce(stats, group=group)
+        if get_pg_size(group) > 1:
+            dist.all_reduce(stats, group=group)
         y, mean, rstd = kernels.normalize(rows, weight, bias, stats, full_size, eps)
         ctx.save_for_backward(rows, weight, mean, rstd)
         ctx.full_size, ctx.group = full_size, group
@@ -71,10 +72,30 @@ class _TritonTPLayerNorm(torch.autograd.Function):
         rows, weight, mean, rstd = ctx.saved_tensors
         grad_rows = grad_y.reshape(rows.shape).contiguous()
         sums = kernels.grad_row_sums(grad_rows, rows, weight, mean, rstd)
-        dist.all_reduce(sums, group=ctx.group)
+        if get_pg_size(ctx.group) > 1:
+            dist.all_reduce(sums, group=ctx.group)
         grad_x = kernels.grad_input(grad_rows, rows, weight, mean, rstd, sums, ctx.full_size)
         grad_w, grad_b = kernels.grad_params(grad_rows, rows, mean, rstd)
         return grad_x.view(grad_y.shape), grad_w.to(weight.dtype), grad_b.to(weight.dtype), None, None, None
+
+
+def eager_tp_layer_norm(x, weight, bias, full_size: int, eps: float, group) -> torch.Tensor:
+    """The LayerNorm over `full_size` columns of which x holds this rank's, in eager fp32 torch ops."""
+    xf = x.float()
+    stats = torch.stack([xf.sum(-1), xf.square().sum(-1)], dim=-1)  # [..., 2]
+    stats = all_reduce_with_grad(stats, group)
+    mean = stats[..., :1] / full_size
+    var = (stats[..., 1:] / full_size - mean.square()).clamp_min(0.0)
+    y = (xf - mean) * torch.rsqrt(var + eps)
+    return (y * weight.float() + bias.float()).to(x.dtype)
+
+
+def tp_layer_norm(x, weight, bias, full_size: int, eps: float, group, kernel: str = "auto") -> torch.Tensor:
+    """The LayerNorm over `full_size` columns of which x holds this rank's, by `kernel` (use_triton). A group of
+    one skips the all-reduce: tools/bench_subln.py times the passes alone that way."""
+    if use_triton(kernel, x):
+        return _TritonTPLayerNorm.apply(x, weight, bias, full_size, eps, group)
+    return eager_tp_layer_norm(x, weight, bias, full_size, eps, group)
 
 
 class TPLayerNorm(torch.nn.Module):
@@ -106,15 +127,7 @@ class TPLayerNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
-        if use_triton(self.kernel, x):
-            return _TritonTPLayerNorm.apply(x, self.weight, self.bias, self.full_size, self.eps, self.tp_group)
-        xf = x.float()
-        stats = torch.stack([xf.sum(-1), xf.square().sum(-1)], dim=-1)  # [..., 2]
-        stats = all_reduce_with_grad(stats, self.tp_group)
-        mean = stats[..., :1] / self.full_size
-        var = (stats[..., 1:] / self.full_size - mean.square()).clamp_min(0.0)
-        y = (xf - mean) * torch.rsqrt(var + self.eps)
-        return (y * self.weight.float() + self.bias.float()).to(x.dtype)
+        return tp_layer_norm(x, self.weight, self.bias, self.full_size, self.eps, self.tp_group, self.kernel)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         metadata = ensure_metadata_has_dp_cp_group(metadata)

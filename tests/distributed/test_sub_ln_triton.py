@@ -17,7 +17,7 @@ import pytest
 
 pytestmark = pytest.mark.distributed
 WIDTH = 74  # 37 columns per rank
-TOL = 2e-6  # fp32: the order of accumulation only
+TOL = 1e-5  # fp32: the order of accumulation only (values and gradients of order 1-10)
 
 
 def _parity(group) -> dict[str, float]:
@@ -78,7 +78,7 @@ def test_triton_sub_ln_equals_eager_and_unsharded_layernorm_at_tp2():
     proc = subprocess.run([sys.executable, __file__], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for diff in json.loads(proc.stdout.strip().splitlines()[-1]):
-        assert diff["triton_vs_eager"] <= TOL and diff["triton_vs_unsharded"] <= 1e-5, diff
+        assert diff["triton_vs_eager"] <= TOL and diff["triton_vs_unsharded"] <= TOL, diff
         assert not diff["auto_picks_triton_on_cpu"], diff
 
 
