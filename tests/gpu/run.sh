@@ -75,7 +75,7 @@ esac
 
 GPU_TESTS=()
 for f in tests/gpu/test_loss_kernel.py tests/gpu/test_loss_ring.py tests/gpu/test_attention.py tests/gpu/test_te_spec.py \
-         tests/gpu/test_dali_mixed.py tests/gpu/test_checkpoint_fused_adam.py; do [ -f "$f" ] && GPU_TESTS+=("$f"); done
+         tests/gpu/test_dali_mixed.py tests/gpu/test_checkpoint_fused_adam.py tests/gpu/test_uint8_images.py; do [ -f "$f" ] && GPU_TESTS+=("$f"); done
 PYTEST=("$PY" -m pytest -q -s -rA -p no:cacheprovider)
 
 run_stage() {  # name seconds: the stage's command under `timeout` (its whole process group), logged
