@@ -8,7 +8,7 @@ The input x [N, C] holds this rank's C columns of every row; the LayerNorm is ov
   keeps μ, r (8 bytes per row) for backward;
 - backward, with x̂ = (x − μ)·r and g = ∂y·w: pass 1 `grad_row_sums` → [Σg, Σg·x̂]; the caller all-reduces
   them; pass 2 `grad_input` → ∂x = r·(g − Σg/n − x̂·Σg·x̂/n); `grad_params` reduces ∂w = Σ_rows ∂y·x̂ and
-  ∂b = Σ_rows ∂y over column blocks (no atomics: deterministic).
+  ∂b = Σ_rows ∂y per (column block, split of the rows), then over the few splits (no atomics: deterministic).
 TRITON_INTERPRET must be set before this module is imported for the kernels to run on CPU tensors.
 """
 
@@ -24,6 +24,7 @@ from torch import Tensor
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BLOCK_C = 16 if INTERPRETED else 1024  # columns per iteration of a row program
 BLOCK_R, BLOCK_P = (16, 16) if INTERPRETED else (32, 128)  # rows × columns per step of grad_params
+MAX_SPLITS = 2 if INTERPRETED else 32  # grad_params splits the rows too, so that enough programs run
 
 
 @triton.jit
@@ -90,23 +91,26 @@ def _grad_input(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, sums_ptr, dx_ptr, C, n
 
 
 @triton.jit
-def _grad_params(dy_ptr, x_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr, N, C,
+def _grad_params(dy_ptr, x_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr, N, C, rows_per_split,
                  BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Partial ∂w, ∂b of one column block over one split of the rows, into row `split` of [splits, C]."""
     cols = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    split = tl.program_id(1)
     col_mask = cols < C
     acc_w, acc_b = tl.zeros((BLOCK_P,), tl.float32), tl.zeros((BLOCK_P,), tl.float32)
-    for start in range(0, N, BLOCK_R):
+    end = tl.minimum(N, (split + 1) * rows_per_split)
+    for start in range(split * rows_per_split, end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
-        mask = (rows[:, None] < N) & col_mask[None, :]
+        mask = (rows[:, None] < end) & col_mask[None, :]
         offsets = rows[:, None] * C + cols[None, :]
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=rows < N, other=0.0)
-        rstd = tl.load(rstd_ptr + rows, mask=rows < N, other=0.0)
+        mean = tl.load(mean_ptr + rows, mask=rows < end, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=rows < end, other=0.0)
         acc_w += tl.sum(dy * (x - mean[:, None]) * rstd[:, None], 0)
         acc_b += tl.sum(dy, 0)
-    tl.store(dw_ptr + cols, acc_w, mask=col_mask)
-    tl.store(db_ptr + cols, acc_b, mask=col_mask)
+    tl.store(dw_ptr + split * C + cols, acc_w, mask=col_mask)
+    tl.store(db_ptr + split * C + cols, acc_b, mask=col_mask)
 
 
 def row_stats(x: Tensor) -> Tensor:
@@ -142,9 +146,13 @@ def grad_input(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor
 
 
 def grad_params(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    """(∂w, ∂b) in fp32: sums over the rows."""
+    """(∂w, ∂b) in fp32: sums over the rows (per split of the rows, then over the splits: deterministic)."""
     n, c = x.shape
-    dw = torch.empty(c, dtype=torch.float32, device=x.device)
-    db = torch.empty_like(dw)
-    _grad_params[(triton.cdiv(c, BLOCK_P),)](dy, x, mean, rstd, dw, db, n, c, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P)
-    return dw, db
+    splits = max(1, min(MAX_SPLITS, triton.cdiv(n, BLOCK_R)))
+    rows_per_split = triton.cdiv(triton.cdiv(n, splits), BLOCK_R) * BLOCK_R
+    splits = triton.cdiv(n, rows_per_split) if n else 1
+    dw = torch.zeros(splits, c, dtype=torch.float32, device=x.device)
+    db = torch.zeros_like(dw)
+    _grad_params[(triton.cdiv(c, BLOCK_P), splits)](dy, x, mean, rstd, dw, db, n, c, rows_per_split,
+                                                    BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P)
+    return dw.sum(0), db.sum(0)
