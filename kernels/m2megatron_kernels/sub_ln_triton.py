@@ -59,16 +59,22 @@ def _normalize(x_ptr, w_ptr, b_ptr, y_ptr, stats_ptr, mean_ptr, rstd_ptr, C, n, 
 
 
 @triton.jit
+def _g_and_x_hat(dy_ptr, x_ptr, w_ptr, row, cols, C, mean, rstd):
+    """g = ∂y·w and x̂ = (x − μ)·r of one row's columns, in fp32 (0 outside the row)."""
+    mask = cols < C
+    g = tl.load(dy_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32) * \
+        tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    x_hat = (tl.load(x_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+    return g, x_hat
+
+
+@triton.jit
 def _grad_row_sums(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, sums_ptr, C, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     mean, rstd = tl.load(mean_ptr + row), tl.load(rstd_ptr + row)
     acc_g, acc_gx = tl.zeros((BLOCK,), tl.float32), tl.zeros((BLOCK,), tl.float32)
     for start in range(0, C, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < C
-        g = tl.load(dy_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32) * \
-            tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        x_hat = (tl.load(x_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+        g, x_hat = _g_and_x_hat(dy_ptr, x_ptr, w_ptr, row, start + tl.arange(0, BLOCK), C, mean, rstd)
         acc_g += g
         acc_gx += g * x_hat
     tl.store(sums_ptr + 2 * row, tl.sum(acc_g, 0))
@@ -82,12 +88,9 @@ def _grad_input(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, sums_ptr, dx_ptr, C, n
     mean_g, mean_gx = tl.load(sums_ptr + 2 * row) / n, tl.load(sums_ptr + 2 * row + 1) / n
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < C
-        g = tl.load(dy_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32) * \
-            tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        x_hat = (tl.load(x_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+        g, x_hat = _g_and_x_hat(dy_ptr, x_ptr, w_ptr, row, cols, C, mean, rstd)
         dx = rstd * (g - mean_g - x_hat * mean_gx)
-        tl.store(dx_ptr + row * C + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + row * C + cols, dx.to(dx_ptr.dtype.element_ty), mask=cols < C)
 
 
 @triton.jit
