@@ -25,15 +25,14 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "kernels")]
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+FIGURE = "[figure] "  # the tag the GPU check's summary collects (tests/gpu/figures.py; tools do not import tests)
 
 
 def result_line(device: str, variant: str, rows: int, cols: int, eager_ms: float, fused_ms: float,
                 error: float | None = None) -> str:
-    from tests.gpu.figures import figure
-
     diff = "" if error is None else f", max rel diff {error:.1e}"
-    return figure(f"sub-LN {variant} vs eager, {rows}x{cols} on {device}: {fused_ms:.3f} ms vs {eager_ms:.3f} ms "
-                  f"fwd+bwd = {eager_ms / fused_ms:.2f}x{diff}")
+    return (f"{FIGURE}sub-LN {variant} vs eager, {rows}x{cols} on {device}: {fused_ms:.3f} ms vs {eager_ms:.3f} ms "
+            f"fwd+bwd = {eager_ms / fused_ms:.2f}x{diff}")
 
 
 def _variants(device: str) -> dict:
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
             error = _max_rel(_run(fn, x, w, b, grad_y), want)  # also the warm-up (compile)
             ms = _time_ms(fn, x, w, b, grad_y, reps)
         except Exception as exc:  # noqa: BLE001 - report and go on: one broken variant must not hide the others
-            print(f"[figure] sub-LN {name}: ERROR {type(exc).__name__}: {str(exc)[:200]}")
+            print(f"{FIGURE}sub-LN {name}: ERROR {type(exc).__name__}: {str(exc)[:200]}")
             failed = True
             continue
         eager_ms = eager_ms or ms
