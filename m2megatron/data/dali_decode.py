@@ -6,8 +6,8 @@ position. The decoder is `fn.decoders.image(device="mixed")` on a GPU (nvJPEG; o
 tensor) and `device="cpu"` with `device_id=None` on CPU (a GPU device id fails without a driver).
 The resize is `INTERP_CUBIC` with antialiasing over the region of interest, matching the PIL path's
 `Image.resize(BICUBIC, box=...)`; normalization is (x − 127.5)/127.5 = (x/255 − 0.5)/0.5, CHW. With raw=True
-(the training loader) the output stays uint8 CHW, normalized on the device by image.normalize_images (DALI's
-own normalization multiplies by 1/127.5, up to 1 ulp from the division the PIL path and normalize_images do).
+(the training loader) the output stays uint8 CHW, normalized on the device by image.normalize_images, the same
+function as for the PIL path (DALI's own normalization may differ from that division by an ulp).
 
 Two ways to run it:
 

@@ -17,12 +17,15 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from m2megatron.data.skips import BadSample
+
+if TYPE_CHECKING:
+    import torch
 
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)  # relative (x0, y0, x1, y1)
 
@@ -137,7 +140,10 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 images (any shape) → float32 in [−1, 1] on their device, bit for bit `normalize_uint8`: x − 127.5
     is exact in float32 and the division is IEEE-rounded. The divisor is a tensor on the images' device because
     torch turns a division by a Python scalar into a multiplication by its reciprocal on CUDA (up to 1 ulp off).
-    Float images (already normalized) are returned as they are."""
+    Float images (already normalized) are returned as they are. (torch is imported here: decode workers import
+    this module and start in a fraction of a second without it.)"""
+    import torch
+
     if images.dtype != torch.uint8:
         return images
     half = torch.tensor(127.5, dtype=torch.float32, device=images.device)
