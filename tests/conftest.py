@@ -48,6 +48,7 @@ def dist_pool():
 
 LONGEST_FIRST = [
     "tests/slurm/", "tests/distributed/test_eval_docs.py", "tests/distributed/test_checkpoint_dist_optimizer.py",
+    "tests/distributed/test_layout_change.py",
     "tests/distributed/test_rng_streams.py", "tests/distributed/test_trainer.py",
     "tests/distributed/test_checkpoint_crash.py", "tests/distributed/test_checkpoint_resume.py",
     "tests/distributed/test_checkpoint_tools.py", "tests/distributed/test_data_position.py",

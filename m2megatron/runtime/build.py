@@ -5,8 +5,9 @@
 
 The order is fixed: one TransformerConfig (runtime.megatron_config) → every stage module constructed
 directly on `groups.device` (a `torch.device` context, so no tensor of ours or Megatron's is left on
-the host) → parameters in the run's dtype (train.precision) → deterministic init by parameter name
-(skipped on `meta`, which holds no data) → a check that every parameter and buffer is on the device →
+the host) → Megatron's TP attributes on every sharded parameter (runtime.param_attributes) → parameters
+in the run's dtype (train.precision) → deterministic init by parameter name (skipped on `meta`, which
+holds no data) → a check that every parameter and buffer is on the device →
 Megatron DDP (fp32 main gradients, optional overlap) → Megatron's (mixed-precision) optimizer.
 """
 
@@ -31,6 +32,7 @@ from m2megatron.runtime.megatron_config import (
     params_dtype,
 )
 from m2megatron.runtime.optimizer import build_optimizer, build_scheduler
+from m2megatron.runtime.param_attributes import mark_tensor_parallel_params
 from m2megatron.runtime.stages import StageSpec, stage_specs
 
 
@@ -98,6 +100,7 @@ def build_stage_module(model_cfg: ModelConfig, config: TransformerConfig, pg_col
     # Megatron's finalize_model_grads asks every stage whether embeddings are tied; ours never are.
     module.share_embeddings_and_output_weights = False
     module.stage = spec
+    mark_tensor_parallel_params(module)  # before DDP and the optimizer, which copy the attributes
     cast_parameters(module, config.params_dtype)
     return module
 

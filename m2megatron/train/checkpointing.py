@@ -5,7 +5,9 @@ At start-up (`TrainCheckpointer.resume`), in this order:
    restarted run resumes its own progress, whatever checkpoint.load names (unless it is None: a fresh
    start);
 2. otherwise checkpoint.load ('auto' finds nothing more) is loaded as checkpoint.load_mode says:
-   - resume: model, optimizer, LR schedule, step, data position and RNG streams;
+   - resume: model, optimizer, LR schedule, step, data position and RNG streams (the checkpoint's LR schedule
+     continues, unless optim.override_schedule_on_resume takes this run's optim.* schedule; one INFO line
+     says which);
    - weights: the model weights only, everything else fresh from step 0;
    - finetune: the model weights and optimizer state, with the step counter, LR schedule (the current
      optim.* settings), data order and RNG fresh from step 0.
@@ -92,6 +94,7 @@ class TrainCheckpointer:
             seed_everything(t.cfg.train.seed, t.groups, step=loaded.step)
         if dist.get_rank() == 0:
             log.info("resumed from %s at step %d", loaded.path, loaded.step)
+            log.info(schedule_in_effect(t.scheduler, t.cfg.optim.override_schedule_on_resume))
         self._last_saved, self.last_path = loaded.step, loaded.path
         return loaded.step
 
@@ -120,6 +123,15 @@ class TrainCheckpointer:
         """Wait for a background save in flight, so the run ends with its checkpoint visible."""
         self.writer.wait()
         self.writer.close()
+
+
+def schedule_in_effect(scheduler, overridden: bool) -> str:
+    """One line: whose LR schedule a resumed run follows, and what it is."""
+    whose = ("this run's optim.* settings (optim.override_schedule_on_resume=true)" if overridden
+             else "the checkpoint's, continued (optim.override_schedule_on_resume=false)")
+    return (f"LR schedule: {whose}: {scheduler.lr_decay_style}, warm-up {scheduler.lr_warmup_steps} steps, "
+            f"lr {scheduler.max_lr:g} to {scheduler.min_lr:g} at step {scheduler.lr_decay_steps}; "
+            f"step {scheduler.num_steps}, lr now {scheduler.get_lr({}):g}")
 
 
 def restore_data_position(batches, loaded) -> None:
