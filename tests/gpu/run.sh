@@ -65,17 +65,17 @@ if not cuda and os.environ["REHEARSAL"] != "1":
 sys.exit(0 if found["Megatron-Core"] else 4)
 EOF
 rc=$?
-cat "$OUT/env.txt"
-case $rc in
-    0) ;;
-    3) echo "gpu-check: stopped: no CUDA device for $PY (torch absent or a CPU build); run it on the GPU host with the carried .whl/ from \`make gpu-wheels\`"; exit 3 ;;
+case $rc in  # a stop is one line (the details stay in env.txt)
+    0) cat "$OUT/env.txt" ;;
+    3) echo "gpu-check: stopped: no CUDA device for $PY (torch absent or a CPU build; see $OUT/env.txt); run it on the GPU host with the carried .whl/ from \`make gpu-wheels\`"; exit 3 ;;
     4) echo "gpu-check: stopped: Megatron-Core is not importable by $PY; run \`make gpu-wheels\` on a networked host and carry .whl/ beside the repository"; exit 4 ;;
     *) echo "gpu-check: stopped: the environment check failed (rc=$rc, see $OUT/env.txt)"; exit "$rc" ;;
 esac
 
 GPU_TESTS=()
 for f in tests/gpu/test_loss_kernel.py tests/gpu/test_loss_ring.py tests/gpu/test_attention.py tests/gpu/test_te_spec.py \
-         tests/gpu/test_dali_mixed.py tests/gpu/test_checkpoint_fused_adam.py tests/gpu/test_uint8_images.py; do [ -f "$f" ] && GPU_TESTS+=("$f"); done
+         tests/gpu/test_dali_mixed.py tests/gpu/test_checkpoint_fused_adam.py tests/gpu/test_uint8_images.py \
+         tests/gpu/test_sub_ln_triton.py; do [ -f "$f" ] && GPU_TESTS+=("$f"); done
 PYTEST=("$PY" -m pytest -q -s -rA -p no:cacheprovider)
 
 run_stage() {  # name seconds: the stage's command under `timeout` (its whole process group), logged

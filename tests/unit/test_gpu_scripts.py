@@ -57,9 +57,20 @@ def _run_sh(tmp_path, **env) -> subprocess.CompletedProcess:
 def test_run_sh_stops_at_once_with_one_line_without_cuda(tmp_path):
     proc = _run_sh(tmp_path)
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("gpu-check: stopped: no CUDA") and "make gpu-wheels" in last and ".whl/" in last
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout
+    assert lines[0].startswith("gpu-check: stopped: no CUDA") and "make gpu-wheels" in lines[0] and ".whl/" in lines[0]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["env.txt"]
+
+
+def test_run_sh_stops_at_once_with_one_line_without_megatron_core(tmp_path):
+    (tmp_path / "shadow" / "megatron").mkdir(parents=True)  # a `megatron` package without `core` comes first
+    (tmp_path / "shadow" / "megatron" / "__init__.py").write_text("")
+    proc = _run_sh(tmp_path, GPU_CHECK_REHEARSAL="1", PYTHONPATH=str(tmp_path / "shadow"))
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu-check: stopped: Megatron-Core is not importable"), lines
+    assert "make gpu-wheels" in lines[0] and ".whl/" in lines[0]
 
 
 def test_run_sh_rehearsal_shares_the_budget_cuts_a_hung_stage_and_summarises_every_figure(tmp_path):
