@@ -23,7 +23,7 @@ BUDGET=${GPU_CHECK_BUDGET_S:-480}
 REHEARSAL=${GPU_CHECK_REHEARSAL:-0}
 RESERVE=10  # seconds kept for the summary
 STAGES=(gpu_tests nccl subln e2e perf)
-WEIGHTS=(30 8 7 25 30)
+WEIGHTS=(30 6 9 25 30)
 OUT=${OUT:-$(mktemp -d -t m2-gpu-check.XXXX)}
 mkdir -p "$OUT"
 WORK=$(mktemp -d -t m2-gpu-work.XXXX)

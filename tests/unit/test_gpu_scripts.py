@@ -74,7 +74,7 @@ def test_run_sh_stops_at_once_with_one_line_without_megatron_core(tmp_path):
 
 
 def test_run_sh_rehearsal_shares_the_budget_cuts_a_hung_stage_and_summarises_every_figure(tmp_path):
-    proc = _run_sh(tmp_path, GPU_CHECK_REHEARSAL="1", GPU_CHECK_BUDGET_S="60", GPU_CHECK_REHEARSAL_HANG="subln",
+    proc = _run_sh(tmp_path, GPU_CHECK_REHEARSAL="1", GPU_CHECK_BUDGET_S="90", GPU_CHECK_REHEARSAL_HANG="subln",
                    GPU_CHECK_REHEARSAL_FAIL="e2e")
     out = tmp_path / "out"
     assert proc.returncode == 1, proc.stdout + proc.stderr
