@@ -21,8 +21,6 @@ from tests.gpu.figures import attention_line  # noqa: E402
 
 
 def gpu_tests() -> list[str]:
-    from tests.gpu import perf_table  # noqa: F401 - the real stages' modules import without CUDA
-
     return [".", attention_line("no mask", {"aten::_scaled_dot_product_cudnn_attention"}),
             "SKIPPED [1] tests/gpu/test_te_spec.py:20: needs an NGC host (Transformer Engine is not installed)"]
 
