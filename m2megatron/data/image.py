@@ -146,7 +146,7 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
 
     if images.dtype != torch.uint8:
         return images
-    half = torch.tensor(127.5, dtype=torch.float32, device=images.device)
+    half = torch.full((), 127.5, dtype=torch.float32, device=images.device)  # a fill: no host-to-device copy
     return (images.float() - half) / half
 
 
