@@ -11,6 +11,7 @@ in backward, chosen by capability ('auto': Triton on a CUDA tensor when Triton i
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -39,12 +40,17 @@ def all_reduce_with_grad(x: torch.Tensor, group) -> torch.Tensor:
 SUB_LN_KERNELS = ("auto", "eager", "triton")
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def use_triton(kernel: str, x: torch.Tensor) -> bool:
     """Whether `kernel` (model.sub_ln_kernel) runs the Triton kernels on `x`."""
     if kernel not in SUB_LN_KERNELS:
         raise ValueError(f"model.sub_ln_kernel: unknown {kernel!r} (known: {', '.join(SUB_LN_KERNELS)})")
     if kernel == "auto":
-        return x.is_cuda and importlib.util.find_spec("triton") is not None
+        return x.is_cuda and _triton_installed()
     return kernel == "triton"
 
 
