@@ -21,35 +21,20 @@ TOL = 1e-5  # fp32: the order of accumulation only (values and gradients of orde
 
 
 def _parity(group) -> dict[str, float]:
-    import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     from m2megatron.models import TPLayerNorm
     from m2megatron.models.sub_ln import use_triton
+    from tests.tp_layer_norm import max_abs_diff, sharded_run, unsharded_case
 
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(7, 3, WIDTH, generator=gen) * 2 + 0.5
-    w, b = 1 + torch.randn(WIDTH, generator=gen) * 0.1, torch.randn(WIDTH, generator=gen)
-    up = torch.randn(7, 3, WIDTH, generator=gen)
-    full = [t.clone().requires_grad_() for t in (x, w, b)]
-    ref = F.layer_norm(full[0], (WIDTH,), full[1], full[2], 1e-5)
-    (ref * up).sum().backward()
+    inputs, want = unsharded_case(WIDTH, rows=(7, 3), seed=5)
     sl = slice(dist.get_rank() * WIDTH // 2, (dist.get_rank() + 1) * WIDTH // 2)
-    results = {}
-    for kernel in ("eager", "triton"):
-        norm = TPLayerNorm(WIDTH, eps=1e-5, tp_group=group, kernel=kernel)
-        with torch.no_grad():
-            norm.weight.copy_(w[sl])
-            norm.bias.copy_(b[sl])
-        local_x = x[..., sl].clone().requires_grad_()
-        out = norm(local_x)
-        (out * up[..., sl]).sum().backward()
-        results[kernel] = [out.detach(), local_x.grad, norm.weight.grad, norm.bias.grad]
-    unsharded = [ref.detach()[..., sl], full[0].grad[..., sl], full[1].grad[sl], full[2].grad[sl]]
-    return {"triton_vs_eager": max((g - r).abs().max().item() for g, r in zip(results["triton"], results["eager"])),
-            "triton_vs_unsharded": max((g - r).abs().max().item() for g, r in zip(results["triton"], unsharded)),
-            "auto_picks_triton_on_cpu": use_triton("auto", x)}
+    got = {kernel: sharded_run(TPLayerNorm(WIDTH, eps=1e-5, tp_group=group, kernel=kernel), inputs, sl)
+           for kernel in ("eager", "triton")}
+    unsharded = [want[0][..., sl], want[1][..., sl], want[2][sl], want[3][sl]]
+    return {"triton_vs_eager": max_abs_diff(got["triton"], got["eager"]),
+            "triton_vs_unsharded": max_abs_diff(got["triton"], unsharded),
+            "auto_picks_triton_on_cpu": use_triton("auto", inputs[0])}
 
 
 def _rank(rank: int, store_path: str, out_dir: str) -> None:
