@@ -2,6 +2,10 @@
 
 Prints one JSON object per input line: {"input_ids": [...], "attention_mask": [...]}. Only the line
 break is removed from each line; other whitespace is part of the text, as the tokenizer expects.
+
+`python -m m2megatron.tokenize --check PATH [--golden tokenizer_golden_ids.json]` checks that PATH is the
+released M2-Encoder tokenizer (m2megatron/data/released_tokenizer.py): it prints `OK …` (exit 0) or one
+line naming the first mismatch (exit 1).
 """
 
 from __future__ import annotations
@@ -15,10 +19,18 @@ from m2megatron.cli import UserError, run_main
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m2megatron.tokenize", description=__doc__.splitlines()[0])
-    parser.add_argument("--sp-model", required=True, help="SentencePiece model (e.g. the reference sp.model)")
+    parser.add_argument("--sp-model", help="SentencePiece model (e.g. the reference sp.model)")
+    parser.add_argument("--check", metavar="FILE", help="check FILE against the released GLM tokenizer; print OK or "
+                                                        "the mismatch")
+    parser.add_argument("--golden", metavar="FILE", help="with --check: also compare every entry of this golden-ids "
+                                                         "file ({set: [{text, input_ids, attention_mask}]})")
     parser.add_argument("--max-length", type=int, default=52, help="tokens per row incl. [CLS] and <|endoftext|>")
     parser.add_argument("--batch", type=int, default=1024, help="lines encoded per batch")
     args = parser.parse_args(argv)
+    if args.check:
+        return _check(args.check, args.golden)
+    if not args.sp_model:
+        raise UserError("tokenize: give --sp-model FILE (encode stdin) or --check FILE")
 
     from m2megatron.data.tokenizer import Tokenizer
 
@@ -34,6 +46,20 @@ def main(argv: list[str] | None = None) -> int:
             _emit(tok, batch)
             batch = []
     _emit(tok, batch)
+    return 0
+
+
+def _check(path: str, golden: str | None) -> int:
+    from m2megatron.data.released_tokenizer import SHA256, VOCAB_SIZE, released_tokenizer_mismatch
+
+    try:
+        mismatch = released_tokenizer_mismatch(path, golden)
+    except ValueError as exc:
+        mismatch = str(exc)
+    if mismatch is not None:
+        print(f"MISMATCH {path}: {mismatch}")
+        return 1
+    print(f"OK {path}: the released M2-Encoder tokenizer ({VOCAB_SIZE:,} pieces, sha256 {SHA256})")
     return 0
 
 

@@ -17,7 +17,8 @@ import logging
 from pathlib import Path
 
 from m2megatron.eval.inputs import BadInputs
-from m2megatron.eval.sets import EvalSet, read_set, score_set, set_name
+from m2megatron.eval.scoring import score_set
+from m2megatron.eval.sets import EvalSet, read_set, set_name
 
 log = logging.getLogger("m2megatron.eval")
 KEY_PREFIX = "eval"

@@ -80,6 +80,14 @@ def _parse_caption_line(raw: bytes, where: str) -> tuple[str, list[str]]:
     return image, captions
 
 
+def _missing_folder(where: str, root: Path, folder: Path) -> str:
+    message = f"eval: {where}: image folder {folder} does not exist under the image root {root}"
+    if folder.name in ("train2014", "val2014"):  # COCO-CN, the reference coco-cn_test.jsonl: both splits
+        message += ("; COCO-CN takes images from both COCO 2014 splits: put train2014/ and val2014/ side by side "
+                    "under one image root (docs/REPRODUCE.md)")
+    return message
+
+
 def read_caption_jsonl(path: str | Path, image_root: str | Path, bad: BadInputs) -> list[Sample]:
     """The reference format: one {"image": relative path, "caption": [str, ...]} object per line."""
     path, root = Path(path), Path(image_root)
@@ -99,6 +107,8 @@ def read_caption_jsonl(path: str | Path, image_root: str | Path, bad: BadInputs)
                 bad.handle("bad_caption_line", str(exc))
                 continue
             image_path = root / image
+            if not image_path.parent.is_dir():  # a layout error, not a bad sample: never skipped
+                raise ValueError(_missing_folder(where, root, image_path.parent))
             if not image_path.is_file():
                 bad.handle("missing_image", f"{where}: image file {image_path} does not exist")
                 continue

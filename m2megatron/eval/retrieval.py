@@ -1,10 +1,11 @@
 """Image–text retrieval: R@1/5/10 both ways and MR, as the reference protocol (SPEC.md §6.1).
 
     python -m m2megatron.eval.retrieval --checkpoint CKPT --captions coco-cn_test.jsonl --image-root DIR \\
-        [--shards 'val-{000..009}.tar' | --wds DIR [--split test]] [--tokenizer sp.model] [--config recipe.yaml] \\
-        [--preset m2-0.4b] [--out DIR] [--name coco-cn] [--eval.batch_size=128] [--parallel.tensor_parallel=2 ...]
+        [--karpathy dataset_flickr30k.json [--split test] | --shards 'val-{000..009}.tar' | --wds DIR [--split test]] \\
+        [--tokenizer sp.model] [--config recipe.yaml] [--preset m2-0.4b] [--out DIR] [--name coco-cn] \\
+        [--eval.batch_size=128] [--parallel.tensor_parallel=2 ...]
 
-Without --captions/--shards/--wds it evaluates the held-out synthetic set of the config (data.synthetic_*).
+Without --captions/--karpathy/--shards/--wds it evaluates the held-out synthetic set of the config (data.synthetic_*).
 When the config's layout does not fit the launch (e.g. plain python on a TP2×PP2 run) it evaluates
 data-parallel only; an explicit --parallel.* is kept.
 Runs under plain python, torchrun or srun (one task per rank); see docs/EVAL.md.
@@ -17,10 +18,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from m2megatron.eval.batches import image_features, prepare_texts, text_features
 from m2megatron.eval.features import ReplicaEncoder
 from m2megatron.eval.metrics import CaptionIndex, retrieval_metrics
+from m2megatron.eval.sets import EvalSet, read_set, report_options, set_name
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +68,20 @@ def evaluate_retrieval(model_chunks, groups, images, captions: Sequence[Sequence
 
 
 def set_from_args(args):
-    """The EvalSet the command line names: --captions, --shards, --wds, or the synthetic held-out set."""
-    from m2megatron.eval.sets import EvalSet, set_name
-
-    given = [flag for flag, value in (("--captions", args.captions), ("--shards", args.shards), ("--wds", args.wds))
-             if value]
+    """The EvalSet the command line names: --captions, --karpathy, --shards, --wds, or the synthetic held-out set."""
+    inputs = (("--captions", args.captions), ("--karpathy", args.karpathy), ("--shards", args.shards),
+              ("--wds", args.wds))
+    given = [flag for flag, value in inputs if value]
     if len(given) > 1:
-        raise ValueError(f"retrieval: give one of --captions, --shards, --wds, not {' and '.join(given)}")
-    if args.image_root and not args.captions:
-        raise ValueError("retrieval: --image-root goes with --captions")
+        raise ValueError(f"retrieval: give one of --captions, --karpathy, --shards, --wds, not {' and '.join(given)}")
+    if args.image_root and not (args.captions or args.karpathy):
+        raise ValueError("retrieval: --image-root goes with --captions or --karpathy")
     if args.captions:
         return EvalSet(name=args.name or set_name(args.captions), kind="jsonl", source=(args.captions,),
                        image_root=args.image_root)
+    if args.karpathy:
+        return EvalSet(name=args.name or f"{Path(args.karpathy).stem}-{args.split}", kind="karpathy",
+                       source=(args.karpathy,), image_root=args.image_root, split=args.split)
     if args.shards:
         return EvalSet(name=args.name or set_name(args.shards[0]), kind="caption_shards", source=tuple(args.shards))
     if args.wds:
@@ -85,22 +90,42 @@ def set_from_args(args):
     return EvalSet(name=args.name or "synthetic", kind="synthetic")
 
 
+def one_caption_warning(spec: EvalSet, captions: Sequence[Sequence[str]]) -> str | None:
+    """A warning when an English Flickr30K / COCO set has one caption per image: the paper's table (the
+    Karpathy test protocol) has five, so its numbers are not comparable (docs/REPRODUCE.md)."""
+    source = Path(spec.source[0]).name.lower() if spec.source else ""
+    english_set = any(k in source for k in ("f30k", "flickr", "coco")) and "cn" not in source
+    if not english_set or any(len(c) > 1 for c in captions):
+        return None
+    return (f"retrieval: {spec.source[0]} has 1 caption per image, but the Flickr30K / COCO 5k protocol of the "
+            "paper has 5 (the Karpathy test split); use --karpathy dataset_flickr30k.json or CLIP_benchmark's "
+            "flickr30k (--wds) for numbers comparable with the paper (docs/REPRODUCE.md)")
+
+
 def main() -> int:
     from m2megatron.eval import launcher
-    from m2megatron.eval.sets import read_set, score_set
 
     parser = launcher.common_parser("python -m m2megatron.eval.retrieval", __doc__)
     parser.add_argument("--captions", help="caption jsonl in the reference format ({'image': path, 'caption': [..]})")
-    parser.add_argument("--image-root", help="folder the jsonl image paths are relative to (default: the jsonl's)")
+    parser.add_argument("--karpathy", help="a Karpathy split json (dataset_flickr30k.json, dataset_coco.json) or "
+                                           "CLIP_benchmark's flickr30k_<split>_karpathy.txt: every caption")
+    parser.add_argument("--image-root", help="folder the --captions / --karpathy image paths are relative to "
+                                             "(default: the file's folder)")
     parser.add_argument("--shards", nargs="+", help="webdataset shards (globs, {000..009} ranges) instead of jsonl")
     parser.add_argument("--wds", help="a CLIP_benchmark webdataset retrieval folder (dataset_type.txt: retrieval)")
-    parser.add_argument("--split", default="test", help="the split sub-folder of --wds (default: test)")
+    parser.add_argument("--split", default="test", help="the split sub-folder of --wds, or the split of a "
+                                                        "--karpathy json (default: test)")
     with launcher.session(parser) as s:
         spec = set_from_args(s.args)
         data = read_set(spec, s.cfg, s.bad)
         if data.task != "retrieval":
             raise ValueError(f"retrieval: {spec.source[0]} is a classification set; use m2megatron.eval.zeroshot")
-        s.write("retrieval", spec.name, score_set(s.model_chunks, s.groups, s.cfg, s.tokenizer, data))
+        warning = one_caption_warning(spec, data.captions)
+        if warning:
+            log.warning(warning)
+        report = retrieval_report(s.model_chunks, s.groups, data.images, data.captions, tokenizer=s.tokenizer,
+                                  **report_options(s.cfg, data))
+        s.write("retrieval", spec.name, {**report, **({"warning": warning} if warning else {})})
     return 0
 
 

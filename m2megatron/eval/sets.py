@@ -1,11 +1,13 @@
-"""One eval set, whatever its format: what to read (`EvalSet`), reading it (`read_set`) and scoring it with
-in-memory model stages (`score_set`). The launchers and evaluation during training both go through here,
-so every input kind is read and scored one way.
+"""One eval set, whatever its format: what to read (`EvalSet`) and reading it (`read_set`). The launchers and
+evaluation during training both read through here, so every input kind is read one way; scoring is
+`retrieval.retrieval_report` / `zeroshot.zeroshot_report` (both, by the set's task: `scoring.score_set`).
+Imports point one way: retrieval, zeroshot → sets → readers; scoring → retrieval, zeroshot, sets.
 
-Kinds: retrieval from a reference caption jsonl (`jsonl`), webdataset caption shards (`caption_shards`) or
-the held-out synthetic set (`synthetic`); zero-shot from a class-folder tree (`folder`), label shards
-(`label_shards`) or ImageNet-1k (`imagenet`); and CLIP_benchmark's webdataset format (`benchmark_wds`),
-either task, as its dataset_type.txt says.
+Kinds: retrieval from a reference caption jsonl (`jsonl`), a Karpathy split file (`karpathy`), webdataset
+caption shards (`caption_shards`) or the held-out synthetic set (`synthetic`); zero-shot from a class-folder
+tree (`folder`), label shards (`label_shards`), ImageNet-1k (`imagenet`) or a fine-grained set (`cub-200`,
+`stanford-dogs`, `stanford-cars`); and CLIP_benchmark's webdataset format (`benchmark_wds`), either task,
+as its dataset_type.txt says.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from m2megatron.eval.finegrained import DATASETS as FINE_GRAINED
 from m2megatron.eval.inputs import BadInputs, Sample
 
-RETRIEVAL_KINDS = ("jsonl", "caption_shards", "synthetic")
-ZEROSHOT_KINDS = ("folder", "label_shards", "imagenet")
+RETRIEVAL_KINDS = ("jsonl", "karpathy", "caption_shards", "synthetic")
+ZEROSHOT_KINDS = ("folder", "label_shards", "imagenet", *FINE_GRAINED)
 
 
 @dataclass(frozen=True)
@@ -25,19 +28,21 @@ class EvalSet:
     name: str
     """The set's name in results and metric keys."""
     kind: str
-    """jsonl, caption_shards, synthetic, folder, label_shards, imagenet or benchmark_wds."""
+    """jsonl, karpathy, caption_shards, synthetic, folder, label_shards, imagenet, cub-200, stanford-dogs, stanford-cars
+    or benchmark_wds."""
     source: tuple[str, ...] = ()
-    """The jsonl file, the folder, or the shard patterns."""
+    """The jsonl or Karpathy split file, the folder, or the shard patterns."""
     image_root: str | None = None
-    """jsonl: the folder the image paths are relative to (None: the jsonl's folder)."""
+    """jsonl, karpathy: the folder the image paths are relative to (None: the file's folder)."""
     classes: str | None = None
-    """A class-name file (folder: optional, the sub-folder names otherwise; label_shards: required)."""
+    """A class-name file (folder: optional, the sub-folder names otherwise; label_shards: required;
+    fine-grained sets: replaces the built-in names)."""
     lang: str = "en"
-    """imagenet: the language of the class names and templates (en, zh)."""
+    """imagenet and the fine-grained sets: the language of the class names and templates (en, zh)."""
     labels: str | None = None
     """imagenet: the labels file of the flat ILSVRC layout."""
     split: str = "test"
-    """benchmark_wds: the split sub-folder."""
+    """benchmark_wds: the split sub-folder; karpathy: the Karpathy split."""
 
 
 @dataclass
@@ -86,13 +91,39 @@ def _read_retrieval(spec: EvalSet, cfg, bad: BadInputs) -> SetData:
     if spec.kind == "jsonl":
         (path,) = spec.source
         return _retrieval(read_caption_jsonl(path, spec.image_root or Path(path).parent, bad))
+    if spec.kind == "karpathy":
+        from m2megatron.eval.karpathy import read_karpathy
+
+        (path,) = spec.source
+        return _retrieval(read_karpathy(path, spec.image_root or Path(path).parent, spec.split, bad))
     return _retrieval(read_caption_shards(list(spec.source), bad))
+
+
+def _read_fine_grained(spec: EvalSet, cfg, bad: BadInputs) -> SetData:
+    from m2megatron.eval import finegrained, imagenet
+    from m2megatron.eval.prompts import BUILTIN_TEMPLATES, check_templates, load_class_names
+
+    found = finegrained.read_fine_grained(spec.kind, spec.source[0], bad)
+    if spec.classes is not None:
+        names = load_class_names(spec.classes, folders=found.class_keys, num_labels=len(found.names["en"]))
+    elif spec.lang in found.names:
+        names = found.names[spec.lang]
+    else:
+        raise ValueError(f"{spec.kind}: no maintained {spec.lang} class names exist for this set (docs/REPRODUCE.md); "
+                         "pass your own class-name file with --classes FILE")
+    if cfg.eval.templates in BUILTIN_TEMPLATES:  # --lang picks the templates too
+        key = finegrained.templates_key(spec.kind, spec.lang)
+        templates = check_templates(imagenet.package_templates(spec.lang, key), f"clip-benchmark {spec.lang} {key}")
+        return _zeroshot(found.samples, names, templates, f"{spec.lang} {key}")
+    return _zeroshot(found.samples, names, *_config_templates(cfg))
 
 
 def _read_zeroshot(spec: EvalSet, cfg, bad: BadInputs) -> SetData:
     from m2megatron.eval.inputs import read_image_folder, read_label_shards
     from m2megatron.eval.prompts import BUILTIN_TEMPLATES, check_templates, load_class_names
 
+    if spec.kind in FINE_GRAINED:
+        return _read_fine_grained(spec, cfg, bad)
     if spec.kind == "imagenet":
         from m2megatron.eval import imagenet
 
@@ -147,17 +178,7 @@ def read_set(spec: EvalSet, cfg, bad: BadInputs) -> SetData:
     raise ValueError(f"eval: unknown set kind {spec.kind!r}")
 
 
-def score_set(model_chunks, groups, cfg, tokenizer, data: SetData) -> dict:
-    """The retrieval or zero-shot report of `data` (collective: every rank of the job calls it)."""
-    from m2megatron.eval.retrieval import retrieval_report
-    from m2megatron.eval.zeroshot import zeroshot_report
-
-    common = dict(tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
-                  reference_text_preprocessing=cfg.eval.reference_text_preprocessing, decoder=cfg.eval.decoder,
-                  num_workers=cfg.eval.num_workers, where=data.where)
-    if data.task == "retrieval":
-        return retrieval_report(model_chunks, groups, data.images, data.captions, **common)
-    report = zeroshot_report(model_chunks, groups, data.images, data.labels, data.class_names, data.templates,
-                             **common)
-    report["templates"] = data.templates_source
-    return report
+def report_options(cfg, data: SetData) -> dict:
+    """The keyword arguments of retrieval_report / zeroshot_report that the config and the set decide."""
+    return dict(batch_size=cfg.eval.batch_size, reference_text_preprocessing=cfg.eval.reference_text_preprocessing,
+                decoder=cfg.eval.decoder, num_workers=cfg.eval.num_workers, where=data.where)

@@ -98,7 +98,8 @@ def test_evaluate_configured_sets_scores_every_set_like_the_launchers_and_counts
     from m2megatron.config import ParallelConfig
     from m2megatron.eval.during_training import evaluate_configured_sets
     from m2megatron.eval.launcher import build_eval_model, resolve_tokenizer
-    from m2megatron.eval.sets import EvalSet, read_set, score_set
+    from m2megatron.eval.scoring import score_set
+    from m2megatron.eval.sets import EvalSet, read_set
     from m2megatron.parallel import initialize, seed_everything, shutdown
 
     lines = (sets / "captions.jsonl").read_text().splitlines()
