@@ -67,3 +67,4 @@ def write_jsonl_set(root: str | Path, *, num_samples: int, seed: int = 6, image_
         lines.append(json.dumps({"image": name, "caption": [scenes[i].caption]}, ensure_ascii=False))
     (root / "set.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root / "set.jsonl"
+

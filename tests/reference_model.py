@@ -1,13 +1,12 @@
-"""Test support for the model tests: the torchscale reference (its one home is
-m2megatron.checkpoint.reference_model, shared with tools/bench_model.py), sample inputs, and a one-process
-world with Megatron groups.
+"""Test support for the model tests: the torchscale reference (tests/reference_torchscale.py, shared with
+tools/bench_model.py), sample inputs, and a one-process world with Megatron groups.
 """
 
 from __future__ import annotations
 
 import torch
 
-from m2megatron.checkpoint.reference_model import (  # noqa: F401 - re-exported for the tests
+from tests.reference_torchscale import (  # noqa: F401 - re-exported for the tests
     ReferenceM2,
     randomize_,
     tiny_reference,

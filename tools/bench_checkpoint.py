@@ -39,8 +39,8 @@ def _timed(fn):
 def _publish_time(ckpt) -> float:
     """Wait until the background writer is done, then time the poll() that publishes the checkpoint."""
     while True:
-        process = ckpt._queue.async_calls[0].async_caller.process if ckpt._queue.async_calls else None
-        if process is None or not process.is_alive():
+        writer = ckpt._queue.async_calls[0].async_caller.thread if ckpt._queue.async_calls else None
+        if writer is None or not writer.is_alive():
             break
         time.sleep(0.05)
     started = time.perf_counter()

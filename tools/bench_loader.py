@@ -2,16 +2,21 @@
 
     python tools/bench_loader.py --make 512 [--workers 1 2] [--rounds 5] [--batches 8] [--batch 32]
     python tools/bench_loader.py --shards 'data/shards/*.tar' [--tokenizer sp.model]
+    python tools/bench_loader.py --mixture [--make 512]  # three weighted sources: ours vs webdataset's RandomMix
     python tools/bench_loader.py --tp-decode [--tp 2]   # StageBatches: broadcast vs split decoding over TP
     python tools/bench_loader.py --dali-mixed           # one line: DALI mixed loader figure (NGC GPU host)
 
 Both pipelines do the same work on the same shards: read tar → PIL decode → augment (random resized
 crop inside the bicubic resize to --image-size, horizontal flip) → tokenize the caption (our SentencePiece
-tokenizer) → batches of uint8 [b, 3, S, S] + ids/masks (the trainer normalizes on the device; figures before
-2026-12-07 normalized to float32 on the host in both). The peer is what a user
+tokenizer) → batches of uint8 [b, 3, S, S] + ids/masks (the trainer normalizes on the device; the figures in
+docs/DATA.md were measured when both normalized to float32 on the host). The peer is what a user
 would otherwise write: `wds.WebDataset(...).decode("pil").to_tuple(...).map(preprocess).batched(b)`
 in a `DataLoader` with PIL worker processes. Ours is `build_train_loader` with `data.num_workers` PIL
 worker processes.
+
+With --mixture the shards are dealt into three sources mixed 0.5 / 0.3 / 0.2: ours is `data.sources` with
+2 open shards per source; the peer is webdataset's `RandomMix` over three such WebDataset pipelines (the
+same probabilities) in a DataLoader with default collation.
 
 Rounds alternate between the pipelines (and worker counts); while one runs, the other's worker
 processes are stopped (SIGSTOP), so all CPU time of the process tree (this process and all children,
@@ -84,26 +89,48 @@ class PeerPreprocess:
         return torch.from_numpy(image), torch.tensor(ids), torch.tensor(mask)
 
 
-def peer_loader(shards: list[str], tokenizer, size: int, batch: int, workers: int):
+MIXTURE_WEIGHTS = (0.5, 0.3, 0.2)
+
+
+def mixture_sources(shards: list[str]) -> list[list[str]]:
+    """The shards dealt into len(MIXTURE_WEIGHTS) sources."""
+    if len(shards) < len(MIXTURE_WEIGHTS):
+        raise UserError(f"bench_loader --mixture: needs at least {len(MIXTURE_WEIGHTS)} shards, got {len(shards)}")
+    return [shards[i::len(MIXTURE_WEIGHTS)] for i in range(len(MIXTURE_WEIGHTS))]
+
+
+def peer_loader(shards: list[str], tokenizer, size: int, batch: int, workers: int, mixture: bool = False):
     """webdataset + DataLoader with `workers` PIL worker processes; returns (iterator, worker pids)."""
     import webdataset as wds
     from torch.utils.data import DataLoader
 
-    dataset = (wds.WebDataset(shards, resampled=True, shardshuffle=False, nodesplitter=None)
-               .decode("pil").to_tuple("jpg;jpeg;png;webp", "txt")
-               .map(PeerPreprocess(tokenizer, size)).batched(batch, partial=False))
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=True, prefetch_factor=2)
+    def pipeline(urls):
+        return (wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=None)
+                .decode("pil").to_tuple("jpg;jpeg;png;webp", "txt").map(PeerPreprocess(tokenizer, size)))
+
+    if mixture:
+        dataset = wds.RandomMix([pipeline(s) for s in mixture_sources(shards)], list(MIXTURE_WEIGHTS))
+        loader = DataLoader(dataset, batch_size=batch, num_workers=workers, persistent_workers=True,
+                            prefetch_factor=2)
+    else:
+        loader = DataLoader(pipeline(shards).batched(batch, partial=False), batch_size=None, num_workers=workers,
+                            persistent_workers=True, prefetch_factor=2)
     it = iter(loader)
     next(it)  # starts the workers
     return it, [w.pid for w in it._workers]
 
 
-def our_loader(shards: list[str], tokenizer, size: int, batch: int, workers: int):
+def our_loader(shards: list[str], tokenizer, size: int, batch: int, workers: int, mixture: bool = False):
     from m2megatron.config.data import DataConfig
+    from m2megatron.config.data_source import SourceConfig
     from m2megatron.data.build import build_train_loader
 
     cfg = DataConfig(source="webdataset", shards=shards, decoder="pil", num_workers=workers, augment=True,
                      prefetch=2)
+    if mixture:
+        cfg.shards, cfg.open_shards = [], 2
+        cfg.sources = [SourceConfig(name=f"s{i}", shards=s, weight=w)
+                       for i, (s, w) in enumerate(zip(mixture_sources(shards), MIXTURE_WEIGHTS))]
     loader = build_train_loader(cfg, tokenizer=tokenizer, image_size=size, micro_batch_size=batch, gpu=False)
     next(loader)  # starts the workers
     return loader, loader.decoder.pids
@@ -150,9 +177,9 @@ def compare(args, shards: list[str], tokenizer) -> list[str]:
     # The peer's DataLoader forks its workers: start them before our loaders start any thread.
     pipes = {}
     for w in args.workers:
-        pipes[("peer", w)] = peer_loader(shards, tokenizer, args.image_size, args.batch, w)
+        pipes[("peer", w)] = peer_loader(shards, tokenizer, args.image_size, args.batch, w, args.mixture)
     for w in args.workers:
-        pipes[("ours", w)] = our_loader(shards, tokenizer, args.image_size, args.batch, w)
+        pipes[("ours", w)] = our_loader(shards, tokenizer, args.image_size, args.batch, w, args.mixture)
     every_pid = [p for _, pids in pipes.values() for p in pids]
     signal_all(every_pid, resume=False)
     per_core = {k: [] for k in pipes}
@@ -174,7 +201,8 @@ def compare(args, shards: list[str], tokenizer) -> list[str]:
                      f"{statistics.median(wall[key]):7.1f} img/s wall")
     for w in args.workers:
         ratio = statistics.median(per_core[("ours", w)]) / statistics.median(per_core[("peer", w)])
-        lines.append(f"ratio ours/peer (img/s per core), workers={w}: {ratio:.2f}")
+        what = "three-source mixture ours/RandomMix" if args.mixture else "ours/peer"
+        lines.append(f"ratio {what} (img/s per core), workers={w}: {ratio:.2f}")
     return lines
 
 
@@ -299,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=8, help="batches (steps with --tp-decode) per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="PIL worker processes")
+    parser.add_argument("--mixture", action="store_true", help="three weighted sources: ours vs webdataset RandomMix")
     parser.add_argument("--tp-decode", action="store_true", help="instead: StageBatches broadcast vs split")
     parser.add_argument("--tp", type=int, default=2, help="TP ranks for --tp-decode")
     parser.add_argument("--tp-workers", type=int, default=1, help="the reading rank's num_workers (--tp-decode)")

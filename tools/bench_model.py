@@ -45,6 +45,7 @@ import json
 import os
 import socket
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -106,11 +107,12 @@ def reference_embeddings(ref, pixels, ids, mask):
 
 
 def build_pair(shape: str, groups):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the reference is a test fixture (tests/)
     from m2megatron.checkpoint.reference_format import infer_model_config, reference_to_ours
-    from m2megatron.checkpoint.reference_model import ReferenceM2, randomize_
     from m2megatron.config import RunConfig
     from m2megatron.models import load_full_state_dict
     from m2megatron.runtime import build_stages
+    from tests.reference_torchscale import ReferenceM2, randomize_
 
     ref = ReferenceM2(**SHAPES[shape]).train()
     randomize_(ref, seed=0)

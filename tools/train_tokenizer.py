@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.input) == args.synthetic:
         raise UserError("train_tokenizer: give either --input FILES or --synthetic")
 
-    from m2megatron.data.sp_train import train_sentencepiece
+    from m2megatron.data.sp_train import SPECIAL_PIECES, train_sentencepiece
     from m2megatron.data.synthetic import all_captions
     from m2megatron.data.tokenizer import Tokenizer
 
@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"train_tokenizer: {exc}") from None
     tok = Tokenizer(out)
     print(f"wrote {out}: {tok.vocab_size} pieces, [CLS]={tok.cls_id} <|endoftext|>={tok.eos_id}")
+    own = tok.vocab_size - len(SPECIAL_PIECES)
+    if own < args.vocab_size:
+        print(f"note: the corpus gave only {own} of the {args.vocab_size} pieces asked for (--vocab-size): "
+              f"SentencePiece found no more merges; the model has {own} + {len(SPECIAL_PIECES)} special pieces. "
+              "Train on a larger corpus for the full size (a model's vocabulary follows its tokenizer).",
+              file=sys.stderr)
     return 0
 
 

@@ -10,10 +10,8 @@ A save writes everything into a `.tmp.*` directory, then renames it to `iter_NNN
 `rename` on a POSIX file system), then rewrites `latest` through a temporary file and `os.replace`.
 A SIGKILL at any moment therefore leaves `latest` naming a complete checkpoint (or missing). A
 checkpoint is complete when its directory has the `iter_` name and holds `m2meta.json`, which is
-written last inside the temporary directory.
-
-`M2_CKPT_CRASH_AT=<point>` makes the saving process SIGKILL itself at a named point; the crash
-safety tests use it. Points, in order: after_shards, before_rename, before_latest, after_latest.
+written last inside the temporary directory. (tests/distributed/test_checkpoint_crash.py SIGKILLs a save
+at each step of this sequence.)
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import uuid
 from pathlib import Path
 
@@ -30,20 +27,11 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 META_NAME = "m2meta.json"
-CRASH_ENV = "M2_CKPT_CRASH_AT"
-CRASH_POINTS = ("after_shards", "before_rename", "before_latest", "after_latest")
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
 
 def iter_name(step: int) -> str:
     return f"iter_{step:07d}"
-
-
-def crash_point(name: str) -> None:
-    """Test hook: SIGKILL this process when M2_CKPT_CRASH_AT names this point."""
-    assert name in CRASH_POINTS, name
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def new_temp_dir(root: Path, step: int, nonce: str | None = None) -> Path:
@@ -79,7 +67,6 @@ def complete_checkpoints(root: Path) -> list[Path]:
 def publish(temp_dir: Path, root: Path, step: int) -> Path:
     """Rename a finished temporary directory into place and point `latest` at it (rank 0 only)."""
     final = root / iter_name(step)
-    crash_point("before_rename")
     if final.exists():
         # Re-saving the same step (e.g. after a resume without progress): keep the old one until
         # the new one is complete, then swap. The window where neither exists is covered by
@@ -91,9 +78,7 @@ def publish(temp_dir: Path, root: Path, step: int) -> Path:
     else:
         os.rename(temp_dir, final)
     fsync_dir(root)
-    crash_point("before_latest")
     write_latest(root, final.name)
-    crash_point("after_latest")
     return final
 
 

@@ -182,10 +182,10 @@ def load_consolidated(file: str | Path, model_chunks: list, groups) -> None:
     if m2_format:  # the project's consolidated M2 file: local names, unpadded vocab (docs/MODEL.md)
         from megatron.core.utils import unwrap_model
 
-        from m2megatron.checkpoint.files import load_consolidated as read_m2_file
+        from m2megatron.checkpoint.files import read_consolidated
         from m2megatron.models import load_full_state_dict
 
-        _, full, _ = read_m2_file(file)
+        _, full, _ = read_consolidated(file)
         for chunk in unwrap_model(model_chunks):
             load_full_state_dict(chunk, full)
         return

@@ -83,8 +83,9 @@ def save_consolidated(path: str | Path, full: dict[str, torch.Tensor], cfg: Mode
     save_file(tensors, str(path), metadata=meta)
 
 
-def load_consolidated(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(model config, full state dict, unused reference tensors) of a consolidated file."""
+def read_consolidated(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(model config, full state dict, unused reference tensors) of a consolidated file, read into memory.
+    To load one into model chunks at any layout: checkpoint.consolidate.load_consolidated."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -122,7 +123,7 @@ def load_any(path: str | Path, *, num_heads: int | None = None, preset: str | No
         raise CheckpointError(f"{path}: a directory; distributed checkpoints must be consolidated to one "
                         f".safetensors file first")
     if is_consolidated(path):
-        cfg, full, unused = load_consolidated(path)
+        cfg, full, unused = read_consolidated(path)
         if num_heads and num_heads != cfg.num_attention_heads:
             raise CheckpointError(f"--num-heads {num_heads}: {path} was saved with {cfg.num_attention_heads} heads")
         return cfg, full, unused
@@ -162,7 +163,7 @@ def export_reference(src: str | Path, dst: str | Path, *, wrap: str = "none") ->
         raise CheckpointError(f"--wrap: {wrap!r} is not one of {list(WRAPS)}")
     if not is_consolidated(src):
         raise CheckpointError(f"{src}: not an m2megatron consolidated .safetensors file")
-    cfg, full, unused = load_consolidated(src)
+    cfg, full, unused = read_consolidated(src)
     ref = ours_to_reference(full, cfg, unused)
     if wrap == "module":
         ref = {_DS_PREFIX + k: v for k, v in ref.items()}

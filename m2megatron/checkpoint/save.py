@@ -9,11 +9,13 @@ Writing is spread over the data-parallel replicas: Megatron's FullyParallelSaveS
 DP rank an even share of the tensors its replicas all hold (weights, the distributed optimizer's gathered
 state), so every rank writes about 1/DP of its model-parallel shard.
 
-Each rank checksums only the files it wrote (size + CRC-32 for the manifest): with async saves inside the
-background writer, after its write, so the training process never re-reads a shard; with sync saves right
-after its own write. Async saves use Megatron's AsyncCallsQueue with a forked writer process
-(TemporalAsyncCaller): the fork is a copy-on-write snapshot, so training may update parameters in place
-while the child writes.
+Each rank checksums only the files it wrote (size + CRC-32 for the manifest), right after writing them
+(in the background writer for async saves), so nothing re-reads a shard.
+
+No save forks the trainer (checkpoint/threaded_writer.py): Megatron's file writer runs in threads of this
+process. An async save copies this rank's tensors to host memory when it is scheduled (the snapshot), then
+a thread writes them while training goes on; Megatron's AsyncCallsQueue polls and finalizes it on all
+ranks.
 """
 
 from __future__ import annotations
@@ -29,10 +31,9 @@ from pathlib import Path
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-from m2megatron.checkpoint import atomic, manifest, optimizer_state, state
+from m2megatron.checkpoint import atomic, manifest, optimizer_state, state, threaded_writer
 from m2megatron.checkpoint.safety import COMMON_FILE, DCP_METADATA_FILE, describe_files
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Checkpointer:
         self.groups = groups
         self.keep_last = keep_last
         self.async_save = async_save
-        self._queue = AsyncCallsQueue(persistent=False) if async_save else None
+        self._queue = threaded_writer.threaded_calls_queue() if async_save else None
         self._pending: dict[int, int] = {}  # async call index -> step
         self._pruning: threading.Thread | None = None
 
@@ -62,6 +63,8 @@ class Checkpointer:
                                                 config, extra_state, rank_state)
         request = dist_checkpointing.save(sharded, str(temp), sharded_strategy=save_strategy(self.groups),
                                           async_sharded_save=True, validate_access_integrity=True)
+        request = threaded_writer.for_background(request) if self._queue is not None \
+            else threaded_writer.without_forks(request)
         if request.async_fn is not None:  # checksum this rank's files where they are written
             request = request._replace(async_fn=functools.partial(_write_then_checksum, request.async_fn,
                                                                   str(temp), dist.get_rank()))
@@ -92,7 +95,6 @@ class Checkpointer:
         self.wait()
 
     def _finalize(self, temp: Path, step: int, meta_parts: dict, started: float) -> None:
-        atomic.crash_point("after_shards")
         rank = dist.get_rank()
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, own_file_checksums(temp, rank))
@@ -134,7 +136,7 @@ def _checksum_file(temp: Path, rank: int) -> Path:
 
 
 def _write_then_checksum(write_fn, temp: str, rank: int, *args, **kwargs) -> None:
-    """The writer's job (in the forked background writer, or in-process for a sync save): write this rank's
+    """The writer's job (in the background writer thread, or inline for a sync save): write this rank's
     shards, then record their sizes and CRC-32s for the manifest."""
     write_fn(*args, **kwargs)
     temp_dir = Path(temp)

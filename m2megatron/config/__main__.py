@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 
 import yaml
 
@@ -24,8 +25,11 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
         sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
         if dataclasses.is_dataclass(sub):
             lines += describe(type(sub), f"{prefix}{f.name}.")
-        else:
-            lines.append(f"{prefix}{f.name}: {docs.get(f.name, '')}")
+            continue
+        lines.append(f"{prefix}{f.name}: {docs.get(f.name, '')}")
+        item = typing.get_args(typing.get_type_hints(cls)[f.name])
+        if isinstance(sub, list) and item and dataclasses.is_dataclass(item[0]):  # e.g. data.sources[i].name
+            lines += describe(item[0], f"{prefix}{f.name}[i].")
     return lines
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from m2megatron.config.base import ConfigError
+from m2megatron.config.data_source import SourceConfig, parse_filter, validate_sources
 
 
 @dataclass(kw_only=True)
@@ -13,9 +14,30 @@ class DataConfig:
     source: Literal["synthetic", "webdataset", "jsonl"] = "synthetic"
     """Training data: the built-in synthetic bilingual scenes, webdataset tar shards, or a reference-format jsonl."""
     shards: list[str] = field(default_factory=list)
-    """Webdataset shard paths, globs, {000..009} ranges or @list.txt files of paths (source=webdataset); needs at
-    least one shard per DP rank. Shards are not checked up front: a missing one is an error naming it when
-    its reading rank opens it."""
+    """Webdataset shard paths, globs, {000..009} ranges or @list.txt files of paths, pipe:<command>s or fsspec
+    URLs (source=webdataset; the one-source shorthand of data.sources); needs at least one shard per DP rank.
+    Training checks no shard up front (the dry run checks the first few): a missing or unreadable one is a
+    counted skip naming it when its reading rank opens it (see max_failed_shard_fraction)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture of named webdataset sources (source=webdataset; instead of data.shards): each with
+    its shards, weight, caption fields, language and open_shards (m2megatron/config/data_source.py,
+    docs/DATA.md "Training on a BM-6B-like mixture"). data.shards is the one-source shorthand."""
+    open_shards: int = 1
+    """Shards of each source that every reading rank reads interleaved (a sample at a time, seeded), so that
+    a microbatch mixes shards; each open shard holds one block of shuffle_block records in memory."""
+    filters: list[str] = field(default_factory=list)
+    """Sample filters of every webdataset source, each `<subject> <op> <value>`: subject json:<key> (a field of
+    the .json member), caption_chars (the caption's length in characters) or aspect_ratio (long / short side
+    from the image header); op >= > <= < == != (strings: == and != only). A sample that fails one is a
+    counted skip (filtered_metadata, filtered_caption_length, filtered_aspect_ratio). The paper's:
+    ["caption_chars >= 5", "aspect_ratio <= 3", "json:similarity >= 0.25"]."""
+    max_failed_shard_fraction: float = 0.01
+    """Shards that cannot be read (missing, unreadable, a failing pipe: command) are skipped, counted
+    (unreadable_shard) and logged by name; a reading rank stops the job when more than this fraction of its
+    share of a source's shards (the source's shards / DP size) failed. 0: any failure stops it."""
+    resampled: bool = False
+    """Draw each source's shards with replacement (no epochs, as OpenCLIP's --dataset-resampled) instead of
+    reading every shard once per source epoch."""
     jsonl: str | None = None
     """Reference-format jsonl ({"image": path, "caption": [...]}) for source=jsonl."""
     image_root: str | None = None
@@ -66,8 +88,21 @@ class DataConfig:
     """Caption language of synthetic data: English, Chinese, or a random mix (eval: both captions per image)."""
 
     def validate(self) -> None:
-        if self.source == "webdataset" and not self.shards:
-            raise ConfigError("data.shards: source=webdataset needs at least one shard path")
+        if self.sources:
+            if self.source != "webdataset":
+                raise ConfigError(f"data.sources: a mixture of webdataset sources needs data.source=webdataset, "
+                                  f"not {self.source}")
+            if self.shards:
+                raise ConfigError("data.shards: set data.shards (one source) or data.sources (a mixture), not both")
+            validate_sources(self.sources)
+        elif self.source == "webdataset" and not self.shards:
+            raise ConfigError("data.shards: source=webdataset needs at least one shard path (or data.sources)")
+        for i, text in enumerate(self.filters):
+            parse_filter(text, f"data.filters[{i}]")
+        if not 0.0 <= self.max_failed_shard_fraction <= 1.0:
+            raise ConfigError(f"data.max_failed_shard_fraction: {self.max_failed_shard_fraction} is not in [0, 1]")
+        if self.open_shards < 1:
+            raise ConfigError(f"data.open_shards: must be >= 1, got {self.open_shards}")
         if self.source == "jsonl" and not self.jsonl:
             raise ConfigError("data.jsonl: source=jsonl needs the jsonl path")
         if self.num_workers < 0:
@@ -85,3 +120,21 @@ class DataConfig:
         if self.synthetic_eval_samples > 384:
             raise ConfigError(f"data.synthetic_eval_samples: at most 384 distinct scenes exist, got "
                               f"{self.synthetic_eval_samples}")
+
+    def webdataset_sources(self) -> list[SourceConfig]:
+        """data.sources, or data.shards as one source named "default"."""
+        return list(self.sources) or [SourceConfig(name="default", shards=list(self.shards))]
+
+    def is_mixture(self) -> bool:
+        """Read through the mixture reader (m2megatron.data.mixture) rather than the plain shard reader:
+        several sources, interleaved open shards or resampling."""
+        return self.source == "webdataset" and (bool(self.sources) or self.open_shards > 1 or self.resampled)
+
+    def samples_seen_keys(self) -> list[str]:
+        """The per-source and per-language sample counts a webdataset run logs (samples_seen/<key>): source
+        names, then "lang/<tag>" for every language tag the sources name (und: untagged)."""
+        if self.source != "webdataset":
+            return []
+        sources = self.webdataset_sources()
+        tags = {t for s in sources for t in (s.language or "und", *s.caption_languages.values())}
+        return [s.name for s in sources] + [f"lang/{t}" for t in sorted(tags)]

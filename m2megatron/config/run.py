@@ -19,6 +19,7 @@ from m2megatron.config.checkpoint import CheckpointConfig
 from m2megatron.config.data import DataConfig
 from m2megatron.config.eval import EvalConfig
 from m2megatron.config.launch import LaunchConfig
+from m2megatron.config.logging import LoggingConfig
 from m2megatron.config.loss import LossConfig
 from m2megatron.config.model import ModelConfig, preset
 from m2megatron.config.optim import OptimConfig
@@ -42,6 +43,8 @@ class RunConfig:
     """Optimizer and LR schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Steps, batch sizes, precision, logging."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Phase timers, stragglers, loss spikes, wandb."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint saving and loading."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -53,7 +56,8 @@ class RunConfig:
         """Raise ConfigError naming the first bad setting; return self for chaining."""
         self.model.validate()
         self.parallel.validate(world_size, self.model.num_attention_heads, self.model.num_layers)
-        for part in (self.data, self.loss, self.optim, self.train, self.checkpoint, self.eval, self.launch):
+        for part in (self.data, self.loss, self.optim, self.train, self.logging, self.checkpoint, self.eval,
+                     self.launch):
             part.validate()
         if self.loss.accumulation_steps > 1 and self.parallel.virtual_pipeline:
             raise ConfigError("loss.accumulation_steps: not supported together with parallel.virtual_pipeline")

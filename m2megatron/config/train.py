@@ -40,6 +40,14 @@ class TrainConfig:
     """Write TensorBoard event files under run_dir/tensorboard."""
     max_nonfinite_steps: int = 5
     """Stop after this many consecutive steps with a NaN/Inf loss or gradient (each is skipped and logged)."""
+    exit_interval: int | None = None
+    """Stop after every step that is a multiple of this, with a checkpoint, as Megatron-LM's --exit-interval
+    (the LR schedule still runs over train_steps; restart the run to go on). None: never."""
+    exit_duration_minutes: float | None = None
+    """Wall-clock budget in minutes, counted from the start of each rank's process: once it is used up, stop
+    at the next step boundary, save and mark the run for a requeue as a preemption does (docs/SLURM.md), as
+    Megatron-LM's --exit-duration-in-mins. Set it below the job's time limit by at least one step and one
+    save. None: no budget."""
     eval_at_end: bool = True
     """Run zero-shot retrieval on the held-out set when training finishes and write results.json."""
 
@@ -47,3 +55,7 @@ class TrainConfig:
         for name in ("train_steps", "micro_batch_size", "log_interval", "recompute_num_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.exit_interval is not None and self.exit_interval < 1:
+            raise ConfigError(f"train.exit_interval: must be >= 1 or null, got {self.exit_interval}")
+        if self.exit_duration_minutes is not None and not self.exit_duration_minutes > 0:
+            raise ConfigError(f"train.exit_duration_minutes: must be > 0 or null, got {self.exit_duration_minutes}")

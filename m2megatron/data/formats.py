@@ -20,14 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from m2megatron.config.base import ConfigError
+from m2megatron.data.shard_open import ShardError, is_remote, open_tar  # noqa: F401 - ShardError is importable from here
 from m2megatron.data.skips import BadSample
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IMAGE_SUFFIXES = {"." + e for e in IMAGE_EXTS}
-
-
-class ShardError(ValueError):
-    """A shard or data file that cannot be read at all (named in the message)."""
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what a glob of shards keeps
 
 
 @dataclass
@@ -44,12 +42,9 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def iter_tar_records(path: str, start: int = 0) -> Iterator[TarRecord | BadSample]:
-    """Records of a tar shard from record number `start` on; a cut-short shard ends with BadSample."""
-    try:
-        tf = tarfile.open(path, "r:*")
-    except (OSError, tarfile.TarError, EOFError) as exc:
-        raise ShardError(f"cannot open shard {path}: {exc}") from None
-    with tf:
+    """Records of a tar shard (a path, pipe: command or URL: shard_open) from record number `start` on; a
+    cut-short shard ends with BadSample; one that cannot be opened raises ShardError."""
+    with open_tar(path) as tf:
         index, key, members = -1, None, {}
         try:
             for member in _members(tf):
@@ -76,22 +71,35 @@ def _members(tf: tarfile.TarFile):
 
 def record_sample(record: TarRecord) -> tuple[bytes, list[str]]:
     """(image bytes, captions) of a record, or BadSample."""
-    image = next((record.members[e] for e in IMAGE_EXTS if e in record.members), None)
-    if image is None:
-        raise BadSample("missing_image", record.key)
+    image = record_image(record)
     if "txt" in record.members:
-        captions = [_utf8(record.members["txt"], record.key)]
+        captions = [utf8(record.members["txt"], record.key)]
     elif "json" in record.members:
-        try:
-            meta = json.loads(_utf8(record.members["json"], record.key))
-        except json.JSONDecodeError:
-            raise BadSample("bad_json", record.key) from None
-        if not isinstance(meta, dict):
-            raise BadSample("bad_json", record.key)
-        captions = caption_list(meta.get("caption"), record.key)
+        captions = caption_list(record_json(record).get("caption"), record.key)
     else:
         raise BadSample("missing_caption", record.key)
     return image, captions
+
+
+def record_image(record: TarRecord) -> bytes:
+    """The record's image bytes (jpg/jpeg/png/webp member), or BadSample("missing_image")."""
+    image = next((record.members[e] for e in IMAGE_EXTS if e in record.members), None)
+    if image is None:
+        raise BadSample("missing_image", record.key)
+    return image
+
+
+def record_json(record: TarRecord) -> dict | None:
+    """The record's .json member as a dict (None when it has none), or BadSample("bad_json")."""
+    if "json" not in record.members:
+        return None
+    try:
+        meta = json.loads(utf8(record.members["json"], record.key))
+    except json.JSONDecodeError:
+        raise BadSample("bad_json", record.key) from None
+    if not isinstance(meta, dict):
+        raise BadSample("bad_json", record.key)
+    return meta
 
 
 def caption_list(value, where: str) -> list[str]:
@@ -107,44 +115,47 @@ def caption_list(value, where: str) -> list[str]:
     return captions
 
 
-def _utf8(data: bytes, where: str) -> str:
+def utf8(data: bytes, where: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise BadSample("bad_utf8", where) from None
 
 
-def expand_shards(patterns: list[str]) -> list[str]:
-    """Expand `{000..009}` ranges, globs and `@list.txt` files (one shard path per line, relative paths from
-    the list's folder); each pattern must match something (ConfigError otherwise).
+def expand_shards(patterns: list[str], setting: str = "data.shards") -> list[str]:
+    """Expand `{000..009}` ranges, globs (which keep only .tar/.tar.gz/.tgz files) and `@list.txt` files (one
+    shard path per line, relative paths from the list's folder); each pattern must match something
+    (ConfigError otherwise). pipe: commands and URLs get their ranges expanded, never globbed.
 
     Ranges and list files touch no shard (nothing is stat-ed: at 600k shards that is a metadata storm);
     a glob lists its directories."""
     shards: list[str] = []
     for pattern in patterns:
         if pattern.startswith("@"):
-            shards.extend(_read_shard_list(pattern[1:]))
+            shards.extend(_read_shard_list(pattern[1:], setting))
             continue
         matched = []
         for p in _brace_expand(pattern):
-            hits = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
-            matched.extend(hits)
+            if glob.has_magic(p) and not is_remote(p):  # tars only: img2dataset puts .parquet and .json beside
+                matched.extend(h for h in sorted(glob.glob(p)) if h.endswith(SHARD_SUFFIXES))
+            else:
+                matched.append(p)
         if not matched:
-            raise ConfigError(f"data.shards: {pattern!r} matches no file")
+            raise ConfigError(f"{setting}: {pattern!r} matches no file")
         shards.extend(matched)
     return shards
 
 
-def _read_shard_list(path: str) -> list[str]:
+def _read_shard_list(path: str, setting: str) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise ConfigError(f"data.shards: cannot read the shard list {path}: {exc.strerror}") from None
+        raise ConfigError(f"{setting}: cannot read the shard list {path}: {exc.strerror}") from None
     folder = Path(path).parent
-    shards = [str(folder / line.strip()) if not os.path.isabs(line.strip()) else line.strip()
+    shards = [line.strip() if os.path.isabs(line.strip()) or is_remote(line.strip()) else str(folder / line.strip())
               for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not shards:
-        raise ConfigError(f"data.shards: the shard list {path} names no shard")
+        raise ConfigError(f"{setting}: the shard list {path} names no shard")
     return shards
 
 

@@ -26,6 +26,7 @@ the saved epochs that no saved rank had returned, shared out over this run's ran
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -37,7 +38,6 @@ import numpy as np
 import torch
 
 from m2megatron.data.image import FULL_BOX, Augment, ImageLimits, probe_image, to_chw_uint8
-from m2megatron.data.position import Work, redistribute, units_left
 from m2megatron.data.skips import BadSample, SkipCounter
 
 log = logging.getLogger("m2megatron.data")
@@ -78,6 +78,7 @@ class TrainLoader:
         self.pin_device = pin_device
         self._position = source.start_position()
         self._counts: dict[str, int] = {}
+        self._seen: dict[str, int] = {}  # samples returned per mixture source and per "lang/<tag>"
         self.batches = 0  # batches returned so far (resumed runs include the earlier ones)
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
@@ -91,7 +92,7 @@ class TrainLoader:
     def __next__(self) -> dict:
         if self.prefetch == 0:
             if self._sync_stream is None:
-                self._sync_stream = self._produce(self._position, self._counts)
+                self._sync_stream = self._produce(self._position, self._counts, self._seen)
             try:
                 batch = next(self._sync_stream)
             except BaseException:
@@ -104,80 +105,47 @@ class TrainLoader:
             if isinstance(batch, BaseException):
                 self._stop_producer(failed=True)
                 raise batch
-        self._position, self._counts = batch.pop("_position"), batch.pop("_skipped")
+        self._position, self._counts, self._seen = batch.pop("_position"), batch.pop("_skipped"), batch.pop("_seen")
         self.batches += 1
         return batch
 
     def state_dict(self) -> dict:
-        """Small JSON-able position after the last returned batch (save it in the checkpoint): this rank's
-        work (plan and `then`, m2megatron.data.position), its position in it, skip counts and batches."""
-        return {"version": STATE_VERSION, "kind": self.source.kind, "seed": self.source.seed,
-                "units": self.source.num_units, "dp_rank": self.source.dp_rank, "dp_size": self.source.dp_size,
-                **self.source.work.to_state(), "position": dict(self._position), "skipped": dict(self._counts),
-                "batches": self.batches}
+        """Small JSON-able position after the last returned batch (save it in the checkpoint): the source's
+        state (this rank's work and its position in it, m2megatron.data.position), skip counts and batches."""
+        return {"version": getattr(self.source, "state_version", STATE_VERSION), **self.source.state(self._position),
+                "skipped": dict(self._counts), "seen": dict(self._seen), "batches": self.batches}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`, saved by this DP rank at this DP size (from every saved rank's state at
         another DP size: `load_global_state`)."""
-        work, position = self._saved_work(state)
-        if (work.dp_rank, work.dp_size) != (self.source.dp_rank, self.source.dp_size):
-            raise ValueError(f"data loader state: saved by DP rank {work.dp_rank} of {work.dp_size}, this is rank "
-                             f"{self.source.dp_rank} of {self.source.dp_size}; at another layout hand every saved "
-                             "rank's state to load_global_state")
-        self._stop_producer()
-        self.source.work, self._position = work, position
+        self._stop_producer()  # its thread reads the source's work
+        self._position = self.source.restore(state)
         self._counts, self.batches = dict(state.get("skipped", {})), int(state.get("batches", 0))
+        self._seen = dict(state.get("seen", {}))
 
     def load_global_state(self, states: list[dict]) -> None:
         """Continue from the states of every DP rank of a checkpoint saved at any DP size (other entries,
-        e.g. StageBatches' FOLLOWER_STATE, are ignored). At the same DP size this rank takes its own state;
+        e.g. StageBatches' FOLLOWER_STATE, are ignored). At the same layout this rank takes its own state;
         at another one the unread rest of the saved epochs is shared out over this run's ranks
         (`position.redistribute`), so no sample is read twice or dropped. The skip counts of all saved
         ranks are summed into DP rank 0's (the sum over ranks stays the job's count)."""
         saved = self._saved_ranks(states)
-        if len(saved) == self.source.dp_size:
-            self.load_state_dict(saved[self.source.dp_rank][0])
+        src = self.source
+        if src.same_layout(saved):
+            self.load_state_dict(saved[src.dp_rank])
             return
-        plans, then = redistribute([(work, pos) for _, work, pos in saved], self.source.dp_size)
         self._stop_producer()
-        src = self.source
-        src.work = Work(src.num_units, src.dp_rank, src.dp_size, plans[src.dp_rank], then)
-        self._position = src.work.position()
+        self._position = src.restore_global(saved)
         counts: dict[str, int] = {}
-        for state, _, _ in saved:
-            counts = _merge(counts, state.get("skipped", {}))
-        self._counts = counts if src.dp_rank == 0 else {}
-        self.batches = max(int(state.get("batches", 0)) for state, _, _ in saved)
-        if src.dp_rank == 0:
-            sizes = [units_left(p) for p in plans]
-            log.info("data: position saved at DP size %d continues at %d: %d %s of epochs %d-%d left, %d-%d per rank; "
-                     "then epoch %d", len(saved), src.dp_size, sum(sizes), src.unit_name,
-                     min(work.segment(int(pos["segment"])).epoch for _, work, pos in saved), then - 1,
-                     min(sizes), max(sizes), then)
+        seen: dict[str, int] = {}
+        for state in saved:
+            counts, seen = _merge(counts, state.get("skipped", {})), _merge(seen, state.get("seen", {}))
+        self._counts, self._seen = (counts, seen) if src.dp_rank == 0 else ({}, {})
+        self.batches = max(int(state.get("batches", 0)) for state in saved)
 
-    def _saved_work(self, state: dict) -> tuple[Work, dict]:
-        """(work, position) of a saved state, after checking it belongs to this source (versions 1 and 2)."""
-        src = self.source
-        if state.get("version") not in (1, STATE_VERSION) or state.get("kind") != src.kind:
-            raise ValueError(f"data loader state: expected version {STATE_VERSION} of a {src.kind!r} loader, got "
-                             f"version {state.get('version')} of {state.get('kind')!r}")
-        if state["seed"] != src.seed:
-            raise ValueError(f"data loader state: saved with seed {state['seed']}, this run has {src.seed}")
-        units = int(state.get("units", src.num_units))  # version 1 did not record it
-        if units != src.num_units:
-            raise ValueError(f"data loader state: saved with {units} {src.unit_name}, this run's data has "
-                             f"{src.num_units}; a position means nothing in another data set")
-        rank, size = int(state["dp_rank"]), int(state["dp_size"])
-        pos = state["position"]
-        if state["version"] == 1:  # the standard share from the saved epoch on, no plan
-            work = Work(units, rank, size, (), int(pos["epoch"]))
-            unit, record = (pos["index"], 0) if "index" in pos else (pos["shard"], pos["record"])
-            return work, work.position(0, int(unit), int(record))
-        work = Work.from_state(units, rank, size, state)
-        return work, work.position(int(pos["segment"]), int(pos["unit"]), int(pos["record"]))
-
-    def _saved_ranks(self, states: list[dict]) -> list[tuple[dict, Work, dict]]:
-        """(state, work, position) of every saved DP rank, in rank order; one state per rank."""
+    @staticmethod
+    def _saved_ranks(states: list[dict]) -> list[dict]:
+        """The state of every saved DP rank, in rank order; one state per rank."""
         by_rank: dict[int, dict] = {}
         for state in states:
             if not isinstance(state, dict) or "kind" not in state:
@@ -189,15 +157,20 @@ class TrainLoader:
         if len(sizes) != 1 or sorted(by_rank) != list(range(next(iter(sizes)))):
             raise ValueError(f"data loader states: expected one state for every DP rank of one DP size, got ranks "
                              f"{sorted(by_rank)} of sizes {sorted(sizes)}")
-        return [(by_rank[r], *self._saved_work(by_rank[r])) for r in sorted(by_rank)]
+        return [by_rank[r] for r in sorted(by_rank)]
 
     def skipped(self) -> dict[str, int]:
         """Skipped samples by reason (skips.REASONS), as of the last returned batch."""
         return dict(self._counts)
 
+    def samples_seen(self) -> dict[str, int]:
+        """Samples returned so far per webdataset source name and per "lang/<language tag>" (part of the state,
+        so cumulative over resumes; after a layout change the saved ranks' counts are summed into DP rank 0's)."""
+        return dict(self._seen)
+
     @property
     def epoch(self) -> int:
-        return int(self._position["epoch"])
+        return self.source.epoch_of(self._position)
 
     @property
     def images_decoded(self) -> int:
@@ -239,15 +212,15 @@ class TrainLoader:
     def _start(self) -> None:
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.prefetch)
-        args = (self._position, self._counts, self._queue, self._stop)
+        args = (self._position, self._counts, self._seen, self._queue, self._stop)
         self._thread = threading.Thread(target=self._run, args=args, name="m2-data", daemon=True)
         self._thread.start()
 
-    def _run(self, position, counts, out: queue.Queue, stop: threading.Event) -> None:
+    def _run(self, position, counts, seen, out: queue.Queue, stop: threading.Event) -> None:
         try:
             if self.pin_device is not None:
                 torch.cuda.set_device(self.pin_device)  # pinned memory belongs to this rank's GPU, not GPU 0
-            for batch in self._produce(position, counts):
+            for batch in self._produce(position, counts, seen):
                 while not stop.is_set():
                     try:
                         out.put(batch, timeout=0.1)
@@ -259,7 +232,7 @@ class TrainLoader:
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             out.put(exc)
 
-    def _produce(self, position: dict, counts: dict[str, int]):
+    def _produce(self, position: dict, counts: dict[str, int], seen: dict[str, int]):
         probe_skips, decode_skips = SkipCounter(), SkipCounter()
         probe_skips.load(counts)
         probed = self._probed(self.source.stream(position), probe_skips)
@@ -268,12 +241,13 @@ class TrainLoader:
         reuses = getattr(self.decoder, "reuses_buffers", False)
         inflight: deque = deque()
         ready: deque[_Ready] = deque()
+        seen = collections.Counter(seen)
         while True:
             while len(inflight) < depth:  # keep the decoder busy
                 inflight.append(self._submit([next(probed) for _ in range(chunk)]))
             ready.extend(self._collect(*inflight.popleft(), decode_skips))
             while len(ready) >= self.micro_batch_size:
-                yield self._batch([ready.popleft() for _ in range(self.micro_batch_size)])
+                yield self._batch([ready.popleft() for _ in range(self.micro_batch_size)], seen)
             if reuses:  # samples kept for the next batch point into a buffer the next submit overwrites
                 ready = deque(r._replace(image=r.image.clone()) for r in ready)
 
@@ -286,7 +260,9 @@ class TrainLoader:
                 if not item.caption.strip():
                     raise BadSample("empty_caption")
                 if item.encoded is not None:
-                    probe_image(item.encoded, self.limits)
+                    size = probe_image(item.encoded, self.limits)
+                    if getattr(item, "filters", None) is not None:  # the source's aspect-ratio filters
+                        item.filters.check_image(*size)
             except BadSample as bad:
                 if item is bad:  # reported by the source; its detail says where
                     counter.add(bad.reason, bad.detail)
@@ -318,16 +294,21 @@ class TrainLoader:
             out.append(_Ready(p.item, image, p.position, _merge(p.skipped, decode_counts)))
         return out
 
-    def _batch(self, samples: list[_Ready]) -> dict:
+    def _batch(self, samples: list[_Ready], seen: collections.Counter) -> dict:
+        """Stack and tokenize `samples`; `seen` (the per-source/language counts) counts them."""
         images = [s.image for s in samples]
         out = None
         if self.pin_device is not None and images[0].device.type == "cpu":
             out = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=True)
         captions = [s.item.caption for s in samples]
         ids, mask = self.tokenizer.encode(captions)
+        for s in samples:
+            if getattr(s.item, "source", ""):
+                seen[s.item.source] += 1
+                seen["lang/" + s.item.language] += 1
         return {"images": torch.stack(images, out=out), "text_ids": ids, "text_mask": mask,
                 "keys": [s.item.key for s in samples], "captions": captions,
-                "_position": samples[-1].position, "_skipped": samples[-1].skipped}
+                "_position": samples[-1].position, "_skipped": samples[-1].skipped, "_seen": dict(seen)}
 
     def _augment_params(self, item) -> tuple[tuple[float, float, float, float], bool]:
         if self.augment is None:

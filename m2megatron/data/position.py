@@ -10,10 +10,13 @@ order) depend on (seed, epoch, unit) only. Nothing in the order depends on the l
 order, its first unit read from record `first` on. A rank's `Work` is its plan (segments, only after a
 layout change) followed by its standard share of every epoch from `then` on: rank r of P takes the
 slots range(r, P·q, P) with q = N // P, the same count on every rank. The last N − P·q slots of the
-order are left out of that epoch; DP rank 0 emits them as counted skips when it starts the epoch.
+order are left out of that epoch; DP rank 0 emits them as counted skips when it starts the epoch. With
+`share_remainder` (a mixture's lanes) rank r takes range(r, N, P) instead and nothing is left out.
 
 **Position** `{"epoch", "segment", "unit", "record"}`: next to read is record `record` of the `unit`-th
 unit of work segment `segment` (plan segments first, then one standard segment per epoch from `then`).
+While a segment's left-out slots are being counted, `"left_out": n` says that its first n are (a reader
+of a mixture can stop between two of them: m2megatron.data.mixture).
 
 **Redistribution** (`redistribute`): from every saved rank's (work, position), the unread rest of every
 epoch the saved layout had entered, in epoch order, is cut into P' contiguous pieces of equal unit count
@@ -80,17 +83,20 @@ class Work:
     dp_size: int
     plan: tuple[Segment, ...] = ()
     then: int = 0
+    share_remainder: bool = False
+    """Standard shares take all N slots (the first N mod P ranks one more) instead of leaving the last N mod P
+    out: a mixture's lanes (m2megatron.data.mixture), whose readers need no equal counts."""
 
     def segment(self, index: int) -> Segment:
         if index < len(self.plan):
             return self.plan[index]
-        per_rank = self.num_units // self.dp_size
-        return Segment(self.then + index - len(self.plan), self.dp_rank, self.dp_size * per_rank, self.dp_size)
+        stop = self.num_units if self.share_remainder else self.dp_size * (self.num_units // self.dp_size)
+        return Segment(self.then + index - len(self.plan), self.dp_rank, stop, self.dp_size)
 
     def left_out(self, index: int) -> range:
         """Slots of its epoch that segment `index` leaves out, emitted as counted skips when it starts: the
         order's last N mod P slots, on DP rank 0's standard segments; empty elsewhere."""
-        if index < len(self.plan) or self.dp_rank != 0:
+        if index < len(self.plan) or self.dp_rank != 0 or self.share_remainder:
             return range(0)
         return range(self.dp_size * (self.num_units // self.dp_size), self.num_units)
 
@@ -107,25 +113,27 @@ class Work:
         current segment, its later plan segments, its later standard segments (with the left-out slots of
         each one not started: they become ordinary work)."""
         index, unit, record = int(position["segment"]), int(position["unit"]), int(position["record"])
+        emitted = int(position.get("left_out", 0))  # left-out slots of the current segment already counted
         out: list[Segment] = []
         while index < len(self.plan) or self.segment(index).epoch <= through_epoch:
             seg = self.segment(index)
-            tail = self.left_out(index)
+            tail = self.left_out(index)[emitted:]
             if (unit, record) == (0, 0) and tail:
                 out.append(Segment(seg.epoch, tail.start, tail.stop))
             rest = seg.rest(unit, record)
             if rest is not None:
                 out.append(rest)
-            index, unit, record = index + 1, 0, 0
+            index, unit, record, emitted = index + 1, 0, 0, 0
         return out
 
     def to_state(self) -> dict:
         return {"plan": [s.to_list() for s in self.plan], "then": self.then}
 
     @classmethod
-    def from_state(cls, num_units: int, dp_rank: int, dp_size: int, state: dict) -> Work:
+    def from_state(cls, num_units: int, dp_rank: int, dp_size: int, state: dict, share_remainder: bool = False
+                   ) -> Work:
         plan = tuple(Segment.from_list(s) for s in state.get("plan", ()))
-        return cls(num_units, dp_rank, dp_size, plan, int(state.get("then", 0)))
+        return cls(num_units, dp_rank, dp_size, plan, int(state.get("then", 0)), share_remainder)
 
 
 def redistribute(saved: list[tuple[Work, dict]], dp_size: int) -> tuple[list[tuple[Segment, ...]], int]:

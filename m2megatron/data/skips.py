@@ -26,6 +26,11 @@ REASONS = {
     "bad_utf8": "a caption file that is not valid UTF-8",
     "bad_json": "a .json member that is not a JSON object",
     "truncated_tar": "a tar shard that ends in the middle of a member (the rest of the shard is lost)",
+    "unreadable_shard": "a shard that cannot be opened or is missing (all its records; logged by name)",
+    # Filtered out by data.filters / data.sources[i].filters (m2megatron.data.filters).
+    "filtered_metadata": "a json metadata filter is false (or its field is missing or not comparable)",
+    "filtered_caption_length": "a caption_chars filter is false",
+    "filtered_aspect_ratio": "an aspect_ratio filter (long / short side from the image header) is false",
     # Not bad data: what an epoch's order leaves out so that every data-parallel rank gets the same count
     # (counted once per epoch, by DP rank 0).
     "left_out_samples": "a sample left out of an epoch's order (the remainder of num_samples % dp_size)",

@@ -72,6 +72,8 @@ class StageBatches:
         self.mp_size = layout.tensor_parallel * layout.pipeline_parallel
         self.mode = "broadcast" if cfg.source == "synthetic" or self.tp_size == 1 else cfg.tp_decode
         self.loader = self._follower = self._split = None
+        self.seen_keys = cfg.samples_seen_keys()
+        self.last_keys: list[str] = []  # the reading rank's sample keys of the last step (loss-spike logs)
         if self.mode == "split" and self.is_first_stage:
             self._build_split(cfg, tokenizer, seed)
         elif self.is_reader:
@@ -105,6 +107,7 @@ class StageBatches:
         """This rank's M microbatches of the next optimizer step (a collective over the replica)."""
         m, b = self.num_microbatches, self.b
         batches = [next(self.loader) for _ in range(m)] if self.is_reader else None
+        self.last_keys = [k for x in batches for k in x.get("keys", ())] if batches else []
         if self._split is not None:
             self._split.finish_step()
         follower_images = None
@@ -175,6 +178,18 @@ class StageBatches:
     def skipped(self) -> dict[str, int]:
         """Skipped samples by reason as of the last step: the reading rank's counts ({} on the others)."""
         return self.loader.skipped() if self.is_reader else {}
+
+    def samples_seen(self) -> dict[str, int]:
+        """Samples returned so far per source and per "lang/<tag>", summed over the data-parallel reading ranks
+        (DataConfig.samples_seen_keys). Every rank calls it (an all-reduce over its DP group); the totals are
+        right on the reading ranks (global rank 0 logs them), zeros elsewhere."""
+        if not self.seen_keys:
+            return {}
+        local = self.loader.samples_seen() if self.is_reader else {}
+        counts = torch.tensor([local.get(k, 0) for k in self.seen_keys], dtype=torch.long, device=self.groups.device)
+        if self.groups.layout.data_parallel > 1:
+            dist.all_reduce(counts, group=self.groups.dp)
+        return dict(zip(self.seen_keys, counts.tolist()))
 
     @property
     def images_decoded(self) -> int:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from m2megatron.models.sequence_parallel import packed_seq_length
+from m2megatron.parallel.device import to_device
 from m2megatron.runtime.schedule import run_schedule
 
 log = logging.getLogger(__name__)
@@ -91,9 +92,10 @@ class ReplicaEncoder:
         try:
             seq = packed_seq_length(self.model.cfg, self.groups.layout.tensor_parallel,
                                     self.model.config.sequence_parallel, segments=(kind,))
-            outputs = run_schedule(self.chunks, self.groups, batches, lambda batch, out: _output(kind, out),
-                                   forward_only=True, collect=True, seq_length=seq, num_microbatches=num_batches,
-                                   micro_batch_size=batch_size)
+            on_device = (to_device(batch, self.device) for batch in batches)
+            outputs = run_schedule(self.chunks, self.groups, on_device, lambda batch, out: _output(kind, out),
+                                   config=self.model.config, seq_length=seq, forward_only=True, collect=True,
+                                   num_microbatches=num_batches, micro_batch_size=batch_size)
             return list(outputs) if self.is_last_stage else []
         finally:
             for m, mode in zip(modules, was_training):

@@ -11,7 +11,8 @@ It reads what training and the launchers write:
 
 report.png plots the training loss and, against step, R@1 (both directions) of every retrieval set and
 top-1 of every zero-shot set (results without a known step, e.g. a released checkpoint, are in the
-tables only).
+tables only); below them, the phase times (ms per step, the slowest rank's) and memory (GiB, max over
+ranks) of metrics.jsonl's `time/<phase>/max_ms` and `mem/*` keys (docs/TRAINING.md).
 """
 
 from __future__ import annotations
@@ -113,7 +114,62 @@ def collect(run_dir: str | Path) -> dict:
             rows += _launcher_rows(path, json.loads(path.read_text(encoding="utf-8")))
     loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
     return {"run_dir": str(run_dir.resolve()), "rows": rows,
-            "loss": {"steps": [s for s, _ in loss], "values": [v for _, v in loss]}}
+            "loss": {"steps": [s for s, _ in loss], "values": [v for _, v in loss]},
+            "mixture": _mixture(records, run_dir / "config.json"),
+            "phases": _step_series(records, "time/", "/max_ms"), "memory": _step_series(records, "mem/", "_gb")}
+
+
+def _mixture(records: list[dict], config_path: Path) -> list[dict]:
+    """The realized data mixture of the last record with samples_seen/<source> keys against the configured
+    weights (config.json's data.sources; data.shards is one source "default"): one row per source and
+    per language ("lang/<tag>", no weight)."""
+    last = next((r for r in reversed(records) if any(k.startswith("samples_seen/") for k in r)), None)
+    if last is None:
+        return []
+    seen = {k.removeprefix("samples_seen/"): float(v) for k, v in last.items() if k.startswith("samples_seen/")}
+    weights = {"default": 1.0}
+    if config_path.is_file():
+        sources = json.loads(config_path.read_text(encoding="utf-8")).get("data", {}).get("sources") or []
+        weights = {s["name"]: float(s["weight"]) for s in sources} or weights
+    rows = []
+    for kind, names in (("source", [k for k in seen if not k.startswith("lang/")]),
+                        ("language", [k for k in seen if k.startswith("lang/")])):
+        total = sum(seen[k] for k in names) or 1.0
+        for k in names:
+            weight = weights.get(k) if kind == "source" else None
+            rows.append({"kind": kind, "name": k.removeprefix("lang/"), "step": last["step"], "samples": int(seen[k]),
+                         "share": seen[k] / total,
+                         "weight_share": None if weight is None else weight / sum(weights.values())})
+    return rows
+
+
+def _step_series(records: list[dict], prefix: str, suffix: str) -> dict[str, dict[str, list]]:
+    """{name: {"steps", "values"}} of the keys `<prefix><name><suffix>` of the training records."""
+    series: dict[str, dict[str, list]] = {}
+    for record in records:
+        for key, value in record.items():
+            if key.startswith(prefix) and key.endswith(suffix):
+                entry = series.setdefault(key[len(prefix):-len(suffix)], {"steps": [], "values": []})
+                entry["steps"].append(record["step"])
+                entry["values"].append(value)
+    return series
+
+
+def _phase_table(report: dict) -> list[str]:
+    """Mean and last of each phase's slowest-rank time per step, and the memory maxima."""
+    phases, memory = report.get("phases", {}), report.get("memory", {})
+    if not phases and not memory:
+        return []
+    out = []
+    if phases:
+        out += ["## Step time by phase (ms per step, slowest rank)", "", "| phase | mean | last |", "|---|---:|---:|"]
+        for name, s in sorted(phases.items(), key=lambda item: -sum(item[1]["values"])):
+            out.append(f"| {name} | {sum(s['values']) / len(s['values']):.1f} | {s['values'][-1]:.1f} |")
+        out.append("")
+    if memory:
+        out += ["Memory (GiB, max over ranks and steps): "
+                + ", ".join(f"{name} {max(s['values']):.2f}" for name, s in memory.items()), ""]
+    return out
 
 
 def markdown(report: dict, plot_name: str | None) -> str:
@@ -136,8 +192,17 @@ def markdown(report: dict, plot_name: str | None) -> str:
         out.append("")
     if not report["rows"]:
         out += ["No evaluation results found.", ""]
+    if report.get("mixture"):
+        out += [f"## Data mixture (samples seen by step {report['mixture'][0]['step']})", "",
+                "| source / language | samples | realized share | weight share |", "|---|---:|---:|---:|"]
+        for r in report["mixture"]:
+            weight = "–" if r["weight_share"] is None else f"{r['weight_share']:.3f}"
+            name = r["name"] if r["kind"] == "source" else f"language {r['name']}"
+            out.append(f"| {name} | {r['samples']} | {r['share']:.3f} | {weight} |")
+        out.append("")
+    out += _phase_table(report)
     if plot_name:
-        out += [f"![loss, R@1 and top-1 against step]({plot_name})", ""]
+        out += [f"![loss, R@1 and top-1, phase times and memory against step]({plot_name})", ""]
     return "\n".join(out)
 
 
@@ -160,7 +225,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, (loss_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    fig, ((loss_ax, eval_ax), (time_ax, mem_ax)) = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
     loss = report["loss"]
     loss_ax.plot(loss["steps"], loss["values"], color="black", linewidth=1)
     loss_ax.set(title="training loss", xlabel="step", ylabel="loss")
@@ -173,9 +238,21 @@ def plot(report: dict, path: Path) -> None:
         eval_ax.legend(fontsize="small")
     else:
         eval_ax.text(0.5, 0.5, "no evaluation with a known step", ha="center", transform=eval_ax.transAxes)
+    _plot_series(time_ax, report.get("phases", {}), "phase times (slowest rank)", "ms per step")
+    _plot_series(mem_ax, report.get("memory", {}), "memory (max over ranks)", "GiB")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_series(ax, series: dict[str, dict[str, list]], title: str, unit: str) -> None:
+    for name, s in series.items():
+        ax.plot(s["steps"], s["values"], label=name, linewidth=1)
+    ax.set(title=title, xlabel="step", ylabel=unit)
+    if series:
+        ax.legend(fontsize="x-small")
+    else:
+        ax.text(0.5, 0.5, "not in metrics.jsonl", ha="center", transform=ax.transAxes)
 
 
 def write_report(run_dir: str | Path) -> dict[str, Path]:

@@ -9,6 +9,9 @@ submits it with sbatch. `--eval` also submits the eval job with `--dependency=af
 trainer's dry run on this machine (every rank class built on the meta device, `python -m m2megatron.train
 --dry-run --all-ranks`): any problem (memory, loss groups across nodes, microbatches < PP, unbalanced
 stages, parameter count) refuses the submission with its one-line reason; `--no-layout-check` skips it.
+Its data is checked first (every source expands to readable shards, at least one per DP rank; the tokenizer
+loads; the jsonl and eval sets exist: m2megatron.train.data_checks), one line per problem;
+`--no-data-check` skips that.
 Prints one JSON line: run directory, scripts and job ids.
 Arguments after `--` replace the module's configured arguments (required for --kind reshard: the
 reshard tool's `SRC DST --tp T --pp P [--vp V] [--no-optimizer]`, checked before anything is queued;
@@ -56,7 +59,15 @@ def absolute_paths(cfg: RunConfig, base: Path) -> RunConfig:
     load = cfg.checkpoint.load
     checkpoint = dataclasses.replace(cfg.checkpoint, save_dir=fix(cfg.checkpoint.save_dir),
                                      load=load if load in (None, "auto") else fix(load))
-    data = dataclasses.replace(cfg.data, shards=[fix(s) for s in cfg.data.shards], tokenizer=fix(cfg.data.tokenizer))
+    def fix_shard(pattern: str) -> str:  # pipe: commands and URLs stay; @list.txt keeps its @
+        if pattern.startswith("pipe:") or "://" in pattern:
+            return pattern
+        return "@" + fix(pattern[1:]) if pattern.startswith("@") else fix(pattern)
+
+    sources = [dataclasses.replace(s, shards=[fix_shard(p) for p in s.shards]) for s in cfg.data.sources]
+    data = dataclasses.replace(cfg.data, shards=[fix_shard(s) for s in cfg.data.shards], sources=sources,
+                               tokenizer=fix(cfg.data.tokenizer), jsonl=fix(cfg.data.jsonl),
+                               image_root=fix(cfg.data.image_root))
     launch = dataclasses.replace(cfg.launch, venv=fix(cfg.launch.venv))
     return dataclasses.replace(cfg, train=train, checkpoint=checkpoint, data=data, launch=launch)
 
@@ -92,8 +103,8 @@ def prepare_run_dir(cfg: RunConfig, kind: str) -> tuple[Path, Path]:
 def check_layout(run_dir: Path, world_size: int) -> str:
     """The trainer's dry run of the resolved config at `world_size` (a process of its own: it joins a fake
     world). Returns its report (also written to slurm/layout_check.txt); raises UserError on a problem."""
-    cmd = [sys.executable, "-m", "m2megatron.train", "--dry-run", "--all-ranks", "--config",
-           str(run_dir / "config.yaml"), "--world-size", str(world_size)]
+    cmd = [sys.executable, "-m", "m2megatron.train", "--dry-run", "--all-ranks", "--no-data-check", "--config",
+           str(run_dir / "config.yaml"), "--world-size", str(world_size)]  # submit checks the data itself
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=SOURCE_ROOT)
     (run_dir / "slurm" / "layout_check.txt").write_text(proc.stdout + proc.stderr)
     problems = [line.removeprefix("problem: ") for line in proc.stdout.splitlines() if line.startswith("problem: ")]
@@ -107,9 +118,11 @@ def check_layout(run_dir: Path, world_size: int) -> str:
 
 def submit(cfg: RunConfig, *, kind: str = "train", chain_eval: bool = False, module_args: list[str] | None = None,
            after: str | None = None, dry_run: bool = False, config_source: str = "a run config",
-           layout_check: bool = False) -> Submission:
+           layout_check: bool = False, data_check: bool = False) -> Submission:
     """Prepare the run directory, render the job(s) and submit them unless `dry_run`. `layout_check` runs the
-    trainer's dry run of a training job first (the command line does unless --no-layout-check)."""
+    trainer's dry run of a training job first (the command line does unless --no-layout-check); `data_check`
+    checks its shards, tokenizer and eval sets (train.data_checks; the command line does unless
+    --no-data-check)."""
     if kind not in KINDS:
         raise UserError(f"--kind: {kind!r} is not one of {list(KINDS)}")
     if kind == "reshard" and not module_args:
@@ -126,6 +139,12 @@ def submit(cfg: RunConfig, *, kind: str = "train", chain_eval: bool = False, mod
         from m2megatron.checkpoint.reshard import check_job_arguments
 
         check_job_arguments(list(expand_args(module_args, Path(cfg.train.run_dir))), launch.world_size())
+    if data_check and kind == "train":
+        from m2megatron.train.data_checks import data_problems
+
+        found = data_problems(cfg, cfg.parallel.data_parallel(launch.world_size()))
+        if found:
+            raise UserError("the data check refuses this job (--no-data-check skips it):\n  " + "\n  ".join(found))
     run_dir, code_dir = prepare_run_dir(cfg, kind)
     if layout_check and kind == "train":
         check_layout(run_dir, launch.world_size())
@@ -168,11 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="prepare and render, do not call sbatch")
     parser.add_argument("--no-layout-check", action="store_true",
                         help="do not run the trainer's dry run of the layout before submitting a training job")
+    parser.add_argument("--no-data-check", action="store_true",
+                        help="do not check the shards, tokenizer and eval sets before submitting a training job")
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides, preset_name=args.preset)
     result = submit(cfg, kind=args.kind, chain_eval=args.eval, module_args=module_args, after=args.after,
                     dry_run=args.dry_run, config_source=args.config or "defaults and command-line overrides",
-                    layout_check=not args.no_layout_check)
+                    layout_check=not args.no_layout_check, data_check=not args.no_data_check)
     print(result.to_json(), flush=True)
     return 0
 

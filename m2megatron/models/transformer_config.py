@@ -23,7 +23,13 @@ def transformer_config(cfg: ModelConfig, *, tp_size: int = 1, params_dtype: torc
     """Megatron TransformerConfig of one tower layer stack.
 
     `overrides` are passed through for trainer-level settings (recompute, pipeline dtype, p2p flags).
-    Pipeline stages are ours (see M2Encoder), so `pipeline_model_parallel_size` stays 1 here.
+
+    `pipeline_model_parallel_size` is 1 whatever the run's PP size, deliberately: pipeline stages are ours
+    (M2Encoder's `layer_range`, runtime.stages), and each layer is built with its global layer number. The
+    real PP size here would make Megatron's TransformerLayer add its own per-stage offset to that number
+    and TransformerConfig check an even split we do not use. Megatron's schedules read the PP size from the
+    process groups; runtime/megatron_config.py sets the one field derived from it
+    (microbatch_group_size_per_vp_stage).
     """
     cfg.validate()
     if cfg.num_attention_heads % tp_size:
@@ -58,7 +64,7 @@ def transformer_config(cfg: ModelConfig, *, tp_size: int = 1, params_dtype: torc
         attention_dropout=0.0,
         init_method_std=cfg.init_method_std,
         tensor_model_parallel_size=tp_size,
-        pipeline_model_parallel_size=1,
+        pipeline_model_parallel_size=1,  # deliberately, at every PP size (docstring)
         use_cpu_initialization=not torch.cuda.is_available(),
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,

@@ -8,13 +8,14 @@ directly on `groups.device` (a `torch.device` context, so no tensor of ours or M
 the host) → Megatron's TP attributes on every sharded parameter (runtime.param_attributes) → parameters
 in the run's dtype (train.precision) → deterministic init by parameter name (skipped on `meta`, which
 holds no data) → a check that every parameter and buffer is on the device →
-Megatron DDP (fp32 main gradients, optional overlap) → Megatron's (mixed-precision) optimizer.
+Megatron DDP (fp32 main gradients, optional overlap) → Megatron's (mixed-precision) optimizer → the
+schedules' sync hooks assigned on the config (as Megatron-LM does after wrapping).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -26,8 +27,8 @@ from m2megatron.models.m2_encoder import M2Encoder
 from m2megatron.models.state import init_weights
 from m2megatron.parallel.groups import ParallelGroups
 from m2megatron.runtime.megatron_config import (
-    ChunkSyncHooks,
     aligned_param_gather,
+    attach_schedule_hooks,
     build_transformer_config,
     params_dtype,
 )
@@ -56,8 +57,6 @@ class Stages:
     """Megatron's optimizer over all chunks (training only)."""
     scheduler: object | None = None
     """Megatron's LR / weight-decay schedule (training only)."""
-    hooks: ChunkSyncHooks | None = field(default=None, repr=False)
-    """The DDP sync hooks the config forwards to (training only)."""
 
     @property
     def device(self) -> torch.device:
@@ -137,8 +136,7 @@ def build_stages(cfg: RunConfig, groups: ParallelGroups, *, training: bool = Tru
     cfg.train.seed (every layout of a seed gets the same full weights); False leaves the memory
     uninitialized for a checkpoint load that follows.
     """
-    hooks = ChunkSyncHooks() if training else None
-    config = build_transformer_config(cfg, groups, hooks)
+    config = build_transformer_config(cfg, groups)
     layout = groups.layout
     specs = stage_specs(cfg.model.num_layers, layout.pipeline_parallel, groups.pp_rank, layout.virtual_pipeline,
                         first=cfg.parallel.first_stage_layers, last=cfg.parallel.last_stage_layers)
@@ -153,8 +151,7 @@ def build_stages(cfg: RunConfig, groups: ParallelGroups, *, training: bool = Tru
         stages.optimizer = build_optimizer(stages.chunks, cfg.optim, groups.collection,
                                            distributed=cfg.parallel.distributed_optimizer,
                                            params_dtype=params_dtype(cfg))
-        hooks.attach(stages.chunks, stages.optimizer)
-        stages.hooks = hooks
+        attach_schedule_hooks(config, cfg, stages.chunks, stages.optimizer, groups.device)
         stages.scheduler = build_scheduler(stages.optimizer, cfg.optim, cfg.train.train_steps)
     return stages
 

@@ -1,17 +1,20 @@
-"""The one Megatron-Core TransformerConfig of a run, built once and never changed by us afterwards.
+"""The one Megatron-Core TransformerConfig of a run, shared by every stage chunk.
 
 It joins the model's layer settings (m2megatron.models.transformer_config) with the runtime's: pipeline
-dtype and p2p flags, virtual stages, recompute, initialization (we initialize by name ourselves), and the
-hooks Megatron's schedules call (finalize_model_grads, the DDP no-sync / grad-sync / param-sync hooks).
+dtype and p2p flags, virtual stages, recompute, initialization (we initialize by name ourselves), and
+finalize_model_grads. The hooks Megatron's schedules call on the DDP wrappers and the optimizer (no_sync,
+grad_sync, param_sync, grad_scale) belong to objects that need this config to be built, so the builder
+assigns them afterwards (`attach_schedule_hooks`), as Megatron-LM's training.py does.
 
-The DDP hooks belong to wrappers that can only be built after the config exists (DDP takes it), so the
-config holds small forwarding callables of a `ChunkSyncHooks`, which the builder attaches to the DDP
-chunks once they exist.
+The config's `pipeline_model_parallel_size` is 1 at every PP size, on purpose (set where it is built,
+models/transformer_config.py): our stages are split by us (runtime.stages) and every layer gets its
+global layer number; with the real PP size Megatron's TransformerLayer would add its own stage offset
+(`get_transformer_layer_offset`) and TransformerConfig would check an even split we do not use.
+Megatron's schedules take the real PP size from the process groups; the one config field derived from
+it, microbatch_group_size_per_vp_stage, is set here from the layout.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from megatron.core.distributed import finalize_model_grads
@@ -20,39 +23,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from m2megatron.config.run import RunConfig
 from m2megatron.models.transformer_config import transformer_config
 from m2megatron.parallel.groups import ParallelGroups
+from m2megatron.runtime.timers import PhaseTimers
 
 PARAMS_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                 "bf16-autocast": torch.float32}
 """train.precision → the dtype of the parameters and of the activations between stages."""
-
-
-class ChunkSyncHooks:
-    """Forwards Megatron's schedule hooks to the DDP chunk (or optimizer) they belong to, attached after wrapping."""
-
-    def __init__(self) -> None:
-        self.chunks: list = []
-        self.optimizer = None
-
-    def attach(self, chunks: list, optimizer=None) -> None:
-        self.chunks, self.optimizer = list(chunks), optimizer
-
-    def scale_loss(self, loss):
-        """fp16: the dynamic loss scale applied before backward (Megatron's grad_scale_func)."""
-        return self.optimizer.scale_loss(loss)
-
-    def no_sync(self, index: int):
-        return self.chunks[index].no_sync()
-
-    def start_grad_sync(self, index: int, *args, **kwargs):
-        return self.chunks[index].start_grad_sync(*args, **kwargs)
-
-    def start_param_sync(self, index: int, *args, **kwargs):
-        return self.chunks[index].start_param_sync(*args, **kwargs)
-
-    def funcs(self, name: str, num_chunks: int):
-        """One forwarding callable per chunk: a list with virtual stages, the callable itself without."""
-        funcs = [functools.partial(getattr(self, name), i) for i in range(num_chunks)]
-        return funcs if num_chunks > 1 else funcs[0]
 
 
 def params_dtype(cfg: RunConfig) -> torch.dtype:
@@ -60,11 +35,10 @@ def params_dtype(cfg: RunConfig) -> torch.dtype:
     return PARAMS_DTYPE[cfg.train.precision]
 
 
-def runtime_overrides(cfg: RunConfig, groups: ParallelGroups, hooks: ChunkSyncHooks | None) -> dict:
+def runtime_overrides(cfg: RunConfig, groups: ParallelGroups) -> dict:
     """TransformerConfig fields set by the runtime rather than by the model's sizes."""
     layout = groups.layout
     vp = layout.virtual_pipeline
-    num_chunks = vp or 1
     overrides: dict = {
         # Every parameter is initialized by name afterwards (models.state.init_weights): Megatron's own
         # init would be wasted work, and on the meta device impossible.
@@ -75,18 +49,12 @@ def runtime_overrides(cfg: RunConfig, groups: ParallelGroups, hooks: ChunkSyncHo
         "batch_p2p_comm": vp is None,
         "batch_p2p_sync": False,
         "virtual_pipeline_model_parallel_size": vp,
-        # Our config says PP=1 (stages are ours), so Megatron's default group size would be 1.
+        # The config says PP=1 (module docstring), so Megatron's default group size would be 1.
         "microbatch_group_size_per_vp_stage": layout.pipeline_parallel if vp else None,
         "finalize_model_grads_func": finalize_model_grads,
+        "barrier_with_L1_time": False,  # a barrier would move waiting time between phases
     }
     par = cfg.parallel
-    if hooks is not None and par.overlap_grad_reduce:  # as Megatron-LM's training loop wires them
-        overrides["no_sync_func"] = hooks.funcs("no_sync", num_chunks)
-        overrides["grad_sync_func"] = hooks.funcs("start_grad_sync", num_chunks)
-    if hooks is not None and par.overlap_param_gather and aligned_param_gather(cfg):
-        overrides["param_sync_func"] = hooks.funcs("start_param_sync", num_chunks)
-    if hooks is not None and cfg.train.precision == "fp16":
-        overrides["grad_scale_func"] = hooks.scale_loss
     # Sequence parallelism: the model pads and scatters its segments (models.sequence_parallel).
     overrides["sequence_parallel"] = par.sequence_parallel
     train = cfg.train
@@ -106,8 +74,27 @@ def aligned_param_gather(cfg: RunConfig) -> bool:
     return cfg.parallel.overlap_param_gather and cfg.parallel.virtual_pipeline is not None
 
 
-def build_transformer_config(cfg: RunConfig, groups: ParallelGroups,
-                             hooks: ChunkSyncHooks | None = None) -> TransformerConfig:
+def build_transformer_config(cfg: RunConfig, groups: ParallelGroups) -> TransformerConfig:
     """The run's TransformerConfig for this rank's stage chunks (shared by all of them)."""
     return transformer_config(cfg.model, tp_size=groups.layout.tensor_parallel, params_dtype=params_dtype(cfg),
-                              **runtime_overrides(cfg, groups, hooks))
+                              **runtime_overrides(cfg, groups))
+
+
+def attach_schedule_hooks(config: TransformerConfig, cfg: RunConfig, chunks: list, optimizer, device) -> None:
+    """Point the schedules' hooks at the DDP chunks and the optimizer, as Megatron-LM's training.py does
+    after wrapping (one callable per chunk: a list with virtual stages, the callable itself without), and give
+    them the run's phase timers (logging.timers; training builds only)."""
+    def per_chunk(name: str):
+        funcs = [getattr(chunk, name) for chunk in chunks]
+        return funcs if len(funcs) > 1 else funcs[0]
+
+    par = cfg.parallel
+    if par.overlap_grad_reduce:
+        config.no_sync_func = per_chunk("no_sync")
+        config.grad_sync_func = per_chunk("start_grad_sync")
+    if aligned_param_gather(cfg):
+        config.param_sync_func = per_chunk("start_param_sync")
+    if cfg.train.precision == "fp16":
+        config.grad_scale_func = optimizer.scale_loss
+    if cfg.logging.timers:  # the schedules and finalize_model_grads time their phases
+        config.timers = PhaseTimers(cfg.logging.timers, device)

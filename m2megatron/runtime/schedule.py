@@ -1,18 +1,21 @@
 """The one driver of Megatron-Core's pipeline schedules, forward-only or forward–backward.
 
-    reports = run_schedule(chunks, groups, microbatches, loss_fn)             # training: 1F1B / interleaved
-    outputs = run_schedule(chunks, groups, microbatches, collect_fn,          # eval: per-microbatch outputs
-                           forward_only=True, collect=True, seq_length=S)
+    reports = run_schedule(chunks, groups, microbatches, loss_fn, config=C, seq_length=S)   # training
+    outputs = run_schedule(chunks, groups, microbatches, collect_fn, config=C, seq_length=S,
+                           forward_only=True, collect=True)                                # eval
 
 `chunks` are this rank's stage chunks in virtual-stage order (`Stages.chunks`: DDP wrappers when
-training, the bare modules otherwise); `groups` the rank's ParallelGroups (its device included).
+training, the bare modules otherwise); `groups` the rank's ParallelGroups; `config` the run's one
+TransformerConfig (`Stages.config`); `seq_length` the packed activation's tokens between stages
+(`models.sequence_parallel.packed_seq_length`).
 
-A microbatch is a dict of host or device tensors (`images`, `text_ids`, `text_mask`, ...). Each chunk
-moves only what its stage reads to the runtime device, right before its forward: the first stage
-needs the images and token ids, every stage the text mask (segment split and key mask). `loss_fn(batch,
-output)` runs on the last stage and returns `(loss, report)` as Megatron expects; with `collect=True`,
-`collect_fn(batch, output)` returns what to keep (Megatron's non-loss data) and the outputs come back
-in microbatch order on the last stage ([] elsewhere).
+A microbatch is a dict of tensors already on the runtime device (`images`, `text_ids`, `text_mask`, ...):
+the training data arrive there (`data.stage_batches`), eval batches are moved by the feature extractor.
+Each chunk reads only what its stage needs: the first stage the images and token ids, every stage the
+text mask (segment split and key mask). `loss_fn(batch, output)` runs on the last stage and returns
+`(loss, report)` as Megatron expects; with `collect=True`, `collect_fn(batch, output)` returns what to
+keep (Megatron's non-loss data) and the outputs come back in microbatch order on the last stage ([]
+elsewhere).
 """
 
 from __future__ import annotations
@@ -24,9 +27,6 @@ from collections.abc import Callable, Iterable, Sequence
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
-from m2megatron.models.sequence_parallel import packed_seq_length
-from m2megatron.parallel.device import to_device
-
 FIRST_STAGE_INPUTS = ("images", "text_ids")
 
 
@@ -34,19 +34,19 @@ def _unwrap(chunk):
     return chunk.module if hasattr(chunk, "module") else chunk
 
 
-def stage_inputs(batch: dict, pre_process: bool, device) -> dict:
-    """The model inputs a stage reads, on `device` (later stages only need the text mask)."""
+def stage_inputs(batch: dict, pre_process: bool) -> dict:
+    """The model inputs a stage reads (later stages only need the text mask)."""
     wanted = {"text_mask"} | (set(FIRST_STAGE_INPUTS) if pre_process else set())
-    return to_device({k: v for k, v in batch.items() if k in wanted and v is not None}, device)
+    return {k: v for k, v in batch.items() if k in wanted and v is not None}
 
 
-def _forward_step(fn: Callable, collect: bool, device, rows: int) -> Callable:
+def _forward_step(fn: Callable, collect: bool, rows: int) -> Callable:
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         if _rows(batch) not in (None, rows):
             raise ValueError(f"schedule: a microbatch of {_rows(batch)} rows in a pipeline of {rows}-row microbatches")
         stage = _unwrap(model)
-        inputs = stage_inputs(batch, stage.pre_process, device)
+        inputs = stage_inputs(batch, stage.pre_process)
         output = model(images=inputs.get("images"), text_ids=inputs.get("text_ids"),
                        text_mask=inputs.get("text_mask"))
         if collect:
@@ -55,20 +55,17 @@ def _forward_step(fn: Callable, collect: bool, device, rows: int) -> Callable:
     return forward_step
 
 
-def run_schedule(chunks: Sequence, groups, microbatches: Iterable[dict], fn: Callable, *,
-                 forward_only: bool = False, collect: bool = False, seq_length: int | None = None,
+def run_schedule(chunks: Sequence, groups, microbatches: Iterable[dict], fn: Callable, *, config,
+                 seq_length: int, forward_only: bool = False, collect: bool = False,
                  num_microbatches: int | None = None, micro_batch_size: int | None = None) -> list:
     """Run Megatron's schedule for this rank's chunks over `microbatches` (collective over the pipeline).
 
     microbatches: a sequence, or an iterator (streamed; then give `num_microbatches` and
     `micro_batch_size`). Every microbatch must have the same number of rows (the receive buffers'
     shape). seq_length: tokens of the packed activation between stages as `packed_seq_length` counts them
-    (default: image + text segments; padded under sequence parallelism, which Megatron then divides by TP).
+    (image + text segments, padded under sequence parallelism, which Megatron then divides by TP).
     """
     layout = groups.layout
-    first = _unwrap(chunks[0])
-    if seq_length is None:
-        seq_length = packed_seq_length(first.cfg, layout.tensor_parallel, first.config.sequence_parallel)
     if num_microbatches is None or micro_batch_size is None:
         microbatches = list(microbatches)
         num_microbatches, micro_batch_size = len(microbatches), _rows(microbatches[0])
@@ -77,11 +74,11 @@ def run_schedule(chunks: Sequence, groups, microbatches: Iterable[dict], fn: Cal
     forward_backward = get_forward_backward_func(layout.pipeline_parallel, layout.virtual_pipeline)
     kwargs = {}
     if layout.pipeline_parallel > 1:
-        kwargs["p2p_communicator"] = P2PCommunicator(pp_group=groups.pp, config=first.config)
+        kwargs["p2p_communicator"] = P2PCommunicator(pp_group=groups.pp, config=config)
     # Every chunk reads the same microbatches; tee keeps only those between the first and the last chunk.
     iterators = list(itertools.tee(microbatches, len(chunks))) if len(chunks) > 1 else [iter(microbatches)]
     return forward_backward(
-        forward_step_func=_forward_step(fn, collect, groups.device, micro_batch_size),
+        forward_step_func=_forward_step(fn, collect, micro_batch_size),
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=list(chunks) if len(chunks) > 1 else chunks[0],
         num_microbatches=num_microbatches,

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--rank", type=int, help="the rank to build (default 0)")
     which.add_argument("--all-ranks", action="store_true", help="every distinct rank class; exit 1 on any problem")
     dry.add_argument("--gpu-memory-gib", type=float, help="GPU memory for the check (default launch.gpu_memory_gib)")
+    dry.add_argument("--no-data-check", action="store_true",
+                     help="skip the checks of shards, tokenizer and eval sets (a machine that cannot see the data)")
     args, overrides = parser.parse_known_args(argv)
     if args.dry_run:
         return _dry_run(args, overrides)
@@ -64,7 +66,8 @@ def _dry_run(args, overrides: list[str]) -> int:
 
     cfg = load_config(args.config, overrides, preset_name=args.preset).validate()
     world = args.world_size or cfg.launch.world_size()
-    return run_dry(cfg, world, rank=args.rank, all_ranks=args.all_ranks, gpu_memory_gib=args.gpu_memory_gib)
+    return run_dry(cfg, world, rank=args.rank, all_ranks=args.all_ranks, gpu_memory_gib=args.gpu_memory_gib,
+                   check_data=not args.no_data_check)
 
 
 def cli() -> None:

@@ -40,32 +40,48 @@ def checkpoint_root(cfg) -> Path:
 
 
 class TrainCheckpointer:
-    def __init__(self, trainer):
-        self.trainer = trainer
-        cfg = trainer.cfg
+    """Saves and restores a run's state through explicit providers (nothing is read off the trainer):
+
+    modules / optimizer / scheduler: the stage modules, Megatron's optimizer and its LR schedule;
+    data: the data position (`state_dict`, `load_state_dict`, `load_global_state`: StageBatches);
+    progress: the trainer's own state (`state_dict()` with at least "step", and `load_state_dict`).
+    """
+
+    def __init__(self, cfg, groups, *, modules: list, optimizer, scheduler, data, progress):
+        self.cfg, self.groups = cfg, groups
+        self.modules, self.optimizer, self.scheduler = modules, optimizer, scheduler
+        self.data, self.progress = data, progress
         self.root = checkpoint_root(cfg)
-        self.writer = Checkpointer(self.root, trainer.groups, keep_last=cfg.checkpoint.keep_last,
+        self.writer = Checkpointer(self.root, groups, keep_last=cfg.checkpoint.keep_last,
                                    async_save=cfg.checkpoint.async_save)
         self._last_saved: int | None = None
         self.last_path: Path | None = None
 
     def due(self, step: int) -> bool:
-        interval = self.trainer.cfg.checkpoint.save_interval
+        interval = self.cfg.checkpoint.save_interval
         return interval > 0 and step % interval == 0
 
     def saved_at(self, step: int) -> bool:
         return self._last_saved == step
 
-    def save(self, step: int, *, wait: bool = False) -> Path:
-        """Checkpoint `step`; with checkpoint.async_save it is written in the background unless `wait`."""
-        t = self.trainer
-        path = self.writer.save(step, t.modules, t.optimizer, t.scheduler, config=t.cfg,
-                                extra_state={"skipped_steps": t.skipped_steps},
-                                rank_state={"loader": t.batches.state_dict()})
+    def save(self, *, wait: bool = False) -> Path:
+        """Checkpoint the providers' state now; with checkpoint.async_save it is written in the background
+        unless `wait`."""
+        progress = dict(self.progress.state_dict())
+        step = int(progress.pop("step"))
+        path = self.writer.save(step, self.modules, self.optimizer, self.scheduler, config=self.cfg,
+                                extra_state=progress, rank_state={"loader": self.data.state_dict()})
         if wait:
             self.writer.wait()
         self._last_saved, self.last_path = step, path  # the writer logs where and how long
         return path
+
+    def ensure_saved(self, step: int) -> Path:
+        """The complete checkpoint of `step`: the one saved at this step (waited for), or a new one."""
+        if self.saved_at(step):
+            self.finalize()
+            return self.last_path
+        return self.save(wait=True)
 
     def poll(self) -> None:
         """Publish background saves that have finished (collective; every rank, every step)."""
@@ -74,7 +90,7 @@ class TrainCheckpointer:
 
     def resume(self) -> int:
         """Load what the run starts from (module docstring); return the step reached."""
-        ckpt = self.trainer.cfg.checkpoint
+        ckpt = self.cfg.checkpoint
         if ckpt.load is None:
             return 0
         if _has_checkpoint(self.root):
@@ -86,33 +102,32 @@ class TrainCheckpointer:
         return self._start_from(ckpt.load, finetune=ckpt.load_mode == "finetune")
 
     def _resume(self, source: str) -> int:
-        t = self.trainer
-        loaded = load_checkpoint(source, t.modules, t.optimizer, t.scheduler, groups=t.groups, config=t.cfg)
-        t.skipped_steps = int(loaded.extra_state.get("skipped_steps", 0))
-        restore_data_position(t.batches, loaded)
+        loaded = load_checkpoint(source, self.modules, self.optimizer, self.scheduler, groups=self.groups,
+                                 config=self.cfg)
+        self.progress.load_state_dict({**loaded.extra_state, "step": loaded.step})
+        restore_data_position(self.data, loaded)
         if not loaded.rng_restored:
-            seed_everything(t.cfg.train.seed, t.groups, step=loaded.step)
+            seed_everything(self.cfg.train.seed, self.groups, step=loaded.step)
         if dist.get_rank() == 0:
             log.info("resumed from %s at step %d", loaded.path, loaded.step)
-            log.info(schedule_in_effect(t.scheduler, t.cfg.optim.override_schedule_on_resume))
+            log.info(schedule_in_effect(self.scheduler, self.cfg.optim.override_schedule_on_resume))
         self._last_saved, self.last_path = loaded.step, loaded.path
         return loaded.step
 
     def _start_from(self, source: str, *, finetune: bool) -> int:
         """Weights (and for a fine-tune the optimizer state) of `source`; a new run from step 0."""
-        t = self.trainer
-        optimizer = t.optimizer if finetune else None
+        optimizer = self.optimizer if finetune else None
         settings = _hyper_parameters(optimizer) if finetune else None
-        loaded = load_checkpoint(source, t.modules, optimizer, None, groups=t.groups, config=t.cfg,
+        loaded = load_checkpoint(source, self.modules, optimizer, None, groups=self.groups, config=self.cfg,
                                  restore_rng=False)
         if finetune:
             for group, values in zip(optimizer.param_groups, settings, strict=True):
                 group.update(values)  # this run's optim.* settings, not the checkpoint's
-            t.scheduler.step(increment=0)  # the fresh schedule's first LR and weight decay
+            self.scheduler.step(increment=0)  # the fresh schedule's first LR and weight decay
         else:
             # bf16/fp16 mixed precision: the optimizer's fp32 main weights were copied from the model when it
             # was built; without this the first step would write the stale copies back over the loaded weights.
-            t.optimizer.reload_model_params()
+            self.optimizer.reload_model_params()
         if dist.get_rank() == 0:
             log.info("started from %s of %s (saved at its step %d); step, LR schedule, data order and RNG "
                      "start fresh", "the weights and optimizer state" if finetune else "the weights",

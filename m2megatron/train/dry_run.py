@@ -260,9 +260,15 @@ def format_report(r: RankReport, figures: dict) -> str:
 
 
 def run_dry(cfg: RunConfig, world_size: int, *, rank: int | None = None, all_ranks: bool = False,
-            gpu_memory_gib: float | None = None) -> int:
-    """The dry run's command: print the visited ranks; with --all-ranks, fail (exit 1) on any problem."""
+            gpu_memory_gib: float | None = None, check_data: bool = True) -> int:
+    """The dry run's command: print the visited ranks; with --all-ranks, fail (exit 1) on any problem.
+    `check_data`: also check the data, tokenizer and eval sets (train.data_checks) and print each source."""
     cfg.validate(world_size=world_size)
+    vocab_problems = []
+    if check_data:  # the model's vocabulary follows the tokenizer, as in training
+        from m2megatron.train.data_checks import tokenizer_vocabulary
+
+        cfg, vocab_problems = tokenizer_vocabulary(cfg)
     if (cfg.model.layer_spec, cfg.model.attention) != ("local", "megatron"):
         print(f"note: built with the local spec and Megatron's attention (layer_spec={cfg.model.layer_spec}, "
               f"attention={cfg.model.attention} have the same parameters; their fused GPU attention keeps less, "
@@ -282,6 +288,12 @@ def run_dry(cfg: RunConfig, world_size: int, *, rank: int | None = None, all_ran
         reports.append(visit(cfg, world_size, r))
         print(format_report(reports[-1], figures), flush=True)
     found = problems(cfg, world_size, reports, memory)
+    if check_data:
+        from m2megatron.train.data_checks import data_problems, data_summary
+
+        for line in data_summary(cfg, figures["global_batch"]):
+            print(line, flush=True)
+        found += vocab_problems + data_problems(cfg, layout.data_parallel)
     worst = max(abs(rep.planned[k] - rep.built[k]) / rep.built[k] for rep in reports
                 for k in ("parameters", "gradients", "optimizer", "activations_per_microbatch") if rep.built[k])
     for line in found:

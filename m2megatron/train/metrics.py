@@ -1,4 +1,4 @@
-"""Training logs: a line per interval, metrics.jsonl, TensorBoard events and a progress bar.
+"""Training logs: a line per interval, metrics.jsonl, TensorBoard events, optionally wandb, and a progress bar.
 
 Only the logging rank (global rank 0) writes. The trainer brings the loss there from the last
 pipeline stage with one broadcast per log interval.
@@ -36,13 +36,15 @@ class ThroughputMeter:
 
 
 class MetricsWriter:
-    """metrics.jsonl + TensorBoard + a tqdm bar; a no-op object on non-logging ranks."""
+    """metrics.jsonl + TensorBoard + wandb (`wandb`: WandbWriter's settings) + a tqdm bar; a no-op object on
+    non-logging ranks."""
 
     def __init__(self, run_dir: str | Path, *, enabled: bool, tensorboard: bool, total_steps: int,
-                 start_step: int = 0, progress: bool = True) -> None:
+                 start_step: int = 0, progress: bool = True, wandb: dict | None = None) -> None:
         self.enabled = enabled
         self._tb = None
         self._bar = None
+        self._wandb = None
         if not enabled:
             return
         run_dir = Path(run_dir)
@@ -52,6 +54,10 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if wandb is not None:
+            from m2megatron.train.wandb_writer import WandbWriter
+
+            self._wandb = WandbWriter(run_dir, **wandb)
         if progress:
             from tqdm import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
@@ -72,15 +78,18 @@ class MetricsWriter:
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
+        scalars = {scalar_name(k): float(v) for k, v in metrics.items()}
         if self._tb is not None:
-            for key, value in metrics.items():  # eval/<set>/<metric> keys keep their own namespace
-                self._tb.add_scalar(key if "/" in key else f"train/{key}", float(value), step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
             self._tb.flush()
-        line = " | ".join(f"{k} {_fmt(v)}" for k, v in record.items())
-        if self._bar is not None:
-            self._bar.write(line)
-        else:
-            log.info(line)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step)
+        for line in log_lines(record):
+            if self._bar is not None:
+                self._bar.write(line)
+            else:
+                log.info(line)
 
     def close(self) -> None:
         if not self.enabled:
@@ -90,7 +99,39 @@ class MetricsWriter:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
         self._jsonl.close()
+
+
+def wandb_settings(cfg) -> dict | None:
+    """WandbWriter's settings from logging.wandb_*; None when logging.wandb_project is unset."""
+    if not cfg.logging.wandb_project:
+        return None
+    return {"project": cfg.logging.wandb_project, "name": cfg.logging.wandb_name, "config": cfg.to_dict()}
+
+
+def scalar_name(key: str) -> str:
+    """TensorBoard / wandb name of a record key: train/<key>; keys with a namespace (eval/, time/, mem/) keep it."""
+    return key if "/" in key else f"train/{key}"
+
+
+def log_lines(record: dict) -> list[str]:
+    """The interval's log lines: the plain keys, then phase times as `phase max_ms@rank`, then memory."""
+    per_rank = ("/min_ms", "/max_ms", "/max_rank")
+    plain = " | ".join(f"{k} {_fmt(v)}" for k, v in record.items()
+                       if not k.startswith("mem/") and not k.endswith(per_rank))
+    lines = [plain]
+    times = []
+    for key in (k for k in record if k.startswith("time/") and k.endswith("/max_ms")):
+        rank = record.get(key.removesuffix("/max_ms") + "/max_rank")
+        times.append(f"{key[5:-7]} {record[key]:.1f}" + ("" if rank is None else f"@{int(rank)}"))
+    if times:
+        lines.append("  time ms/step, max over ranks @rank: " + " | ".join(times))
+    memory = [f"{k[4:]} {_fmt(v)}" for k, v in record.items() if k.startswith("mem/")]
+    if memory:
+        lines.append("  memory, max over ranks: " + " | ".join(memory))
+    return lines
 
 
 def _fmt(value: float) -> str:

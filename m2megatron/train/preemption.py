@@ -6,10 +6,12 @@ The convention between the trainer and the Slurm batch script (docs/SLURM.md):
    `<run_dir>/PREEMPT_REQUESTED` and forwards SIGUSR1 to every process of the job step
    (`scancel --signal=USR1 $SLURM_JOB_ID`). `scancel --signal=USR1 JOB` from outside reaches the
    ranks directly. SIGTERM (scancel, time limit, Slurm's own preemption) is treated the same way.
-2. Every rank builds one `PreemptionHandler(run_dir).install()` before any slow set-up, and calls
-   `handler.requested()` once per optimizer step, at the same step on every rank. The call is a
-   collective: it agrees across ranks (all_reduce MAX of each rank's flag), so all ranks stop at the
-   same step even though the signal reached them at different times.
+2. Every rank builds one `PreemptionHandler(run_dir).install()` before any slow set-up, and agrees
+   once per optimizer step, at the same step on every rank, whether any rank saw a stop: either
+   `handler.requested()` (a collective: all_reduce MAX of each rank's flag), or, in the trainer, the
+   training step carries `handler.local_flag` in its own per-step all-reduce and the trainer hands the
+   outcome to `handler.adopt(...)`. So all ranks stop at the same step even though the signal reached
+   them at different times (in the trainer: the step whose agreement first sees it).
 3. When it returns True the trainer finishes nothing more: it saves a checkpoint of the step just
    completed (all ranks), then calls `handler.mark_preempted(step=..., checkpoint=...)` (writes
    `<run_dir>/PREEMPTED` on rank 0 only, atomically) and every rank exits with status 0.
@@ -118,6 +120,15 @@ class PreemptionHandler:
         self._agreed = _any_rank(self.local_flag, self.group, self.device)
         if self._agreed and self.reason is None:
             self.reason = "another rank"
+        return self._agreed
+
+    def adopt(self, any_rank: bool) -> bool:
+        """Take the outcome of an agreement made elsewhere: the training step ORs this rank's `local_flag`
+        over all ranks in its own all-reduce (one per step). Sticky once True, like `requested()`."""
+        if any_rank and not self._agreed:
+            self._agreed = True
+            if self.reason is None:
+                self.reason = "another rank"
         return self._agreed
 
     # ------------------------------------------------------------------ marker

@@ -18,7 +18,7 @@ def train_and_evaluate(cfg: RunConfig) -> dict | None:
     trainer = Trainer(cfg)
     try:
         trainer.fit()
-        if trainer.preemption.reason is not None or not cfg.train.eval_at_end:
+        if not trainer.finished or trainer.preemption.reason is not None or not cfg.train.eval_at_end:
             return None
         results = {"step": trainer.step, **trainer.evaluate()}
     finally:

@@ -1,16 +1,21 @@
-"""The training loop: data → pipeline step → NaN/Inf guard → optimizer → logs → checkpoints.
+"""The training loop: data → the training step (runtime.train_step) → logs → checkpoints → stop or go on.
 
     trainer = Trainer(cfg)          # every rank; builds groups, data, model, optimizer; resumes
     trainer.fit()                   # returns the number of the last completed step
+
+A run stops at train.train_steps, or earlier with a checkpoint: on a preemption signal or when
+train.exit_duration_minutes is used up (both marked for a requeue, train/preemption.py), or at a multiple of
+train.exit_interval (not marked).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
+import time
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -20,11 +25,14 @@ from m2megatron.data.build import resolve_tokenizer
 from m2megatron.data.stage_batches import StageBatches
 from m2megatron.parallel import initialize, seed_everything
 from m2megatron.planning import flops
-from m2megatron.runtime import ContrastiveStep, build_stages
+from m2megatron.runtime import StepResult, TrainStep, build_stages
+from m2megatron.runtime.train_step import SPIKE_SKIP
 from m2megatron.train.checkpointing import TrainCheckpointer, checkpoint_root
-from m2megatron.train.metrics import MetricsWriter, ThroughputMeter
+from m2megatron.train.data_checks import vocabulary_follows_tokenizer
+from m2megatron.train.metrics import MetricsWriter, ThroughputMeter, wandb_settings
 from m2megatron.train.preemption import PreemptionHandler
 from m2megatron.train.run_lock import lock_run_directories
+from m2megatron.train.run_monitor import RunMonitor, global_mean_loss
 
 log = logging.getLogger("m2megatron.train")
 
@@ -51,22 +59,37 @@ class Trainer:
         if self.is_logging_rank:
             self.cfg.save(self.run_dir)
         self.stages = build_stages(self.cfg, self.groups)
-        self.modules, self.chunks = self.stages.modules, self.stages.chunks
-        self.optimizer, self.scheduler = self.stages.optimizer, self.stages.scheduler
+        self.modules = self.stages.modules
+        self.optimizer = self.stages.optimizer
         self.num_microbatches = self.cfg.num_microbatches(dist.get_world_size())
         # One reading rank per replica decodes; the others get what their stage reads (docs/DATA.md).
         self.batches = StageBatches(self.cfg.data, self.tokenizer, image_size=self.cfg.model.image_size,
                                     micro_batch_size=self.cfg.train.micro_batch_size,
                                     num_microbatches=self.num_microbatches, groups=self.groups,
                                     seed=self.cfg.train.seed)
-        self.step_fn = ContrastiveStep(self.stages)
+        self.step_fn = TrainStep(self.stages)
+        # logging.*: phase timers (Megatron's config.timers), stragglers, memory, progress, loss spikes
+        self.monitor = RunMonitor(
+            self.cfg, self.groups, self.stages.config.timers, self.batches,
+            samples_per_step=self.cfg.train.micro_batch_size * self.num_microbatches * self.groups.layout.data_parallel,
+            tokens_per_sample=self.cfg.model.num_image_tokens + self.cfg.model.max_text_len)
         from m2megatron.eval.during_training import configured_sets
 
         self.eval_sets = configured_sets(self.cfg)  # fails now on a missing eval path, not after hours
-        self.checkpointer = TrainCheckpointer(self)
-        self.step = self.checkpointer.resume()
-        self.nonfinite_in_row = 0
+        self.step = 0
         self.skipped_steps = 0
+        self.nonfinite_in_row = 0
+        self.checkpointer = TrainCheckpointer(self.cfg, self.groups, modules=self.modules, optimizer=self.optimizer,
+                                              scheduler=self.stages.scheduler, data=self.batches, progress=self)
+        self.checkpointer.resume()  # sets step and skipped_steps through load_state_dict
+
+    # ---- the trainer's own state (checkpointed beside the model, optimizer, schedule and data position) ----
+    def state_dict(self) -> dict:
+        return {"step": self.step, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
     def _resolve_tokenizer(self, cfg: RunConfig) -> RunConfig:
         """The tokenizer fixes the vocabulary (a small one is trained for the synthetic source)."""
@@ -76,127 +99,115 @@ class Trainer:
         dist.barrier()
         if not self.is_logging_rank:
             self.tokenizer = resolve_tokenizer(cfg.data, max_length=cfg.model.max_text_len, cache_dir=cache)
-        if self.tokenizer.vocab_size == cfg.model.vocab_size:
-            return cfg
-        if cfg.data.tokenizer:
-            if self.tokenizer.vocab_size > cfg.model.vocab_size:
-                raise ValueError(f"data.tokenizer: {cfg.data.tokenizer} has {self.tokenizer.vocab_size} pieces, "
-                                 f"more than model.vocab_size={cfg.model.vocab_size}")
-            return cfg
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size))
+        return vocabulary_follows_tokenizer(cfg, self.tokenizer.vocab_size)
 
     # ---- one step ---------------------------------------------------------------------------------
-    def _next_microbatches(self) -> list[dict]:
-        return self.batches.next_step()
+    def train_step(self) -> StepResult:
+        """One optimizer step (runtime.train_step), with this rank's stop request folded into its agreement."""
+        budget = self.cfg.train.exit_duration_minutes
+        if budget is not None and time.time() - psutil.Process().create_time() >= budget * 60:
+            self.preemption.request("train.exit_duration_minutes")  # the budget counts from the process start
+        with self.monitor.phase("data-wait"):
+            microbatches = self.batches.next_step()
+        result = self.step_fn(microbatches, stop_flag=self.preemption.local_flag,
+                              skip_update=lambda loss: self.monitor.loss_spike(loss, self.step + 1))
+        self._account(result)
+        if result.skipped is None:
+            self.monitor.grad_norm_jump(result.grad_norm, self.step + 1)
+        return result
 
-    def _all_finite(self, loss: torch.Tensor | None) -> bool:
-        """Agree over all ranks whether this step's loss and every gradient are finite (one host sync).
-
-        fp16 gradients are loss-scaled: an overflow there is the dynamic loss scaler's business (Megatron's
-        optimizer skips the update and lowers the scale), so only the loss is checked.
-        """
-        bad = torch.zeros((), device=self.device)
-        if loss is not None:
-            bad = bad + (~torch.isfinite(loss)).any()
-        if self.cfg.train.precision != "fp16":
-            for chunk in self.chunks:
-                for buffer in chunk.buffers + chunk.expert_parallel_buffers:
-                    bad = bad + (~torch.isfinite(buffer.grad_data)).any()
-        flag = bad.clamp(max=1.0).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() == 0.0
-
-    def _skip(self, why: str) -> dict:
-        self.nonfinite_in_row += 1
+    def _account(self, result: StepResult) -> None:
+        """Count skipped updates; stop the run after train.max_nonfinite_steps non-finite steps in a row."""
+        if result.skipped is None:
+            self.nonfinite_in_row = 0
+            return
         self.skipped_steps += 1
-        log.warning("step %d: %s, update skipped (%d in a row)", self.step + 1, why, self.nonfinite_in_row)
+        if result.skipped.startswith("fp16"):  # the loss scaler's business, not a non-finite step
+            log.info("step %d: fp16 gradient overflow, loss scale now %g", self.step + 1,
+                     self.optimizer.get_loss_scale().item())
+            return
+        if result.skipped == SPIKE_SKIP:  # logged by the run monitor
+            return
+        self.nonfinite_in_row += 1
+        log.warning("step %d: %s, update skipped (%d in a row)", self.step + 1, result.skipped,
+                    self.nonfinite_in_row)
         if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
             raise NonFiniteError(f"train.max_nonfinite_steps: {self.nonfinite_in_row} consecutive steps "
                                  f"had a NaN/Inf loss or gradient; stopping")
-        return {"loss": float("nan"), "grad_norm": float("nan"), "skipped": 1.0}
-
-    def train_step(self) -> dict:
-        for chunk in self.chunks:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()  # with overlap_param_gather this also dispatches the first all-gather
-        loss = self.step_fn(self._next_microbatches())
-        if not self._all_finite(loss):
-            return self._skip("non-finite loss or gradient")
-        updated, grad_norm, _ = self.optimizer.step()
-        if not updated:  # fp16: the scaled gradients overflowed; the loss scale went down
-            self.skipped_steps += 1
-            log.info("step %d: fp16 gradient overflow, loss scale now %g", self.step + 1,
-                     self.optimizer.get_loss_scale().item())
-            return {"loss": loss, "grad_norm": float("nan"), "skipped": 1.0}
-        self.nonfinite_in_row = 0
-        self.scheduler.step(increment=1)
-        return {"loss": loss, "grad_norm": grad_norm, "skipped": 0.0}
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self) -> int:
         cfg = self.cfg
         writer = MetricsWriter(self.run_dir, enabled=self.is_logging_rank, tensorboard=cfg.train.tensorboard,
-                               total_steps=cfg.train.train_steps, start_step=self.step, progress=self.progress)
+                               total_steps=cfg.train.train_steps, start_step=self.step, progress=self.progress,
+                               wandb=wandb_settings(cfg))
         meter = ThroughputMeter()
-        samples_per_step = cfg.train.micro_batch_size * self.num_microbatches * self.groups.layout.data_parallel
-        tokens_per_sample = cfg.model.num_image_tokens + cfg.model.max_text_len
+        samples_per_step, tokens_per_sample = self.monitor.samples_per_step, self.monitor.tokens_per_sample
         try:
             while self.step < cfg.train.train_steps:
-                result = self.train_step()
+                with self.monitor.step():
+                    result = self.train_step()
                 self.step += 1
                 meter.add(samples_per_step, samples_per_step * tokens_per_sample)
                 writer.step()
                 if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.train_steps:
-                    writer.write(self.step, self._log_record(result, meter.read()))
+                    record = self._log_record(result, meter.read())
+                    writer.write(self.step, {**record, **self.monitor.interval(self.step)})
                 if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < cfg.train.train_steps:
                     writer.write(self.step, self.evaluate())
                     meter.read()  # eval time is not training throughput
                 self.checkpointer.poll()
                 if self.checkpointer.due(self.step):
-                    with self.stages.params_in_sync():
-                        self.checkpointer.save(self.step)
-                if self.preemption.requested():
-                    # The requeued job must find this step's checkpoint complete.
-                    if self.checkpointer.saved_at(self.step):
-                        self.checkpointer.finalize()
-                        path = self.checkpointer.last_path
-                    else:
-                        with self.stages.params_in_sync():
-                            path = self.checkpointer.save(self.step, wait=True)
-                    self.preemption.mark_preempted(step=self.step, checkpoint=str(path))
-                    log.warning("preempted at step %d; checkpoint %s", self.step, path)
+                    with self.monitor.phase("checkpoint"), self.stages.params_in_sync():
+                        self.checkpointer.save()
+                if self._stop_early(result):
                     return self.step
             if not self.checkpointer.saved_at(self.step):
                 with self.stages.params_in_sync():
-                    self.checkpointer.save(self.step, wait=True)
+                    self.checkpointer.save(wait=True)
         finally:
             writer.close()
         return self.step
+
+    def _stop_early(self, result: StepResult) -> bool:
+        """Stop before train_steps (with this step's checkpoint complete) on an agreed preemption request or
+        an exhausted train.exit_duration_minutes (both marked for a requeue), or at train.exit_interval."""
+        preempted = self.preemption.adopt(result.stop_requested)
+        interval = self.cfg.train.exit_interval
+        at_exit_interval = interval is not None and self.step % interval == 0 and self.step < self.cfg.train.train_steps
+        if not (preempted or at_exit_interval):
+            return False
+        with self.stages.params_in_sync():
+            path = self.checkpointer.ensure_saved(self.step)  # a requeued or restarted job resumes from it
+        if preempted:
+            self.preemption.mark_preempted(step=self.step, checkpoint=str(path))
+            log.warning("stopped at step %d (%s); checkpoint %s, marked for a requeue", self.step,
+                        self.preemption.reason, path)
+        else:
+            log.warning("stopped at step %d (train.exit_interval=%d); checkpoint %s", self.step, interval, path)
+        return True
+
+    @property
+    def finished(self) -> bool:
+        """The run reached train.train_steps (False after an early stop)."""
+        return self.step >= self.cfg.train.train_steps
 
     def evaluate(self) -> dict[str, float]:
         """The configured eval sets (eval.*) with the training stages at the training layout; every rank."""
         from m2megatron.eval.during_training import evaluate_configured_sets
 
-        with self.stages.params_in_sync():
+        with self.stages.params_in_sync(), self.monitor.paused():
             return evaluate_configured_sets(self.modules, self.groups, self.cfg, self.tokenizer, self.step)
 
-    def _log_record(self, result: dict, speed: dict) -> dict:
+    def _log_record(self, result: StepResult, speed: dict) -> dict:
         """Bring the loss to the logging rank and assemble the record."""
-        loss = result["loss"]
-        value = torch.zeros(2, device=self.device)
-        if loss is not None:
-            value[0], value[1] = torch.as_tensor(loss, device=self.device).float(), 1.0
-        if self.groups.is_last_stage:
-            value[0] = value[0] / self.groups.layout.data_parallel
-        dist.all_reduce(value)  # last-stage ranks hold the loss; mean over DP, TP copies counted once below
-        tp = self.groups.layout.tensor_parallel
-        mean_loss = value[0].item() / tp
+        mean_loss = global_mean_loss(result.loss, self.groups)
         logit_scale = self._logit_scale()
         record = {
             "loss": mean_loss,
             "logit_scale": logit_scale,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": float(result["grad_norm"]) if result["grad_norm"] is not None else float("nan"),
+            "grad_norm": float(result.grad_norm),
             "samples_per_s": speed["samples_per_s"],
             "tokens_per_s": speed["tokens_per_s"],
             "skipped_steps": float(self.skipped_steps),
@@ -214,6 +225,8 @@ class Trainer:
                 record["hfu"] = record["hardware_tflops"] / (peak * dist.get_world_size())
         for reason, count in self.batches.skipped().items():
             record[f"skipped_{reason}"] = float(count)
+        for key, count in self.batches.samples_seen().items():  # every rank: an all-reduce over DP
+            record[f"samples_seen/{key}"] = float(count)
         return record
 
     def _logit_scale(self) -> float:

@@ -1,12 +1,12 @@
 """SIGKILL during a save leaves the previous checkpoint loadable, and `latest` never names an incomplete one.
 
 Each crash point runs in its own process (forked from the test harness's preloaded forkserver): it saves
-step 1 normally, then saves step 2 with M2_CKPT_CRASH_AT=POINT, which SIGKILLs it there.
+step 1 normally, then replaces the function the save path calls at that point by one that SIGKILLs the
+process (`_arm`), and saves step 2.
 """
 
 import contextlib
 import datetime
-import multiprocessing as mp
 import os
 import signal
 
@@ -14,12 +14,40 @@ import pytest
 import torch.distributed as dist
 
 from m2megatron.checkpoint import load_checkpoint, save_checkpoint
-from m2megatron.checkpoint.atomic import CRASH_ENV, CRASH_POINTS, LATEST, complete_checkpoints, resolve
+from m2megatron.checkpoint.atomic import LATEST, complete_checkpoints, resolve
 from m2megatron.parallel import Layout, build_groups
 from tests.checkpoint_toy import build_toy
 from tests.harness import start_fresh_process
 
 pytestmark = pytest.mark.distributed
+
+CRASH_POINTS = ("after_shards", "before_rename", "before_latest", "after_latest")
+"""In the order a save reaches them: shards written (no manifest yet), manifest written (not renamed),
+renamed to iter_N (`latest` not rewritten), `latest` rewritten."""
+
+
+def _sigkill(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _arm(point: str) -> None:
+    """Make the next save SIGKILL this process at `point`, by replacing the function it calls there."""
+    from m2megatron.checkpoint import atomic, save
+
+    if point == "after_shards":
+        save.own_file_checksums = _sigkill  # the first thing a save does once every shard is written
+    elif point == "before_rename":
+        atomic.publish = _sigkill
+    elif point == "before_latest":
+        atomic.write_latest = _sigkill
+    else:
+        write_latest = atomic.write_latest
+
+        def write_then_die(*args, **kwargs):
+            write_latest(*args, **kwargs)
+            _sigkill()
+
+        atomic.write_latest = write_then_die
 
 
 def _crash_run(root: str, point: str) -> None:
@@ -35,13 +63,12 @@ def _crash_run(root: str, point: str) -> None:
     groups = build_groups(Layout(world_size=1))
     chunks, opt, sched = build_toy(groups)
     save_checkpoint(root, 1, chunks, opt, sched, groups=groups)
-    os.environ[CRASH_ENV] = point
+    _arm(point)
     save_checkpoint(root, 2, chunks, opt, sched, groups=groups)
     raise SystemExit("crash point was not reached")
 
 
 def _load_then_save(root: str):
-    mp.current_process()._config["daemon"] = False  # Megatron's writer forks; pool workers are daemons
     groups = build_groups(Layout(world_size=dist.get_world_size(), tensor_parallel=2))
     chunks, opt, sched = build_toy(groups)
     step = load_checkpoint(root, chunks, opt, sched, groups=groups).step

@@ -32,7 +32,7 @@ def _nan_fit(run_dir: str) -> str:
     cfg = load_config(overrides=SMALL + [f"--train.run_dir={run_dir}", "--train.train_steps=10",
                                          "--train.max_nonfinite_steps=3", "--checkpoint.load=null"])
     t = trainer_mod.Trainer(cfg, progress=False)
-    real = t.step_fn
+    real = t.step_fn.forward_backward
 
     def poisoned(microbatches):
         loss = real(microbatches)
@@ -42,7 +42,7 @@ def _nan_fit(run_dir: str) -> str:
                     p.main_grad.fill_(float("nan"))
         return loss
 
-    t.step_fn = poisoned
+    t.step_fn.forward_backward = poisoned
     before = {k: v.clone() for k, v in t.modules[0].state_dict().items() if torch.is_tensor(v)}
     try:
         t.fit()
@@ -65,8 +65,11 @@ def test_pipeline_training_logs_checkpoints_and_evaluates(dist_pool, tmp_path):
     assert json.loads((run_dir / "results.json").read_text())["eval/synthetic/num_images"] == 32
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6]
-    for key in ("loss", "logit_scale", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "model_tflops"):
-        assert all(key in r for r in records)
+    for key in ("loss", "logit_scale", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "model_tflops",
+                "samples_seen", "tokens_seen", "epoch", "eta_s", "data_wait_frac", "mem/cpu_rss_gb",
+                "time/step/max_ms", "time/data_wait/max_rank", "time/forward_backward/min_ms", "time/optimizer/max_ms"):
+        assert all(key in r for r in records), key
+    assert [r["samples_seen"] for r in records] == [16, 32, 48]  # micro_batch 8 × DP 1, 2 steps per record
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "latest").is_file()
 
@@ -75,7 +78,8 @@ def test_pipeline_training_logs_checkpoints_and_evaluates(dist_pool, tmp_path):
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
-    assert {"train/lr", "train/grad_norm", "train/samples_per_s"} <= set(events.Tags()["scalars"])
+    assert {"train/lr", "train/grad_norm", "train/samples_per_s", "train/samples_seen", "time/step/max_ms",
+            "mem/cpu_rss_gb"} <= set(events.Tags()["scalars"])
 
 
 def test_resume_continues_from_latest_checkpoint(dist_pool, tmp_path):
@@ -105,13 +109,12 @@ def _fit_preempted_at(run_dir: str, stop_after: int, overrides: list[str]) -> in
     trainer = Trainer(cfg, progress=False)
     real = trainer.train_step
 
-    def step_then_maybe_preempt():
-        result = real()
+    def preempt_during():  # the signal arrives while step `stop_after` runs: it is the last one
         if trainer.step + 1 == stop_after:
             trainer.preemption.request("test")
-        return result
+        return real()
 
-    trainer.train_step = step_then_maybe_preempt
+    trainer.train_step = preempt_during
     try:
         return trainer.fit()
     finally:

@@ -73,7 +73,8 @@ case $rc in  # a stop is one line (the details stay in env.txt)
 esac
 
 GPU_TESTS=()
-for f in tests/gpu/test_loss_kernel.py tests/gpu/test_loss_ring.py tests/gpu/test_attention.py tests/gpu/test_te_spec.py \
+for f in tests/gpu/test_loss_kernel.py tests/gpu/test_loss_ring.py tests/gpu/test_attention.py tests/gpu/test_timers.py \
+         tests/gpu/test_te_spec.py \
          tests/gpu/test_dali_mixed.py tests/gpu/test_checkpoint_fused_adam.py tests/gpu/test_uint8_images.py \
          tests/gpu/test_sub_ln_triton.py; do [ -f "$f" ] && GPU_TESTS+=("$f"); done
 PYTEST=("$PY" -m pytest -q -s -rA -p no:cacheprovider)

@@ -57,10 +57,15 @@ def test_no_library_package_imports_a_higher_layer():
     assert upward == [], "\n".join(upward)
 
 
+BORROWED_FIXTURES = {("tools/bench_model.py", "tests.reference_torchscale")}
+"""The one exception: the model benchmark times our model against the parity tests' torchscale reference."""
+
+
 def test_tools_and_library_do_not_import_the_tests():
     offenders = [f"{path.relative_to(REPO)}:{line} imports {module}"
                  for folder in ("m2megatron", "tools", "kernels") for path in sorted((REPO / folder).rglob("*.py"))
-                 for line, module, _ in _imports(path) if module.split(".")[0] == "tests"]
+                 for line, module, _ in _imports(path) if module.split(".")[0] == "tests"
+                 and (str(path.relative_to(REPO)), module) not in BORROWED_FIXTURES]
     assert offenders == [], "\n".join(offenders)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from m2megatron.checkpoint.files import (
     load_any,
-    load_consolidated,
+    read_consolidated,
     read_reference_checkpoint,
     save_consolidated,
 )
@@ -123,7 +123,7 @@ def test_consolidated_file_round_trip(tmp_path):
     cfg = infer_model_config(ref)
     full, unused = reference_to_ours(ref, cfg)
     save_consolidated(tmp_path / "m.safetensors", full, cfg, unused)
-    cfg2, full2, unused2 = load_consolidated(tmp_path / "m.safetensors")
+    cfg2, full2, unused2 = read_consolidated(tmp_path / "m.safetensors")
     assert cfg2 == cfg
     assert all(torch.equal(full[k], full2[k]) for k in full) and full.keys() == full2.keys()
     assert all(torch.equal(unused[k], unused2[k]) for k in unused)

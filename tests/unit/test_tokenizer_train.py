@@ -53,7 +53,11 @@ def test_train_tokenizer_tool(tmp_path):
     res = run_script("tools/train_tokenizer.py", "--input", str(corpus), "--out", str(out), "--vocab-size", "150",
                      cwd=REPO, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert Tokenizer(out).vocab_size == 170
+    assert Tokenizer(out).vocab_size == 170 and "note:" not in res.stderr
+    short = run_script("tools/train_tokenizer.py", "--input", str(corpus), "--out", str(out), "--vocab-size", "50000",
+                       cwd=REPO, timeout=120)
+    assert short.returncode == 0, short.stderr
+    assert f"note: the corpus gave only {Tokenizer(out).vocab_size - 20} of the 50000 pieces asked for" in short.stderr
     bad = run_script("tools/train_tokenizer.py", "--input", str(tmp_path / "nope.txt"), "--out", str(out),
                      cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "nope.txt" in bad.stderr
