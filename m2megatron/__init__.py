@@ -1,8 +1,8 @@
 """m2megatron: M2-Encoder bilingual image–text encoders on Megatron-Core."""
 
 from m2megatron import benign_warnings as _benign_warnings
-from m2megatron import lazy_jit_fuser as _lazy_jit_fuser
+from m2megatron import compat as _compat
 
 __version__ = "0.1.0"
 _benign_warnings.install()
-_lazy_jit_fuser.install()
+_compat.install_import_hooks()

@@ -1,7 +1,7 @@
 """The one place where warnings we know to be harmless are silenced, each with its reason. Everything else shows.
 
 `install()` runs when the m2megatron package is imported (before Megatron-Core is), `install_cpu_host()`
-when the CPU workarounds are applied (m2megatron.parallel.cpu_compat), so GPU hosts keep those warnings.
+when the CPU patches are applied (m2megatron.compat.cpu), so GPU hosts keep those warnings.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ _EVERYWHERE = (
      "process", UserWarning),
 )
 _CPU_HOST = (
-    # A CUDA stream setting; a CPU host has no CUDA streams (GPU hosts get CUDA_DEVICE_MAX_CONNECTIONS=1 set by
-    # m2megatron.parallel.bootstrap, so the warning does not fire there).
+    # A CUDA stream setting; a CPU host has no CUDA streams (GPU hosts get CUDA_DEVICE_MAX_CONNECTIONS=1 from
+    # m2megatron.parallel.device where it fires, at TP > 1, unless the user set another value).
     ("When using async grad allreduce it is recommended to set the environment variable "
      "CUDA_DEVICE_MAX_CONNECTIONS", UserWarning),
 )

@@ -52,6 +52,7 @@ LONGEST_FIRST = [
     "tests/distributed/test_rng_streams.py", "tests/distributed/test_trainer.py",
     "tests/distributed/test_checkpoint_crash.py", "tests/distributed/test_checkpoint_resume.py",
     "tests/distributed/test_checkpoint_tools.py", "tests/distributed/test_data_position.py",
+    "tests/distributed/test_errors_under_torchrun.py", "tests/unit/test_dry_run.py",
 ]
 """Groups that take longest (seconds to minutes on 2 cores), started first so that the two xdist workers
 of `make test` finish together. Everything else keeps its collection order behind them."""

@@ -1,7 +1,7 @@
 """Run test bodies on N gloo processes, paying process start-up once per world size.
 
-`DistributedPool(n)` spawns n workers that each join one gloo process group and apply the CPU
-workarounds, then wait for work. `pool.run(fn, *args)` runs the module-level function `fn` on every
+`DistributedPool(n)` spawns n workers that each come up through m2megatron's bootstrap (one gloo process
+group, the CPU patches), then wait for work. `pool.run(fn, *args)` runs the module-level function `fn` on every
 rank and returns the per-rank results in rank order. If any rank raises, the pool is torn down (its
 collectives may be half-done) and an error carrying each failing rank's traceback is raised; the
 next `run` starts a fresh pool. Each body sets up the Megatron layout it needs with
@@ -89,73 +89,19 @@ def start_fresh_process(fn, *args, log_path: str):
     return proc
 
 
-def _run_python(how: str, what: str, argv: list[str], cwd: str, env: dict, paths: tuple[str, str, str]) -> None:
-    """`python -m what argv...` (how "-m"), `python -c what` ("-c") or `python what argv...` ("script"), as a
-    new interpreter would run it, with stdin, stdout and stderr on the files in `paths`."""
-    import runpy
-    import sys
-
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
-    # `python -m` puts the working directory first on sys.path (a script: its folder); PYTHONPATH is read
-    # only at interpreter start.
-    first = os.path.dirname(os.path.abspath(what)) if how == "script" else cwd
-    extra = [first] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    sys.path[:0] = [p for p in extra if p not in sys.path]
-    for fd, (path, flags) in enumerate(zip(paths, (os.O_RDONLY, os.O_WRONLY | os.O_TRUNC, os.O_WRONLY | os.O_TRUNC))):
-        os.dup2(os.open(path, flags | (os.O_CREAT if fd else 0), 0o644), fd)
-    sys.stdin = open(0, encoding="utf-8", closefd=False)
-    sys.argv = {"-m": [what], "-c": ["-c"], "script": [what]}[how] + argv
-    code = 0
-    try:
-        if how == "-m":
-            runpy.run_module(what, run_name="__main__", alter_sys=True)
-        elif how == "script":
-            runpy.run_path(what, run_name="__main__")
-        else:
-            exec(compile(what, "<string>", "exec"), {"__name__": "__main__"})
-    except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            code = exc.code or 0
-        else:
-            print(exc.code, file=sys.stderr)
-            code = 1
-    except BaseException:  # noqa: BLE001 - as the interpreter would report it
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def _run(how: str, what: str, args: tuple, cwd, env, timeout: float, input: str):
     import subprocess
-    import tempfile
+    import sys
 
-    cwd = str(cwd or os.getcwd())
-    env = dict(os.environ if env is None else env)
-    shown = ["python", *({"-m": ["-m", what], "-c": ["-c", what], "script": [what]}[how]), *args]
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = tuple(os.path.join(tmp, name) for name in ("in", "out", "err"))
-        with open(paths[0], "w", encoding="utf-8") as f:
-            f.write(input)
-        proc = forkserver_context().Process(target=_run_python, args=(how, what, list(args), cwd, env, paths),
-                                            daemon=False)
-        proc.start()
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-            raise subprocess.TimeoutExpired(shown, timeout)
-        read = lambda path: open(path, encoding="utf-8", errors="replace").read() if os.path.exists(path) else ""  # noqa: E731
-        return subprocess.CompletedProcess(shown, proc.exitcode, read(paths[1]), read(paths[2]))
+    command = [sys.executable, *{"-m": ["-m", what], "-c": ["-c", what], "script": [what]}[how], *args]
+    return subprocess.run(command, cwd=str(cwd or os.getcwd()), env=dict(os.environ if env is None else env),
+                          input=input, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          timeout=timeout)
 
 
 def run_module(module: str, *args: str, cwd=None, env: dict | None = None, timeout: float = 300, input: str = ""):
-    """`python -m module args...` as a subprocess.CompletedProcess (text stdout/stderr), in a process forked from
-    the preloaded forkserver: a fresh process without ~5 s of imports. Its difference from a new interpreter:
-    modules in PRELOAD are imported before `env` applies (none of ours reads the environment at import)."""
+    """`python -m module args...`, the command a user runs, in a new interpreter: a subprocess.CompletedProcess
+    (text stdout/stderr). Where a fresh interpreter is not the point, call the module's `main(argv)` instead."""
     return _run("-m", module, args, cwd, env, timeout, input)
 
 
@@ -177,17 +123,16 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
     import torch
     import torch.distributed as dist
 
-    from m2megatron.checkpoint import writer_results
+    from m2megatron.config.parallel import ParallelConfig
+    from m2megatron.parallel.bootstrap import initialize, local_rank_env
 
     torch.set_num_threads(1)
-    writer_results.start_before_process_groups()
     try:
         timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
-        from m2megatron.parallel import cpu_compat
-
-        cpu_compat.apply()
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)  # starts no thread
+        # The bootstrap: the checkpoint writer's queue (forked), the process group, the CPU patches.
+        initialize(ParallelConfig(timeout_s=COLLECTIVE_TIMEOUT_S), local_rank_env(rank, world_size, store=store),
+                   megatron_state=False)
         outbox.put((rank, "ready", None))
     except BaseException:  # noqa: BLE001 - reported to the parent
         outbox.put((rank, "error", traceback.format_exc()))

@@ -2,9 +2,9 @@
 
 A GPU run fails on the first tensor left on the host: NCCL refuses CPU tensors and CUDA kernels refuse
 to mix devices. Here nothing would fail, because everything is on the CPU. So these tests make `meta` the
-runtime device (m2megatron.parallel.device.use_stand_in_accelerator) and run the real code as rank r of
-an N-rank world on torch's `fake` process-group backend (every collective a no-op), in a fresh process
-(the CPU workarounds are process-wide). A `DeviceRecorder` then fails the test on:
+runtime device (the bootstrap's `device=` argument, through m2megatron.parallel.fake_world) and run the
+real code as rank r of an N-rank world on torch's `fake` process-group backend (every collective a no-op),
+in a fresh process (the CPU patches are process-wide). A `DeviceRecorder` then fails the test on:
 
 - any ATen op that mixes a host tensor (more than a 0-d scalar, which CUDA accepts too) with a device
   tensor, other than the copies that move data on purpose (`.to(device)`, `.cpu()`);

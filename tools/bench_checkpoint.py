@@ -14,7 +14,8 @@ with Adam state, then times in the same run (rank 0's clock, every rank between 
           load_checkpoint with and without the CRC pass (each file read once, by one rank).
 Prints seconds, MB/s and the ratios ours/torch. Not a test; numbers go to docs/CHECKPOINTS.md.
 
-  python tools/bench_checkpoint.py --out /tmp/ckbench/ckpt [--preset m2-0.4b] [--optimizer] [--ranks 2] [--repeat 2]
+  python tools/bench_checkpoint.py [--out SCRATCH] [--result FILE.json] [--preset m2-0.4b] [--optimizer]
+      [--ranks 2] [--repeat 2]
 """
 
 import argparse
@@ -22,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -135,17 +137,20 @@ def _bench(out: str, preset: str, with_optimizer: bool, repeat: int, result_file
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="scratch directory for the checkpoints (deleted first)")
+    p.add_argument("--out", default=None, help="scratch directory for the checkpoints (deleted first; default: a new "
+                                              "temporary directory, removed afterwards)")
     p.add_argument("--preset", default="m2-0.4b", help="model preset (default m2-0.4b)")
     p.add_argument("--optimizer", action="store_true", help="include Adam state (3x the bytes)")
     p.add_argument("--ranks", type=int, default=1, help="data-parallel replicas (local gloo ranks)")
     p.add_argument("--repeat", type=int, default=2, help="repetitions; the best time counts")
-    p.add_argument("--result", default=None, help="write the JSON result here (default OUT/../bench_checkpoint.json)")
+    p.add_argument("--result", default=None, help="also write the JSON result (with every repetition's seconds) here")
     args = p.parse_args(argv)
-    from m2megatron.checkpoint.cli import run_on_ranks
+    from m2megatron.parallel.local_ranks import run_on_ranks
 
-    result = args.result or str(Path(args.out).parent / "bench_checkpoint.json")
-    run_on_ranks(args.ranks, _bench, args.out, args.preset, args.optimizer, args.repeat, result)
+    with tempfile.TemporaryDirectory(prefix="bench_checkpoint-") as scratch:
+        out = args.out or str(Path(scratch) / "ckpt")
+        result = args.result or str(Path(scratch) / "bench_checkpoint.json")
+        run_on_ranks(args.ranks, _bench, out, args.preset, args.optimizer, args.repeat, result)
     return 0
 
 

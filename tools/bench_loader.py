@@ -208,7 +208,6 @@ def compare(args, shards: list[str], tokenizer) -> list[str]:
 
 # ---- TP decode: broadcast vs split -----------------------------------------------------------------
 def _tp_rank(rank: int, world: int, port: int, shards: list[str], sp_model: str, args, out) -> None:
-    import datetime
     import warnings
 
     warnings.simplefilter("ignore")  # Megatron's import-time notes about TE/apex, once per rank
@@ -217,13 +216,14 @@ def _tp_rank(rank: int, world: int, port: int, shards: list[str], sp_model: str,
     import torch.distributed as dist
 
     from m2megatron.config.data import DataConfig
+    from m2megatron.config.parallel import ParallelConfig
     from m2megatron.data.stage_batches import StageBatches
     from m2megatron.data.tokenizer import Tokenizer
     from m2megatron.parallel import Layout, build_groups
+    from m2megatron.parallel.bootstrap import initialize, local_rank_env
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
+    initialize(ParallelConfig(timeout_s=300), local_rank_env(rank, world, port=port), megatron_state=False)
     groups = build_groups(Layout(world_size=world, tensor_parallel=world))
     tok = Tokenizer(sp_model, max_length=52)
     results = {}
@@ -251,13 +251,11 @@ def _tp_rank(rank: int, world: int, port: int, shards: list[str], sp_model: str,
 
 
 def tp_decode(args, shards: list[str], tokenizer) -> list[str]:
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from m2megatron.parallel.bootstrap import free_port
+
+    port = free_port()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_tp_rank, args=(r, args.tp, port, shards, str(tokenizer.path), args, out))

@@ -24,13 +24,11 @@ the 10B model on 256 GPUs and for Inf-CL's published setting, and last a key=val
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import importlib.util
 import json
 import math
 import os
-import socket
 import tempfile
 import time
 import warnings
@@ -43,6 +41,7 @@ import torch.nn.functional as F
 from m2megatron.config import LossConfig
 from m2megatron.loss import contrastive_loss
 from m2megatron.loss.traffic import sent_bytes
+from m2megatron.parallel.bootstrap import free_port
 from m2megatron.parallel.groups import new_loss_groups
 from m2megatron.parallel.layout import Layout
 
@@ -193,11 +192,11 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, batches: 
     """One rank: every variant at every batch (scaling: OpenCLIP and the global ring, memory only)."""
     warnings.simplefilter("ignore")  # deprecation notices of torch/OpenCLIP collectives, TE/apex absence, × P ranks
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=10))
-    from m2megatron.parallel import cpu_compat
+    from m2megatron.config.parallel import ParallelConfig
+    from m2megatron.parallel.bootstrap import initialize, local_rank_env
 
-    cpu_compat.apply()  # Megatron's gather allocates on torch.cuda.current_device()
+    # The bootstrap applies the CPU patches: Megatron's gather allocates on torch.cuda.current_device().
+    initialize(ParallelConfig(timeout_s=600), local_rank_env(rank, world, port=port), megatron_state=False)
     counter = SentBytes()
     counter.install()
     variants = loss_variants(world, rank, args.chunk, only_global_ring=scaling)
@@ -333,9 +332,7 @@ def summary(rows, scaling, world: int) -> str:
 
 
 def run_world(world: int, args: argparse.Namespace, batches: list[int], scaling: bool) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "rows.json")
         mp.start_processes(worker, args=(world, port, args, batches, scaling, path), nprocs=world,

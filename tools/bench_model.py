@@ -12,8 +12,9 @@ and in bf16, for `tiny` and a reduced-depth m2-0.4b shape (D=768, 12 heads, 224 
 1 VL layer). bf16 means bf16 weights and inputs on both sides: CPU autocast cannot run our model,
 because Megatron-Core's linear autograd functions declare custom_fwd/custom_bwd for CUDA only, so
 under CPU autocast their backward multiplies a bf16 gradient with an fp32 weight and fails.
-The reference runs as it would stand-alone, outside cpu_compat's
-TorchFunctionMode; ours runs as the trainer runs it. A third column times ours outside the mode too,
+The reference runs as it would stand-alone, outside the CPU patches'
+TorchFunctionMode (m2megatron.compat W3); ours runs as the trainer runs it, inside Megatron's
+schedules. A third column times ours outside the mode too,
 which isolates the mode's cost.
 
 Part 2 (--scaling), gloo processes on this machine: the trainer's pipeline step (Megatron schedules,
@@ -39,11 +40,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import functools
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -57,6 +56,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from m2megatron.parallel.bootstrap import free_port  # noqa: E402
 
 SHAPES = {
     "tiny": dict(dim=64, layers=2, heads=4, out_dim=64, img_size=32, patch_size=8, vl_layers=1),
@@ -149,9 +150,11 @@ def steps(ours, ref, pixels, ids, mask):
 
 
 def timed(fn, iters: int, outside_mode: bool = False) -> float:
-    ctx = torch.overrides._pop_mode_temporarily if outside_mode and torch._C._len_torch_function_stack() \
-        else contextlib.nullcontext
-    with ctx():
+    """Seconds per call of fn; inside the CPU patches' mode as Megatron's schedules run our forward, unless
+    `outside_mode`."""
+    from m2megatron.compat import cpu
+
+    with contextlib.nullcontext() if outside_mode else cpu.mode_entered():
         start = time.perf_counter()
         for _ in range(iters):
             fn()
@@ -159,7 +162,7 @@ def timed(fn, iters: int, outside_mode: bool = False) -> float:
 
 
 def check_same_math(ours, ref, pixels, ids, mask) -> float:
-    with torch.no_grad(), torch.overrides._pop_mode_temporarily():
+    with torch.no_grad():
         a, b = ours(images=pixels, text_ids=ids, text_mask=mask), reference_embeddings(ref, pixels, ids, mask)
     return max((a.image - b[0]).abs().max().item(), (a.text - b[1]).abs().max().item())
 
@@ -189,12 +192,11 @@ def compare(shape: str, batch: int, precision: str, groups, args) -> dict:
 
 
 def single_process_groups():
-    from m2megatron.parallel import build_groups, cpu_compat, seed_everything
+    from m2megatron.parallel import build_groups, initialize, seed_everything
+    from m2megatron.parallel.bootstrap import local_rank_env
     from m2megatron.parallel.layout import Layout
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    cpu_compat.apply()
+    initialize(env=local_rank_env(0, 1, store=dist.HashStore()), megatron_state=False)
     groups = build_groups(Layout(world_size=1))
     seed_everything(0, groups)
     return groups
@@ -340,15 +342,14 @@ class CommTimer:
 def scaling_worker(rank: int, world: int, port: int, layout: dict, args, out_path: str) -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=10))
-    from m2megatron.config import load_config
-    from m2megatron.parallel import build_groups, cpu_compat, seed_everything
+    from m2megatron.config import ParallelConfig, load_config
+    from m2megatron.parallel import build_groups, initialize, seed_everything
+    from m2megatron.parallel.bootstrap import local_rank_env
     from m2megatron.parallel.layout import Layout
     from m2megatron.planning.measure import synthetic_microbatches
     from m2megatron.runtime import ContrastiveStep, build_stages
 
-    cpu_compat.apply()
+    initialize(ParallelConfig(timeout_s=600), local_rank_env(rank, world, port=port), megatron_state=False)
     cfg = load_config(overrides=[f"--parallel.tensor_parallel={layout['tp']}",
                                  f"--parallel.pipeline_parallel={layout['pp']}",
                                  f"--train.micro_batch_size={layout['b']}",
@@ -383,9 +384,7 @@ def scaling_worker(rank: int, world: int, port: int, layout: dict, args, out_pat
 
 def run_layout(layout: dict, args) -> list[dict]:
     world = layout["tp"] * layout["pp"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "r.json")
         mp.start_processes(scaling_worker, args=(world, port, layout, args, path), nprocs=world, start_method="spawn")
@@ -412,7 +411,7 @@ def scaling(args) -> list[dict]:
 
 def print_reference(rows: list[dict], args) -> None:
     print(f"# forward+backward, {args.repeats} alternating repeats × {args.iters} steps; "
-          f"ratio = ours / reference in samples/s (median [min–max]); mode = cost of cpu_compat's TorchFunctionMode")
+          f"ratio = ours / reference in samples/s (median [min–max]); mode = cost of the CPU patches' mode")
     print(f"{'shape':<12} {'prec':<5} {'b':>3} {'ours/s':>8} {'ref/s':>8} {'ratio':>6} {'spread':>13} "
           f"{'mode':>6} {'|Δemb| fp32':>11}")
     for r in rows:

@@ -31,20 +31,14 @@ CONTROL = "0-again"
 
 
 def _setup(args):
-    import torch
-    import torch.distributed as dist
-
     from m2megatron.config import load_config
-    from m2megatron.parallel import Layout, build_groups, cpu_compat, seed_everything
+    from m2megatron.parallel import Layout, build_groups, initialize, read_launch_env, seed_everything
     from m2megatron.planning.measure import synthetic_microbatches
     from m2megatron.runtime import ContrastiveStep, build_stages
     from m2megatron.train.run_monitor import RunMonitor
 
-    cpu_compat.apply()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    if backend == "nccl":
-        torch.cuda.set_device(0)
+    # One process: NCCL on GPU 0 where CUDA exists, else gloo with the CPU patches.
+    initialize(env=read_launch_env({}), megatron_state=False)
     groups = build_groups(Layout(world_size=1))
     seed_everything(0, groups)
     runs = {}

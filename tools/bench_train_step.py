@@ -15,10 +15,8 @@ Each prints the median step time of both and the ratio `ratio_<part>=other/refer
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -38,9 +36,8 @@ SHAPES = {
 
 
 def _groups(world: int):
-    from m2megatron.parallel import Layout, build_groups, cpu_compat, seed_everything
+    from m2megatron.parallel import Layout, build_groups, seed_everything
 
-    cpu_compat.apply()
     groups = build_groups(Layout(world_size=world))
     seed_everything(0, groups)
     return groups
@@ -88,8 +85,9 @@ def _alternate(runs: dict, rounds: int, steps: int) -> dict[str, float]:
 def precision_part(args) -> dict:
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    from m2megatron.parallel.bootstrap import initialize, local_rank_env
+
+    initialize(env=local_rank_env(0, 1, store=dist.HashStore()), megatron_state=False)
     base = SHAPES[args.shape] + [f"--train.micro_batch_size={args.batch}"]
     groups = _groups(1)
     runs = {p: _stages(base + [f"--train.precision={p}"], groups) for p in ("fp32", "bf16")}
@@ -102,8 +100,10 @@ def _overlap_worker(rank: int, world: int, port: int, args, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=10))
+    from m2megatron.config import ParallelConfig
+    from m2megatron.parallel.bootstrap import initialize, local_rank_env
+
+    initialize(ParallelConfig(timeout_s=600), local_rank_env(rank, world, port=port), megatron_state=False)
     base = SHAPES[args.shape] + [f"--train.micro_batch_size={args.batch}", "--parallel.bucket_size_mb=1"]
     groups = _groups(world)
     runs = {"none": _stages(base, groups),
@@ -117,9 +117,9 @@ def _overlap_worker(rank: int, world: int, port: int, args, out: str) -> None:
 def overlap_part(args) -> dict:
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from m2megatron.parallel.bootstrap import free_port
+
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "overlap.json")
         mp.start_processes(_overlap_worker, args=(args.world, port, args, out), nprocs=args.world,

@@ -97,7 +97,7 @@ def load_checkpoint(path_or_root: str | Path, model_chunks: list, optimizer=None
     else:
         result.saved_rank_states = {tuple(c): loaded[state.USER_KEY][i]
                                     for i, c in enumerate(state.all_grid_coords(_saved_grid(meta)))}
-        if dist.get_rank() == 0:
+        if restore_rng and dist.get_rank() == 0:  # a caller that needs no RNG streams (eval) is not warned
             log.warning("checkpoint %s was saved at layout %s and is loaded at %s: RNG streams are not restored; "
                         "per-rank state is passed on as saved_rank_states", path, meta["layout"],
                         manifest.layout_dict(groups.layout))

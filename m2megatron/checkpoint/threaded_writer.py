@@ -3,7 +3,7 @@
 Megatron-Core writes a rank's shard files in worker processes it forks: `write_preloaded_data_multiproc`
 forks one per file bucket, and an async save (`AsyncCallsQueue(persistent=False)`) first forks the whole
 trainer to run that. A trainer must not fork once it holds a CUDA context, NCCL communicators or other
-threads (the child inherits locks held by threads that do not exist in it; checkpoint/writer_results.py).
+threads (the child inherits locks held by threads that do not exist in it; compat/writer_queue.py).
 Megatron's persistent caller spawns a fresh interpreter instead, but it sets a CUDA device in it (no CPU
 runs) and reads the live tensors through shared memory (no snapshot on the CPU).
 

@@ -26,6 +26,14 @@ class InputError(ValueError):
     as one line (m2megatron.cli.run_main); library packages raise it (or a subclass) instead of a CLI type."""
 
 
+def require_at_least(section: str, obj: Any, names: tuple[str, ...], minimum: float, note: str = "") -> None:
+    """A ConfigError naming `section.name` for the first of `names` whose value is below `minimum`."""
+    for name in names:
+        value = getattr(obj, name)
+        if value < minimum:
+            raise ConfigError(f"{section}.{name}: must be >= {minimum}{note}, got {value}")
+
+
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Map each dataclass field of `cls` to its attribute docstring ('' when missing)."""

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from m2megatron.config.base import ConfigError
+from m2megatron.config.base import ConfigError, require_at_least
 
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
@@ -96,14 +96,10 @@ class LaunchConfig:
         return (self.nodes if nodes is None else nodes) * self.procs_per_node
 
     def validate(self) -> None:
-        for name in ("nodes", "procs_per_node", "eval_nodes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"launch.{name}: must be >= 1, got {getattr(self, name)}")
+        require_at_least("launch", self, ("nodes", "procs_per_node", "eval_nodes"), 1)
         if self.gpu_memory_gib <= 0:
             raise ConfigError(f"launch.gpu_memory_gib: must be positive, got {self.gpu_memory_gib}")
-        for name in ("gpus_per_node", "signal_seconds", "max_requeues"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"launch.{name}: must be >= 0, got {getattr(self, name)}")
+        require_at_least("launch", self, ("gpus_per_node", "signal_seconds", "max_requeues"), 0)
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
             raise ConfigError(f"launch.cpus_per_task: must be >= 1 or null, got {self.cpus_per_task}")
         for name in ("time", "eval_time"):

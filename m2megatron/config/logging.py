@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from m2megatron.config.base import ConfigError
+from m2megatron.config.base import ConfigError, require_at_least
 
 
 @dataclass(kw_only=True)
@@ -41,11 +41,7 @@ class LoggingConfig:
             raise ConfigError(f"logging.timers: must be 0, 1 or 2, got {self.timers}")
         if self.straggler_factor <= 1.0:
             raise ConfigError(f"logging.straggler_factor: must be > 1, got {self.straggler_factor}")
-        for name in ("straggler_intervals", "spike_window", "spike_min_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"logging.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("spike_sigma", "spike_grad_norm_factor"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"logging.{name}: must be >= 0 (0 = off), got {getattr(self, name)}")
+        require_at_least("logging", self, ("straggler_intervals", "spike_window", "spike_min_steps"), 1)
+        require_at_least("logging", self, ("spike_sigma", "spike_grad_norm_factor"), 0, " (0 = off)")
         if self.skip_spikes and not self.spike_sigma:
             raise ConfigError("logging.skip_spikes: needs logging.spike_sigma > 0")

@@ -72,10 +72,13 @@ class RunConfig:
                     f"train.global_batch_size: {self.train.global_batch_size} is not a multiple of "
                     f"micro_batch_size×DP = {self.train.micro_batch_size}×{dp}"
                 )
-            if (self.train.global_batch_size // per_step) % self.loss.accumulation_steps:
+            accumulation, num = self.loss.accumulation_steps, self.train.global_batch_size // per_step
+            if accumulation > 1 and num != accumulation:  # the accumulated step runs exactly A microbatches
                 raise ConfigError(
-                    "train.global_batch_size: microbatches per step must be a multiple of loss.accumulation_steps"
-                )
+                    f"loss.accumulation_steps: {accumulation} needs exactly {accumulation} microbatches per step "
+                    f"and rank, but train.global_batch_size={self.train.global_batch_size} gives {num} at "
+                    f"micro_batch_size×DP = {self.train.micro_batch_size}×{dp}; set train.global_batch_size="
+                    f"{accumulation * per_step}")
         return self
 
     def _check_interleaved_microbatches(self, world_size: int) -> None:

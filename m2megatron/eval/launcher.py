@@ -209,7 +209,7 @@ class Session:
     """checkpoint_info(): format, resolved path and step of the evaluated weights."""
 
     def write(self, task: str, name: str, report: dict) -> None:
-        """Rank 0 writes results.json / results.md; every rank logs the metrics."""
+        """Rank 0 writes results.json / results.md and prints the result once (the log line is at debug level)."""
         import torch.distributed as dist
 
         from m2megatron.eval.results import markdown_table, write_results
@@ -219,7 +219,7 @@ class Session:
                  "preset": self.cfg.model.preset, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                  "tensor_parallel": self.cfg.parallel.tensor_parallel,
                  "pipeline_parallel": self.cfg.parallel.pipeline_parallel}
-        log.info("%s %s: %s", task, name, {k: round(v, 2) for k, v in report["metrics"].items()})
+        log.debug("%s %s: %s", task, name, {k: round(v, 2) for k, v in report["metrics"].items()})
         if not dist.is_initialized() or dist.get_rank() == 0:
             json_path, _ = write_results(self.out_dir, entry)
             print(markdown_table([entry]))

@@ -5,41 +5,44 @@
 
 On a GPU host the device is `cuda:LOCAL_RANK` (and `torch.cuda.set_device` is called before NCCL starts,
 so NCCL, object collectives and Megatron's `torch.cuda.current_device()` all agree on it). Elsewhere it
-is the CPU. Tests stand in for an accelerator with the `meta` device, which no CPU tensor can silently
-mix with (tests/standin.py).
+is the CPU, or what the bootstrap's caller names (tests stand in for an accelerator with the `meta` device,
+which no CPU tensor can silently mix with: tests/standin.py).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
-_STAND_IN: torch.device | None = None
+log = logging.getLogger(__name__)
 
 
-def use_stand_in_accelerator(device: torch.device | str | None) -> None:
-    """Tests only: on a host without CUDA, make `device` (e.g. `meta`) this process's runtime device, so that
-    anything left on the CPU by accident cannot silently mix with it. None switches back to the CPU."""
-    global _STAND_IN
-    _STAND_IN = torch.device(device) if device is not None else None
+def choose_device(backend: str, local_rank: int, requested: torch.device | None = None, *,
+                  tensor_parallel: int = 1) -> torch.device:
+    """The runtime device: under NCCL `requested` (a CUDA device) or cuda:LOCAL_RANK, made current before NCCL
+    starts; else `requested` or the CPU."""
+    if backend != "nccl":
+        return requested or torch.device("cpu")
+    if tensor_parallel > 1:
+        _one_device_connection()
+    index = requested.index if requested is not None and requested.index is not None else \
+        local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
-def host_device() -> torch.device:
-    """The runtime device of a process without NCCL: the CPU, or the tests' stand-in accelerator."""
-    return _STAND_IN if _STAND_IN is not None else torch.device("cpu")
-
-
-def choose_device(backend: str, local_rank: int) -> torch.device:
-    """cuda:LOCAL_RANK for NCCL (after set_device), else the CPU."""
-    if backend == "nccl":
-        # Megatron's TP/SP communication overlap needs kernels queued in issue order (Megatron-LM's launch
-        # scripts set it too); it must be set before the CUDA context exists. A user's own value wins.
-        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-        index = local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return host_device()
+def _one_device_connection() -> None:
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 before the CUDA context exists: Megatron's tensor-parallel layers overlap
+    their all-reduce (or sequence-parallel gather) with the next GEMM and rely on kernels running in issue
+    order. Only TP > 1 needs it. A user's own value is kept, and said so."""
+    current = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    if current is None:
+        os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    elif current != "1":
+        log.warning("CUDA_DEVICE_MAX_CONNECTIONS=%s kept as set; Megatron's tensor-parallel overlap expects 1",
+                    current)
 
 
 def is_accelerator(device: torch.device) -> bool:

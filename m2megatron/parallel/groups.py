@@ -13,7 +13,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from m2megatron.parallel.device import host_device
 from m2megatron.parallel.layout import Layout
 
 
@@ -74,18 +73,23 @@ def new_loss_groups(layout: Layout, rank: int, timeout=None) -> dist.ProcessGrou
 
 
 def process_device() -> torch.device:
-    """The device the default process group's backend works on: the current CUDA device under NCCL (set by
-    bootstrap before the group started), else the CPU (or the tests' stand-in accelerator)."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
+    """The runtime device the default process group was started for: the current CUDA device under NCCL (set
+    by the bootstrap before the group started), a stand-in device named in its backend (the fake world's
+    `cpu:fake,meta:fake`), else the CPU."""
+    if not dist.is_initialized():
+        return torch.device("cpu")
+    if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
-    return host_device()
+    types = [entry.split(":")[0] for entry in dist.get_backend_config().split(",")]
+    stand_in = [t for t in types if t not in ("cpu", "cuda")]
+    return torch.device(stand_in[0]) if stand_in else torch.device("cpu")
 
 
 _OWNED_GROUPS: list[dist.ProcessGroup] = []
 """Process groups created by the last `build_groups`: destroyed by the next one."""
 
 
-def _release_owned_groups() -> None:
+def release_groups() -> None:
     """Destroy the previous layout's groups. Megatron's destroy_model_parallel only forgets them, and
     every gloo group keeps its threads and sockets: a process that re-lays itself out many times (the
     test pools do, once per test) would otherwise pile up thousands of threads."""
@@ -103,7 +107,7 @@ def build_groups(layout: Layout, timeout=None, device: torch.device | str | None
     `device` is the runtime device the groups carry (default: `process_device()`).
     """
     rank = dist.get_rank()
-    _release_owned_groups()
+    release_groups()
     before = set(dist.distributed_c10d._world.pg_map)
     kwargs = {"distributed_timeout_minutes": max(1, int(timeout.total_seconds() // 60))} if timeout else {}
     parallel_state.initialize_model_parallel(

@@ -16,6 +16,7 @@ from m2megatron.config.model import ModelConfig, count_parameters
 from m2megatron.models.embeddings import padded_vocab_size
 from m2megatron.models.m2_encoder import M2Encoder
 from m2megatron.models.transformer_config import transformer_config
+from m2megatron.parallel.bootstrap import initialize, shape_world_env
 from m2megatron.runtime.build import build_stage_module
 from m2megatron.runtime.stages import StageSpec
 
@@ -44,7 +45,7 @@ def build_on_meta(cfg: ModelConfig, *, tp_size: int = 1, tp_rank: int = 0, pre_p
                   post_process: bool = True, layer_range: tuple[int, int] | None = None) -> M2Encoder:
     """An uninitialized stage on the meta device as TP rank `tp_rank` of `tp_size` would hold it."""
     if not dist.is_initialized():  # Megatron treats every group as size 1 without a default group
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        initialize(env=shape_world_env(), megatron_state=False)
     groups = _ShapeOnlyCollection(tp=_ShapeOnlyGroup(tp_size, tp_rank), pp=_ShapeOnlyGroup(1, 0),
                                   cp=_ShapeOnlyGroup(1, 0))
     config = transformer_config(cfg, tp_size=tp_size, perform_initialization=False, use_cpu_initialization=True)

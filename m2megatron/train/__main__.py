@@ -34,11 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     if args.dry_run:
         return _dry_run(args, overrides)
-    cfg = load_config(args.config, overrides, preset_name=args.preset).validate()
-    from m2megatron.parallel import read_launch_env
+    from m2megatron.parallel.launch_env import read_launch_env  # no torch import yet
 
+    # What needs no process group is checked before one starts (and before torch and Megatron-Core are
+    # imported): every rank finds the same error, and rank 0 reports it (m2megatron.cli.run_main).
+    env = read_launch_env()
+    cfg = load_config(args.config, overrides, preset_name=args.preset).validate(world_size=env.world_size)
+    _check_inputs(cfg)
     # One voice: rank 0 logs progress, the other ranks only warnings and errors.
-    level = logging.INFO if read_launch_env().rank == 0 else logging.WARNING
+    level = logging.INFO if env.rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
 
@@ -53,6 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             shutdown()
     return 0
+
+
+def _check_inputs(cfg) -> None:
+    """Input files named by the config that every rank can check alone (ConfigError naming the setting)."""
+    if cfg.data.source == "webdataset":
+        from m2megatron.data.formats import expand_shards
+
+        expand_shards(cfg.data.shards)  # a pattern that matches no file
 
 
 def _dry_run(args, overrides: list[str]) -> int:

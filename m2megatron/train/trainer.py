@@ -19,7 +19,6 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from m2megatron.checkpoint import writer_results
 from m2megatron.config.run import RunConfig
 from m2megatron.data.build import resolve_tokenizer
 from m2megatron.data.stage_batches import StageBatches
@@ -43,11 +42,9 @@ class NonFiniteError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: RunConfig, *, groups=None, progress: bool = True):
-        if groups is None:
-            writer_results.start_before_process_groups()  # this rank has no threads yet: fork, not spawn
         self.preemption = PreemptionHandler(cfg.train.run_dir).install()
         self.progress = progress
-        self.groups = groups or initialize(cfg.parallel)
+        self.groups = groups or initialize(cfg.parallel)  # the bootstrap: writer queue, device, groups, patches
         self.device = self.groups.device
         self.preemption.device = self.device
         cfg.validate(world_size=dist.get_world_size())

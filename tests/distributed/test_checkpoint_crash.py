@@ -6,7 +6,6 @@ process (`_arm`), and saves step 2.
 """
 
 import contextlib
-import datetime
 import os
 import signal
 
@@ -51,15 +50,11 @@ def _arm(point: str) -> None:
 
 
 def _crash_run(root: str, point: str) -> None:
-    from m2megatron.checkpoint import writer_results
+    from m2megatron.config.parallel import ParallelConfig
+    from m2megatron.parallel.bootstrap import initialize, local_rank_env
 
-    writer_results.start_before_process_groups()
     # One rank: an in-process store, no port to race for.
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=120))
-    from m2megatron.parallel import cpu_compat
-
-    cpu_compat.apply()
+    initialize(ParallelConfig(timeout_s=120), local_rank_env(0, 1, store=dist.HashStore()), megatron_state=False)
     groups = build_groups(Layout(world_size=1))
     chunks, opt, sched = build_toy(groups)
     save_checkpoint(root, 1, chunks, opt, sched, groups=groups)

@@ -90,8 +90,8 @@ def test_consolidate_then_load_back_at_another_layout(dist_pool, saved, tmp_path
 
 
 def test_reshard_writes_the_target_layout_with_identical_tensors(saved, tmp_path):
-    from m2megatron.checkpoint.cli import run_on_ranks
     from m2megatron.checkpoint.reshard import reshard_on_this_rank
+    from m2megatron.parallel.local_ranks import run_on_ranks
     from tests.checkpoint_toy import build_toy_from_config
 
     out = tmp_path / "resharded"

@@ -3,8 +3,7 @@ directory, and that run directory gets the run report.
 
 The run is the demo itself (`python -m m2megatron.demo`: torchrun, TP=2 × PP=2 on 4 ranks) cut to a few
 steps. The commands are read from docs/EVAL.md, so the docs and this test cannot drift apart: a leading
-`python -m` runs in a process forked from the preloaded test forkserver (tests.harness.run_module: the same
-module, arguments, folder and environment, without ~5 s of imports each); `torchrun` becomes
+`python -m` runs as written, in a new interpreter of the venv (tests.harness.run_module); `torchrun` becomes
 `python -m torch.distributed.run`.
 """
 

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from m2megatron.config import load_config
 from m2megatron.models import gather_full
 from m2megatron.models.state import full_state_dict
-from m2megatron.parallel import initialize, seed_everything
-from m2megatron.runtime import ContrastiveStep, build_stages
+from m2megatron.runtime import ContrastiveStep
+from tests.distributed.test_sequence_parallel import training_stages
 from tests.distributed.test_train_parity import SIZES, _global_batches, _merge, _microbatches
 
 pytestmark = pytest.mark.distributed
@@ -70,11 +70,7 @@ def full_grad_norm(stages) -> float:
 
 def _one_clipped_step(overrides: list[str], num_micro: int = 1) -> dict:
     cfg = load_config(overrides=CLIPPED + overrides)
-    groups = initialize(cfg.parallel)
-    seed_everything(cfg.train.seed, groups)
-    stages = build_stages(cfg, groups)
-    for chunk in stages.chunks:
-        chunk.zero_grad_buffer()
+    groups, stages = training_stages(cfg)
     stages.optimizer.zero_grad()
     (batch,) = _global_batches(cfg, 1)
     ContrastiveStep(stages)(_microbatches(batch, groups.dp_rank, groups.layout.data_parallel, num_micro))

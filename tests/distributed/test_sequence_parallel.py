@@ -42,14 +42,20 @@ def _microbatches(cfg) -> list[dict]:
     return out
 
 
-def _loss_and_grads(overrides: list[str]) -> dict:
-    """One training step's forward and backward; the loss (last stage) and this stage's full gradients."""
-    cfg = load_config(overrides=SIZES + overrides)
+def training_stages(cfg):
+    """Groups, seeded streams and the training stages of `cfg`, gradient buffers zeroed."""
     groups = initialize(cfg.parallel)
     seed_everything(cfg.train.seed, groups)
     stages = build_stages(cfg, groups)
     for chunk in stages.chunks:
         chunk.zero_grad_buffer()
+    return groups, stages
+
+
+def _loss_and_grads(overrides: list[str]) -> dict:
+    """One training step's forward and backward; the loss (last stage) and this stage's full gradients."""
+    cfg = load_config(overrides=SIZES + overrides)
+    groups, stages = training_stages(cfg)
     loss = ContrastiveStep(stages)(_microbatches(cfg))
     grads = {}
     for module in stages.modules:

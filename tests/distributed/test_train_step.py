@@ -18,7 +18,7 @@ from tests.distributed.test_trainer import SMALL
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-REDISPATCH = "m2megatron.parallel.cpu_compat"
+REDISPATCH = "m2megatron.compat.cpu"
 """Its TorchFunctionMode calls each intercepted function again: one call shows up twice, once from there."""
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -74,11 +73,10 @@ def test_triton_kernel_on_ring_blocks_equals_the_whole_and_the_reference(dtype, 
 
 
 def test_ring_equals_gather_in_a_one_rank_nccl_world():
+    from m2megatron.parallel.launch_env import free_port
     from tests.gpu.figures import figure
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["MASTER_PORT"] = str(port)
     root = Path(__file__).resolve().parents[2]

@@ -1,9 +1,9 @@
 """A stand-in for `python -m m2megatron.train` that keeps its run-directory contract, so the launch,
 preemption and requeue mechanics are proven on the real local Slurm before the trainer lands.
 
-It starts torch.distributed itself, without m2megatron.parallel (whose Megatron-Core import costs many
-seconds on 2 cores; the launcher self-test covers that path): the batch script exports MASTER_ADDR and
-MASTER_PORT, and the rank comes from torchrun (RANK) or from srun (SLURM_PROCID).
+It comes up through m2megatron's bootstrap without Megatron's layout (`megatron_state=False`): the batch
+script exports MASTER_ADDR and MASTER_PORT, and the rank comes from torchrun (RANK) or from srun
+(SLURM_PROCID).
 Each step sleeps M2_FAKE_STEP_S seconds and all-reduces the step number; rank 0 appends
 {"step", "loss", "attempt"} to metrics.jsonl. A "checkpoint" is checkpoints/step-N/state.json plus an
 atomically replaced `latest` file naming it. Preemption uses the real m2megatron.train.preemption.
@@ -12,6 +12,7 @@ atomically replaced `latest` file naming it. Preemption uses the real m2megatron
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -22,15 +23,8 @@ import torch
 import torch.distributed as dist
 
 from m2megatron.config import load_config
+from m2megatron.parallel import initialize, shutdown
 from m2megatron.train.preemption import PreemptionHandler, write_json_atomic
-
-
-def init_from_launch_env() -> None:
-    env = os.environ
-    rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
-    world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
-    dist.init_process_group("gloo", init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}", rank=rank,
-                            world_size=world)
 
 
 def latest_step(ckpt_dir: Path) -> int:
@@ -59,7 +53,7 @@ def main() -> int:
     run_dir = Path(cfg.train.run_dir)
     print(f"{time.strftime('%T')} started", flush=True)
     handler = PreemptionHandler(run_dir).install()
-    init_from_launch_env()
+    initialize(dataclasses.replace(cfg.parallel, backend="gloo"), megatron_state=False)
     rank, attempt = dist.get_rank(), int(os.environ.get("SLURM_RESTART_COUNT", 0))
     ckpt_dir = run_dir / "checkpoints"
     start = latest_step(ckpt_dir)
@@ -82,7 +76,7 @@ def main() -> int:
             save(ckpt_dir, step)
     save(ckpt_dir, cfg.train.train_steps)
     print(f"rank {rank} finished at step {cfg.train.train_steps}", flush=True)
-    dist.destroy_process_group()
+    shutdown()
     return 0
 
 

@@ -19,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
-LAYER = {"config": 0, "parallel": 1, "models": 2, "loss": 2, "data": 2, "runtime": 3, "checkpoint": 4,
+LAYER = {"config": 0, "compat": 0, "parallel": 1, "models": 2, "loss": 2, "data": 2, "runtime": 3, "checkpoint": 4,
          "planning": 5, "train": 5, "eval": 5, "launch": 5}
 
 
@@ -55,6 +55,31 @@ def test_no_library_package_imports_a_higher_layer():
             if target in LAYER and LAYER[target] > LAYER[source[0]]:
                 upward.append(f"m2megatron/{'/'.join(source)}:{line} ({source[0]}) imports {module} ({target})")
     assert upward == [], "\n".join(upward)
+
+
+BOOTSTRAP = ("m2megatron/parallel/bootstrap.py", "_join_process_group")
+"""The one function that starts a process group (through m2megatron.parallel.initialize)."""
+
+
+def _calls_to(path: Path, name: str):
+    """(line, innermost enclosing function) of every call of `name` (bare or as an attribute) in the file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    for node in ast.walk(tree):
+        callee = getattr(node, "func", None)
+        if isinstance(node, ast.Call) and name in (getattr(callee, "attr", None), getattr(callee, "id", None)):
+            inside = [f for f in functions if f.lineno <= node.lineno <= f.end_lineno]
+            yield node.lineno, max(inside, key=lambda f: f.lineno).name if inside else "<module>"
+
+
+def test_only_the_bootstrap_starts_a_process_group():
+    """Every entry point, tool, benchmark and test pool comes up through m2megatron.parallel.initialize."""
+    offenders = [f"{path.relative_to(REPO)}:{line} in {function}"
+                 for folder in ("m2megatron", "tools", "tests", "kernels")
+                 for path in sorted((REPO / folder).rglob("*.py"))
+                 for line, function in _calls_to(path, "init_process_group")
+                 if (str(path.relative_to(REPO)), function) != BOOTSTRAP]
+    assert offenders == [], "call m2megatron.parallel.initialize instead:\n" + "\n".join(offenders)
 
 
 BORROWED_FIXTURES = {("tools/bench_model.py", "tests.reference_torchscale")}

@@ -48,7 +48,7 @@ def argument_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size")
     p.add_argument("--vp", type=int, default=None, help="target virtual pipeline stages per rank")
     p.add_argument("--world-size", type=int, default=None,
-                   help="ranks of the target layout: required for a plain start (spawns them); under torchrun or "
+                   help="ranks of the target layout: a plain start spawns them (default TP × PP); under torchrun or "
                         "srun the launcher's world size (must match if given)")
     p.add_argument("--no-optimizer", action="store_true", help="write model weights (and counters) only")
     return p

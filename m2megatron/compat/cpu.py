@@ -1,11 +1,11 @@
-"""The only place where Megatron-Core (0.16.1) is patched, so that it runs on CPU with gloo.
+"""W1–W8 of m2megatron.compat: Megatron-Core (0.16.1) on a runtime device that is not CUDA (the CPU, gloo).
 
 Megatron-Core assumes CUDA in a few hundred places. None of the patches below changes numerics; each
-one redirects a CUDA-only call to the runtime device, which on a machine without CUDA is the CPU (or,
-in tests, a stand-in accelerator such as `meta`: m2megatron.parallel.device). `apply()` installs them
-once per process, and only when CUDA is unavailable: on a GPU host nothing here runs. Each patch has a test
-(tests/unit/test_cpu_compat.py) that shows the original failure still exists in the pinned version,
-so an upgrade tells us when a patch can go. Measurements: ../shared/notes/megatron_core_cpu.md §3.
+one redirects a CUDA-only call to the runtime device, which is the CPU (or, in tests, a stand-in
+accelerator such as `meta`). `apply(device)` installs them once per process, when the process's runtime
+device is not CUDA (also on a host that has CUDA, e.g. the checkpoint tools' local gloo ranks).
+Each patch has a test (tests/unit/test_compat_cpu.py) that shows the original failure still exists in the
+pinned version, so an upgrade tells us when a patch can go. Measurements: ../shared/notes/megatron_core_cpu.md §3.
 
 - W1 `torch.cuda.current_device()` → the runtime device ("cpu"): Megatron allocates buffers with
   `device=torch.cuda.current_device()` (global memory buffer of attention, TP gathers, p2p receive
@@ -14,9 +14,10 @@ so an upgrade tells us when a patch can go. Measurements: ../shared/notes/megatr
   attention even with dropout 0, and by activation recompute) read and write the CUDA generator.
   We keep the tracked states as CPU generator states instead.
 - W3 a TorchFunctionMode that rewrites `device="cuda"` in factory calls to the runtime device and makes
-  `Tensor.cuda()` a no-op (pipeline schedules' token counter, optimizer constants, clip_grads,
-  tensor_parallel.broadcast_data). Torch-function modes are not active inside autograd backward,
-  which is why W8 is a direct patch.
+  `Tensor.cuda()` a no-op. It is entered only for the duration of the Megatron functions listed in
+  `_NEEDS_MODE` (pipeline schedules' token counter, optimizer constants, clip_grads, broadcast_data,
+  the checkpoint exchange), never for the process lifetime. Torch-function modes are not active inside
+  autograd backward, which is why W8 is a direct patch.
 - W4 `torch.cuda.synchronize()` → no-op (p2p batch sync, checkpoint writer, timers).
 - W5 inside the same mode, `Tensor.type()` with no argument reports `torch.cuda.*Tensor` for CPU
   tensors, satisfying clip_grads' and the mixed-precision optimizers' type asserts.
@@ -25,20 +26,26 @@ so an upgrade tells us when a patch can go. Measurements: ../shared/notes/megatr
   recompute in backward, where W3 is inactive).
 
 W3's mode puts a Python call in front of every torch function, which cost our forward+backward 15-20%
-at small sizes (tools/bench_model.py). Inside a Megatron TransformerLayer every CUDA-only call is one
-of the direct patches (W1, W2, W8), so `apply()` runs TransformerLayer.forward with the mode lifted.
+at small sizes (tools/bench_model.py). The schedules run our forward inside the mode; inside a Megatron
+TransformerLayer every CUDA-only call is one of the direct patches (W1, W2, W8), so TransformerLayer.forward
+runs with the mode lifted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import logging
+import sys
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger(__name__)
 _APPLIED = False
+_MODE = None
+"""W3/W5's mode, once applied."""
 _TARGET = "cpu"
 """The device type that stands for CUDA (W1, W3): the runtime device of this process."""
 _FACTORY_FUNCTIONS = {
@@ -147,8 +154,66 @@ def _patch_checkpoint_without_output() -> None:
     mrandom.CheckpointWithoutOutput.__init__ = init
 
 
+_NEEDS_MODE = {
+    # module: functions (or Class.method) that ask for CUDA tensors with device="cuda", .cuda() or .type()
+    "megatron.core.pipeline_parallel.schedules": (
+        "forward_backward_no_pipelining", "forward_backward_pipelining_with_interleaving",
+        "forward_backward_pipelining_without_interleaving"),
+    "megatron.core.optimizer.clip_grads": ("get_grad_norm_fp32", "clip_grad_by_total_norm_fp32", "count_zeros_fp32"),
+    "megatron.core.optimizer.optimizer": (
+        "MegatronOptimizer.restore_from_cpu", "MixedPrecisionOptimizer.__init__",
+        "Float16OptimizerWithFloat16Params.__init__", "FP32Optimizer.__init__"),
+    "megatron.core.optimizer.distrib_optimizer": (
+        "DistributedOptimizer.__init__", "DistributedOptimizer.get_parameter_state_dp_zero"),
+    "megatron.core.optimizer.grad_scaler": (
+        "MegatronGradScaler.__init__", "DynamicGradScaler.__init__", "DynamicGradScaler.load_state_dict"),
+    "megatron.core.tensor_parallel.data": ("broadcast_data",),
+    "megatron.core.utils": ("check_param_hashes_across_dp_replicas",),
+    "megatron.core.dist_checkpointing.exchange_utils": (
+        "_get_empty_tensor_for_exchange", "exchange_loaded_tensors_gather_rounds", "exchange_loaded_tensors_broadcast"),
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": ("verify_global_md_reuse",),
+}
+"""W3/W5: the Megatron-Core functions (found by a scan of 0.16.1 for CUDA-only factory calls, `.cuda()` and
+`.type()` asserts) that run with the mode entered, for the duration of the call."""
+
+
+def _mode_is_active(mode: _CpuDeviceMode) -> bool:
+    return mode in torch.overrides._get_current_function_mode_stack()
+
+
+def _with_mode(fn, mode: _CpuDeviceMode):
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if _mode_is_active(mode):
+            return fn(*args, **kwargs)
+        with mode:
+            return fn(*args, **kwargs)
+
+    call.without_cpu_mode = fn
+    return call
+
+
+def _enter_mode_in_cuda_only_functions(mode: _CpuDeviceMode) -> None:
+    """Wrap each function of _NEEDS_MODE, also in every module that imported it by name already (e.g.
+    clip_grads' functions in optimizer.py, broadcast_data in megatron.core.tensor_parallel)."""
+    replaced = {}
+    for module_name, names in _NEEDS_MODE.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            owner, attr = (getattr(module, name.split(".")[0]), name.split(".")[1]) if "." in name else (module, name)
+            original = owner.__dict__[attr]
+            setattr(owner, attr, _with_mode(original, mode))
+            if owner is module:
+                replaced[id(original)] = (original, getattr(module, attr))
+    for holder in list(sys.modules.values()):
+        for attr, value in list(getattr(holder, "__dict__", {}).items()):
+            if id(value) in replaced and value is replaced[id(value)][0]:
+                setattr(holder, attr, replaced[id(value)][1])
+
+
 def _lift_mode_in_transformer_layers(mode: _CpuDeviceMode) -> None:
-    """Run TransformerLayer.forward without W3's mode on top (see the module docstring)."""
+    """Run TransformerLayer.forward without W3's mode on top (see the module docstring): the schedules enter
+    the mode, and our forward step runs inside them."""
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     original = TransformerLayer.forward
@@ -162,15 +227,13 @@ def _lift_mode_in_transformer_layers(mode: _CpuDeviceMode) -> None:
     TransformerLayer.forward = forward
 
 
-def apply(device: torch.device | str | None = None) -> bool:
-    """Install every workaround once, if CUDA is unavailable; `device` is what stands for CUDA (the runtime
-    device: the CPU, or a test's stand-in accelerator). Returns True if they are active."""
+def apply(device: torch.device | str = "cpu") -> bool:
+    """Install every workaround once, if the runtime `device` (what stands for CUDA: the CPU, or a test's
+    stand-in accelerator) is not CUDA. Returns True if they are active."""
     global _APPLIED, _TARGET
-    if torch.cuda.is_available():
+    if torch.device(device).type == "cuda":
         return False
-    from m2megatron.parallel.device import host_device
-
-    _TARGET = torch.device(device if device is not None else host_device()).type
+    _TARGET = torch.device(device).type
     if _APPLIED:
         return True
     from m2megatron import benign_warnings
@@ -181,8 +244,9 @@ def apply(device: torch.device | str | None = None) -> bool:
     _patch_rng_tracker()  # W2
     _patch_masks()  # W8
     _patch_checkpoint_without_output()  # W7
-    mode = _CpuDeviceMode()
-    mode.__enter__()  # W3 + W5, for the rest of the process
+    global _MODE
+    mode = _MODE = _CpuDeviceMode()
+    _enter_mode_in_cuda_only_functions(mode)  # W3 + W5, only while those functions run
     _lift_mode_in_transformer_layers(mode)
     _APPLIED = True
     log.debug("Megatron-Core CPU workarounds applied")
@@ -191,3 +255,14 @@ def apply(device: torch.device | str | None = None) -> bool:
 
 def is_applied() -> bool:
     return _APPLIED
+
+
+@contextlib.contextmanager
+def mode_entered():
+    """W3/W5's mode entered as the wrapped Megatron functions enter it (a no-op before `apply`): what a
+    benchmark needs to time our forward as the schedules run it."""
+    if _MODE is None or _mode_is_active(_MODE):
+        yield
+        return
+    with _MODE:
+        yield

@@ -1,9 +1,9 @@
-"""m2megatron.lazy_jit_fuser: Megatron's torch.compile'd fusion functions compile at their first call."""
+"""m2megatron.compat.jit_fuser (J1): Megatron's torch.compile'd fusion functions compile at their first call."""
 
 import subprocess
 import sys
 
-from m2megatron.lazy_jit_fuser import _defer
+from m2megatron.compat.jit_fuser import _defer
 
 
 def test_a_deferred_function_is_compiled_once_at_its_first_call():

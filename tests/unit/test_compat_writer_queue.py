@@ -1,4 +1,4 @@
-"""m2megatron.checkpoint.writer_results: Megatron's writer result queue, forked before process groups,
+"""m2megatron.compat.writer_queue (Q1): Megatron's writer result queue, forked before process groups,
 survives the job's stop signals and dies with its rank."""
 
 import contextlib
@@ -13,17 +13,17 @@ from tests.harness import start_fresh_process
 def _rank(report: str) -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from m2megatron.checkpoint import writer_results
+    from m2megatron.compat import writer_queue
 
-    started = writer_results.start_before_process_groups()
-    pid = writer_results.server_pid()
+    started = writer_queue.start_before_process_groups()
+    pid = writer_queue.server_pid()
     for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):  # what Slurm sends every process of a step
         os.kill(pid, sig)
     time.sleep(0.3)
     queue = filesystem_async._get_write_results_queue()
     queue.put({"rank": 0})
     with open(report + ".tmp", "w") as f:
-        json.dump({"started": started, "again": writer_results.start_before_process_groups(), "pid": pid,
+        json.dump({"started": started, "again": writer_queue.start_before_process_groups(), "pid": pid,
                    "echo": queue.get(timeout=10), "same": queue is filesystem_async._results_queue}, f)
     os.replace(report + ".tmp", report)
     time.sleep(600)  # until the test kills this "rank"

@@ -1,4 +1,4 @@
-"""Megatron-Core's `jit_fuser` calls torch.compile at a function's first call, not at import.
+"""J1 of m2megatron.compat: Megatron-Core's `jit_fuser` calls torch.compile at a function's first call, not at import.
 
 `megatron.core.jit` sets `jit_fuser = torch.compile`, and about twenty fusion functions (GeGLU, SwiGLU,
 bias-GeLU, bias-dropout-add, ...) are decorated with it while `megatron.core` imports. In torch 2.13

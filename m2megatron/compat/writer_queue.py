@@ -1,4 +1,5 @@
-"""The queue Megatron's checkpoint writer reports through: forked early, deaf to preemption signals.
+"""Q1 of m2megatron.compat: the queue Megatron's checkpoint writer reports through, forked early, deaf to
+preemption signals.
 
 Megatron-Core's `FileSystemWriterAsync` sends each save's write results through a multiprocessing
 Manager queue that it creates at a process's first save, with the `spawn` start method. Two problems:
@@ -7,8 +8,8 @@ Manager queue that it creates at a process's first save, with the `spawn` start 
   and Megatron-Core): 5–8 s of CPU per rank at the first checkpoint, and a second full interpreter per
   rank for the rest of the job. Forked, the server costs milliseconds, but a process must not be forked
   once it runs other threads (gloo/NCCL, the autograd engine) or holds a CUDA context: a Manager forked
-  later from a threaded rank once died at its first `put`. So each rank starts it before
-  `init_process_group` and before any CUDA call, and Megatron finds it made.
+  later from a threaded rank once died at its first `put`. So the bootstrap (m2megatron.parallel) starts
+  it before the process group and before any CUDA call, and Megatron finds it made.
 - The server is a process of the job step, so SIGUSR1/SIGTERM sent to every process of the step
   (Slurm preemption, `scancel --signal`, the time limit) kill it — just before the preemption checkpoint
   needs it. Ours ignores those signals and instead dies with its rank (Linux parent-death signal), so it
