@@ -96,9 +96,10 @@ def main(argv=None) -> int:
     rows, cols = args.rows or (197 * 32 if cuda else 2048), args.cols or (8192 if cuda else 1024)
     dtype_name = args.dtype or ("bfloat16" if cuda else "float32")
     dtype, reps = getattr(torch, dtype_name), args.reps or (50 if cuda else 10)
-    import torch.distributed as dist
+    from m2megatron.parallel import initialize, shutdown
+    from m2megatron.parallel.launch_env import shape_world_env
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a group of one: no collective
+    initialize(env=shape_world_env(), megatron_state=False)  # a gloo world of one: the all-reduces are skipped
     gen = torch.Generator().manual_seed(0)
     x, grad_y = (torch.randn(rows, cols, generator=gen).to(args.device, dtype) for _ in range(2))
     w = (1 + 0.1 * torch.randn(cols, generator=gen)).to(args.device, dtype)
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
         failed |= error > TOLERANCE[dtype_name]
         if name != "eager":
             print(result_line(f"{args.device} {dtype_name}", name, rows, cols, eager_ms, ms, error), flush=True)
-    dist.destroy_process_group()
+    shutdown()
     return int(failed)
 
 

@@ -40,11 +40,14 @@ def _parity(group) -> dict[str, float]:
 def _rank(rank: int, store_path: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    from m2megatron.parallel import initialize, shutdown
+    from m2megatron.parallel.launch_env import local_rank_env
+
+    initialize(env=local_rank_env(rank, 2, store=dist.FileStore(store_path, 2)), megatron_state=False)
     try:
         (Path(out_dir) / f"{rank}.json").write_text(json.dumps(_parity(dist.group.WORLD)))
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 def main() -> None:

@@ -11,8 +11,10 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def group():
-    if not dist.is_initialized():  # another gpu test module may have made a world of one already
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    from m2megatron.parallel import initialize
+    from m2megatron.parallel.launch_env import shape_world_env
+
+    initialize(env=shape_world_env(), megatron_state=False)  # keeps a world another gpu test module made
     return dist.group.WORLD
 
 
