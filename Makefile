@@ -48,7 +48,10 @@ test: test-venv
 lint: test-venv
 	$(VENV)/bin/ruff check .
 
-gpu-check: test-venv
+# Offline: no venv, no pip from the network. run.sh uses a CUDA .venv if there is one, else python3, installs the
+# carried .whl/ (from `make gpu-wheels`) into a temporary folder, and stops with one line if CUDA or Megatron-Core
+# is missing. OUT=dir keeps summary.txt, env.txt and the five stage logs.
+gpu-check:
 	bash tests/gpu/run.sh
 
 # The wheels a bare GPU host (Python 3.12, CUDA torch, no network) needs for tests/gpu/run.sh, into .whl/

@@ -7,8 +7,9 @@
     python tools/bench_loader.py --dali-mixed           # one line: DALI mixed loader figure (NGC GPU host)
 
 Both pipelines do the same work on the same shards: read tar → PIL decode → augment (random resized
-crop inside the bicubic resize to --image-size, horizontal flip) → normalize → tokenize the caption
-(our SentencePiece tokenizer) → batches of float32 [b, 3, S, S] + ids/masks. The peer is what a user
+crop inside the bicubic resize to --image-size, horizontal flip) → tokenize the caption (our SentencePiece
+tokenizer) → batches of uint8 [b, 3, S, S] + ids/masks (the trainer normalizes on the device; the figures in
+docs/DATA.md were measured when both normalized to float32 on the host). The peer is what a user
 would otherwise write: `wds.WebDataset(...).decode("pil").to_tuple(...).map(preprocess).batched(b)`
 in a `DataLoader` with PIL worker processes. Ours is `build_train_loader` with `data.num_workers` PIL
 worker processes.
@@ -84,7 +85,8 @@ class PeerPreprocess:
         image, caption = sample
         box, flip = self.augment.draw(self.rng)
         ids, mask = self.tokenizer.encode_one(caption)
-        return torch.from_numpy(preprocess_pil(image, self.size, box, flip)), torch.tensor(ids), torch.tensor(mask)
+        image = preprocess_pil(image, self.size, box, flip, normalize=False)  # uint8, as our training loader's
+        return torch.from_numpy(image), torch.tensor(ids), torch.tensor(mask)
 
 
 MIXTURE_WEIGHTS = (0.5, 0.3, 0.2)

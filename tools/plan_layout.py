@@ -27,7 +27,7 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
 from m2megatron.config import load_config  # noqa: E402
 from m2megatron.config.model import preset  # noqa: E402
-from m2megatron.planning.flops import PEAK_TFLOPS  # noqa: E402
+from m2megatron.planning.flops import PEAK_TFLOPS, device_model  # noqa: E402
 from m2megatron.planning.layouts import (  # noqa: E402
     GPUS,
     Cluster,
@@ -88,7 +88,7 @@ def format_row(r: LayoutRow) -> str:
 
 
 def _cluster(args, num_gpus: int, gpus_per_node: int, precision: str) -> Cluster:
-    peak = PEAK_TFLOPS[(args.gpu, "fp8" if precision == "fp8" else "bf16")]
+    peak = PEAK_TFLOPS[(device_model(args.gpu), "fp8" if precision == "fp8" else "bf16")]  # SXM
     return Cluster(num_gpus=num_gpus, gpu_memory=GPUS[args.gpu], gpus_per_node=gpus_per_node, peak_tflops=peak,
                    mfu=args.mfu, network_gbs=args.network_gbs)
 

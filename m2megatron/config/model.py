@@ -57,6 +57,9 @@ class ModelConfig:
     """Core attention of the 'local' spec: torch's scaled_dot_product_attention (the default: flash /
     memory-efficient kernels on GPU without Transformer Engine, no stored attention probabilities, faster on
     CPU too; docs/MODEL.md), or Megatron-Core's DotProductAttention. The 'te' spec always uses TE's attention."""
+    sub_ln_kernel: Literal["auto", "eager", "triton"] = "auto"
+    """The TP-sharded Sub-LN (TP > 1): 'triton' runs fused Triton passes around its statistics all-reduce, 'eager'
+    torch ops; 'auto' picks Triton on a CUDA tensor when Triton is installed, eager otherwise (docs/PERFORMANCE.md)."""
     fp8: Literal["none", "delayed", "current"] = "none"
     """FP8 recipe for the 'te' spec: none, delayed scaling or current (per-tensor) scaling."""
     init_method_std: float = 0.06

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from m2megatron.config.model import ModelConfig, preset
 from m2megatron.config.optim import OptimConfig
 from m2megatron.config.parallel import ParallelConfig
 from m2megatron.config.train import TrainConfig
+
+FP8_TOKEN_MULTIPLE = 16  # FP8 GEMMs (cuBLASLt through Transformer Engine) need dims divisible by 16
 
 
 @dataclass(kw_only=True)
@@ -64,6 +67,7 @@ class RunConfig:
             raise ConfigError("loss.accumulation_steps: not supported together with parallel.virtual_pipeline")
         if world_size is not None:
             self._check_interleaved_microbatches(world_size)
+        self._check_fp8_token_counts()
         if world_size is not None and self.train.global_batch_size is not None:
             dp = self.parallel.data_parallel(world_size)
             per_step = self.train.micro_batch_size * dp
@@ -93,6 +97,22 @@ class RunConfig:
                 f"train.global_batch_size: the interleaved pipeline (parallel.virtual_pipeline={vp}) runs "
                 f"microbatches in groups of parallel.pipeline_parallel={pp}, but a step has {num} per rank; "
                 f"set train.global_batch_size to a multiple of micro_batch_size×DP×PP = {per_group}")
+
+    def _check_fp8_token_counts(self) -> None:
+        """FP8 GEMMs (Transformer Engine) need the token count of each segment, tokens·batch, to be a multiple
+        of 16: 197·b image tokens for ViT-B/16 at 224, so b must be a multiple of 16 there."""
+        if self.model.fp8 == "none":
+            return
+        segments = {"image": self.model.num_image_tokens, "text": self.model.max_text_len}
+        for setting, batch in (("train.micro_batch_size", self.train.micro_batch_size),
+                               ("eval.batch_size", self.eval.batch_size)):
+            for segment, tokens in segments.items():
+                if tokens * batch % FP8_TOKEN_MULTIPLE:
+                    step = FP8_TOKEN_MULTIPLE // math.gcd(tokens, FP8_TOKEN_MULTIPLE)
+                    raise ConfigError(
+                        f"{setting}: {batch} gives {tokens}·{batch} {segment} tokens, not a multiple of "
+                        f"{FP8_TOKEN_MULTIPLE} as FP8 GEMMs need (model.fp8={self.model.fp8!r}); use a multiple "
+                        f"of {step}")
 
     def num_microbatches(self, world_size: int) -> int:
         """Microbatches per optimizer step on each data-parallel rank."""

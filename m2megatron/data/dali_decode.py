@@ -5,7 +5,9 @@ flip flag per sample, so the Python reader keeps control of order, skipping and 
 position. The decoder is `fn.decoders.image(device="mixed")` on a GPU (nvJPEG; output is a CUDA
 tensor) and `device="cpu"` with `device_id=None` on CPU (a GPU device id fails without a driver).
 The resize is `INTERP_CUBIC` with antialiasing over the region of interest, matching the PIL path's
-`Image.resize(BICUBIC, box=...)`; normalization is (x − 127.5)/127.5 = (x/255 − 0.5)/0.5, CHW.
+`Image.resize(BICUBIC, box=...)`; normalization is (x − 127.5)/127.5 = (x/255 − 0.5)/0.5, CHW. With raw=True
+(the training loader) the output stays uint8 CHW, normalized on the device by image.normalize_images, the same
+function as for the PIL path (DALI's own normalization may differ from that division by an ulp).
 
 Two ways to run it:
 
@@ -52,9 +54,10 @@ class DaliPipeline:
     driven by `feed()` / `start()` / `take()` (see DaliChunks).
     """
 
-    def __init__(self, size: int, max_batch: int, num_threads: int = 1, gpu: bool = False, depth: int = 1):
+    def __init__(self, size: int, max_batch: int, num_threads: int = 1, gpu: bool = False, depth: int = 1,
+                 raw: bool = False):
         self.size, self.max_batch, self.num_threads, self.gpu = size, max_batch, num_threads, gpu
-        self.depth = depth
+        self.depth, self.raw = depth, raw
         self.device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
         self._pipe = None
         self._scheduled = False
@@ -62,7 +65,7 @@ class DaliPipeline:
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
 
-        size, gpu, pipelined = self.size, self.gpu, self.depth > 1
+        size, gpu, pipelined, raw = self.size, self.gpu, self.depth > 1, self.raw
 
         @pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads,
                       device_id=self.device.index if gpu else None,
@@ -75,6 +78,8 @@ class DaliPipeline:
             images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
             images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC,
                                antialias=True, roi_start=roi_start, roi_end=roi_end, roi_relative=True)
+            if raw:
+                return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
             return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                             mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)
 
@@ -100,7 +105,8 @@ class DaliPipeline:
         self._scheduled = True
 
     def take(self) -> torch.Tensor:
-        """Result of the oldest scheduled iteration → float32 [n, 3, size, size] on this pipeline's device.
+        """Result of the oldest scheduled iteration → float32 (raw: uint8) [n, 3, size, size] on this pipeline's
+        device.
         Raises RuntimeError when DALI failed on it."""
         (out,) = self._pipe.outputs()
         return self._to_torch(out.as_tensor())
@@ -117,7 +123,7 @@ class DaliPipeline:
             return torch.from_numpy(np.array(dense))
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        result = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
+        result = torch.empty(dense.shape(), dtype=torch.uint8 if self.raw else torch.float32, device=self.device)
         feed_ndarray(dense, result, cuda_stream=torch.cuda.current_stream(self.device))
         return result
 

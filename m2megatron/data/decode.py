@@ -32,19 +32,21 @@ log = logging.getLogger("m2megatron.data")
 
 class PilDecoder:
     """PIL decode + bicubic resize + normalize, on `num_threads` threads (probed=True: the caller has checked
-    the image headers already)."""
+    the image headers already; raw=True: uint8 images, not normalized)."""
 
     name = "pil"
     device = torch.device("cpu")
 
-    def __init__(self, size: int, limits: ImageLimits, num_threads: int = 1, probed: bool = False):
-        self.size, self.limits, self.probed = size, limits, probed
+    def __init__(self, size: int, limits: ImageLimits, num_threads: int = 1, probed: bool = False,
+                 raw: bool = False):
+        self.size, self.limits, self.probed, self.raw = size, limits, probed, raw
         self._pool = ThreadPoolExecutor(num_threads) if num_threads > 1 else None
 
     def _one(self, args) -> np.ndarray | BadSample:
         data, box, flip = args
         try:
-            return preprocess_pil(decode_pil(data, self.limits, probe=not self.probed), self.size, box, flip)
+            return preprocess_pil(decode_pil(data, self.limits, probe=not self.probed), self.size, box, flip,
+                                  normalize=not self.raw)
         except BadSample as bad:
             return bad
 
@@ -53,7 +55,8 @@ class PilDecoder:
         results = list(self._pool.map(self._one, jobs)) if self._pool else [self._one(j) for j in jobs]
         bad = {i: r for i, r in enumerate(results) if isinstance(r, BadSample)}
         good = [r for r in results if not isinstance(r, BadSample)]
-        images = torch.from_numpy(np.stack(good)) if good else torch.empty(0, 3, self.size, self.size)
+        images = torch.from_numpy(np.stack(good)) if good else \
+            torch.empty(0, 3, self.size, self.size, dtype=torch.uint8 if self.raw else torch.float32)
         return images, bad
 
     def close(self) -> None:
@@ -66,17 +69,19 @@ class DaliDecoder:
 
     name = "dali"
 
-    def __init__(self, size: int, limits: ImageLimits, max_batch: int, num_threads: int = 1, gpu: bool = False):
+    def __init__(self, size: int, limits: ImageLimits, max_batch: int, num_threads: int = 1, gpu: bool = False,
+                 raw: bool = False):
         from m2megatron.data.dali_decode import DaliPipeline
 
-        self.pipe = DaliPipeline(size, max_batch, num_threads, gpu)
+        self.pipe = DaliPipeline(size, max_batch, num_threads, gpu, raw=raw)
         self.device = self.pipe.device
-        self.fallback = PilDecoder(size, limits, 1)
+        self.fallback = PilDecoder(size, limits, 1, raw=raw)
         self.fallbacks = 0  # batches that DALI failed on
 
     def decode(self, encoded: list[bytes], boxes: list[Box], flips: list[bool]):
         if not encoded:
-            return torch.empty(0, 3, self.pipe.size, self.pipe.size, device=self.device), {}
+            return torch.empty(0, 3, self.pipe.size, self.pipe.size, device=self.device,
+                               dtype=torch.uint8 if self.pipe.raw else torch.float32), {}
         try:
             return self.pipe.run(encoded, boxes, flips), {}
         except RuntimeError:
@@ -144,13 +149,13 @@ def resolve_decoder_kind(kind: str, gpu: bool | None = None) -> tuple[str, bool]
 
 
 def build_decoder(kind: str, size: int, limits: ImageLimits, max_batch: int, num_threads: int = 1,
-                  gpu: bool | None = None, probed: bool = False):
+                  gpu: bool | None = None, probed: bool = False, raw: bool = False):
     """A batch decoder (`decode(encoded, boxes, flips)`) for `kind` auto/dali/pil (see resolve_decoder_kind).
-    probed=True: the caller has checked the headers (PIL does not check them again)."""
+    probed=True: the caller has checked the headers (PIL does not check them again); raw=True: uint8 images."""
     kind, gpu = resolve_decoder_kind(kind, gpu)
     if kind == "pil":
-        return PilDecoder(size, limits, num_threads, probed)
-    return DaliDecoder(size, limits, max_batch, num_threads, gpu)
+        return PilDecoder(size, limits, num_threads, probed, raw)
+    return DaliDecoder(size, limits, max_batch, num_threads, gpu, raw)
 
 
 WORKER_CHUNK = 32
@@ -160,14 +165,15 @@ WORKER_CHUNK = 32
 def build_chunk_decoder(kind: str, size: int, limits: ImageLimits, batch: int, *, num_workers: int,
                         depth: int = 2, gpu: bool | None = None, log_choice: bool = True):
     """The loader's decoder: DALI pipelined (`depth` chunks of `batch` images in flight), PIL worker
-    processes (`num_workers` ≥ 1, `depth` chunks each) or PIL in the loader's thread (num_workers = 0)."""
+    processes (`num_workers` ≥ 1, `depth` chunks each) or PIL in the loader's thread (num_workers = 0).
+    Its images are uint8 [3, S, S], normalized on the device (image.normalize_images)."""
     requested = kind
     kind, gpu = resolve_decoder_kind(kind, gpu)
     if kind == "dali":
         from m2megatron.data.dali_decode import DaliChunks, DaliPipeline
 
-        pipe = DaliPipeline(size, batch, max(1, num_workers), gpu, depth=max(2, depth))
-        decoder = DaliChunks(pipe, PilDecoder(size, limits, 1))
+        pipe = DaliPipeline(size, batch, max(1, num_workers), gpu, depth=max(2, depth), raw=True)
+        decoder = DaliChunks(pipe, PilDecoder(size, limits, 1, raw=True))
         what = f"DALI {'mixed (GPU)' if gpu else 'CPU'}, {pipe.num_threads} threads, prefetch depth {pipe.depth}"
     elif num_workers > 0:
         from m2megatron.data.worker_pool import PilWorkerPool
@@ -175,7 +181,7 @@ def build_chunk_decoder(kind: str, size: int, limits: ImageLimits, batch: int, *
         decoder = PilWorkerPool(size, limits, num_workers, min(batch, WORKER_CHUNK), per_worker=max(1, depth))
         what = f"PIL, {num_workers} worker processes"
     else:
-        decoder = InlineChunks(PilDecoder(size, limits, 1, probed=True), batch)
+        decoder = InlineChunks(PilDecoder(size, limits, 1, probed=True, raw=True), batch)
         what = "PIL in the loader thread"
     if log_choice:
         log.info("data.decoder=%s: decoding with %s", requested, what)

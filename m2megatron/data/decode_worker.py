@@ -3,7 +3,8 @@
 Images come from the training loader, which has probed their headers, so they are not probed again.
 Imports only numpy, PIL and the image helpers (the package __init__ is lazy), so a spawned worker starts
 in a fraction of a second. A job is (number, slot, encoded images, relative crop boxes, flips); the
-worker decodes each image into row j of `slot` of the shared float32 buffer [depth, chunk, 3, S, S]
+worker decodes each image into row j of `slot` of the shared uint8 buffer [depth, chunk, 3, S, S] (not normalized:
+the trainer does that on the device)
 and answers ("done", number, statuses) with None for a good image and (reason, detail) for a bad one.
 Any other exception is answered ("error", number, traceback) and ends the worker.
 
@@ -27,13 +28,14 @@ PARENT_POLL_S = 1.0
 
 
 def map_buffer(path: str, shape: tuple[int, ...], create: bool = False) -> np.memmap:
-    """The shared float32 buffer backed by `path` (a file in /dev/shm), created at its full size if asked."""
-    return np.memmap(path, dtype=np.float32, mode="w+" if create else "r+", shape=shape)
+    """The shared uint8 buffer backed by `path` (a file in /dev/shm), created at its full size if asked."""
+    return np.memmap(path, dtype=np.uint8, mode="w+" if create else "r+", shape=shape)
 
 
 def _decode_into(row: np.ndarray, data: bytes, box, flip: bool, size: int, limits: ImageLimits):
     try:
-        preprocess_pil(decode_pil(data, limits, probe=False), size, box, flip, out=row)  # the loader probed it
+        preprocess_pil(decode_pil(data, limits, probe=False), size, box, flip, out=row,  # the loader probed it
+                       normalize=False)
     except BadSample as bad:
         return bad.reason, bad.detail
     return None

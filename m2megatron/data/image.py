@@ -5,6 +5,10 @@ S×S with no crop, then (x/255 − 0.5)/0.5 → float32 CHW in [−1, 1]. Traini
 resized crop (area scale and aspect ratio drawn per sample) and a horizontal flip; the crop window is
 a *relative* box and is applied inside the resize, exactly as the DALI path does, so both decoders
 give the same output up to interpolation and JPEG-decoder differences.
+
+The training loader keeps its images as uint8 CHW (`normalize=False`): a quarter of the bytes to the device
+and over the TP broadcast. `normalize_images` normalizes them there, bit for bit as `normalize_uint8` does on
+the host (the eval path, unchanged).
 """
 
 from __future__ import annotations
@@ -13,11 +17,15 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from m2megatron.data.skips import BadSample
+
+if TYPE_CHECKING:
+    import torch
 
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)  # relative (x0, y0, x1, y1)
 
@@ -119,16 +127,39 @@ def normalize_uint8(arr: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
     return out
 
 
+def to_chw_uint8(arr: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 HWC → uint8 CHW, contiguous (into `out`, uint8 [3, H, W], when given)."""
+    chw = arr.transpose(2, 0, 1)
+    if out is None:
+        return np.ascontiguousarray(chw)
+    out[...] = chw
+    return out
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any shape) → float32 in [−1, 1] on their device, bit for bit `normalize_uint8`: x − 127.5
+    is exact in float32 and the division is IEEE-rounded. The divisor is a tensor on the images' device because
+    torch turns a division by a Python scalar into a multiplication by its reciprocal on CUDA (up to 1 ulp off).
+    Float images (already normalized) are returned as they are. (torch is imported here: decode workers import
+    this module and start in a fraction of a second without it.)"""
+    import torch
+
+    if images.dtype != torch.uint8:
+        return images
+    half = torch.full((), 127.5, dtype=torch.float32, device=images.device)  # a fill: no host-to-device copy
+    return (images.float() - half) / half
+
+
 def preprocess_pil(im: Image.Image, size: int, box=FULL_BOX, flip: bool = False,
-                   out: np.ndarray | None = None) -> np.ndarray:
+                   out: np.ndarray | None = None, normalize: bool = True) -> np.ndarray:
     """Bicubic resize of the relative `box` of `im` to size×size (+ optional flip) → float32 [3, size, size]
-    (written into `out` when given)."""
+    in [−1, 1], or uint8 [3, size, size] with normalize=False (written into `out` when given)."""
     w, h = im.size
     pixel_box = (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
     arr = np.asarray(im.resize((size, size), Image.Resampling.BICUBIC, box=pixel_box))
     if flip:
         arr = arr[:, ::-1]
-    return normalize_uint8(arr, out)
+    return normalize_uint8(arr, out) if normalize else to_chw_uint8(arr, out)
 
 
 def eval_preprocess(im: Image.Image, size: int) -> np.ndarray:

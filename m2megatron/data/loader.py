@@ -1,9 +1,9 @@
 """The training loader of one data-parallel rank: batches of images + tokenized captions, resumable.
 
-`next(loader)` returns {"images": float32 [b, 3, S, S] in [−1, 1] (a CUDA tensor with DALI's mixed
-decoder, CPU otherwise), "text_ids": long [b, L], "text_mask": long [b, L], "keys": [str], "captions":
-[str]}. Bad samples are skipped, counted (`loader.skipped()`) and logged; each batch still has exactly
-b good samples.
+`next(loader)` returns {"images": uint8 [b, 3, S, S], not normalized (image.normalize_images does that on the
+device; a CUDA tensor with DALI's mixed decoder, CPU otherwise), "text_ids": long [b, L], "text_mask": long
+[b, L], "keys": [str], "captions": [str]}. Bad samples are skipped, counted (`loader.skipped()`) and logged;
+each batch still has exactly b good samples.
 
 A batch is the next b samples of the source's order that pass the caption/header checks and decode.
 One background thread (`prefetch` batches ahead) runs three stages:
@@ -37,7 +37,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from m2megatron.data.image import FULL_BOX, Augment, ImageLimits, normalize_uint8, probe_image
+from m2megatron.data.image import FULL_BOX, Augment, ImageLimits, probe_image, to_chw_uint8
 from m2megatron.data.skips import BadSample, SkipCounter
 
 log = logging.getLogger("m2megatron.data")
@@ -284,7 +284,7 @@ class TrainLoader:
         out, decode_counts = [], decode_skips.counts()
         for p in chunk:
             if p.item.pixels is not None:
-                image = torch.from_numpy(normalize_uint8(p.item.pixels))
+                image = torch.from_numpy(to_chw_uint8(p.item.pixels))
             else:
                 image = next(rows)
                 if isinstance(image, BadSample):

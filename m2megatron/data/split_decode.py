@@ -71,7 +71,7 @@ class SliceExchange:
         n = len(encoded)
         per = math.ceil(n / self.tp_size)
         lo, hi = min(n, self.tp_rank * per), min(n, (self.tp_rank + 1) * per)
-        mine = torch.zeros(per, 3, self.size, self.size, dtype=torch.float32, device=self.device)
+        mine = torch.zeros(per, 3, self.size, self.size, dtype=torch.uint8, device=self.device)
         status = torch.zeros(per, dtype=torch.long)
         if hi > lo:
             images, bad = self.local.decode(encoded[lo:hi], boxes[lo:hi], flips[lo:hi])
@@ -81,7 +81,7 @@ class SliceExchange:
                 mine[torch.tensor(good, device=self.device)] = to_device({"x": images}, self.device)["x"]
             for j, exc in bad.items():
                 status[j] = 1 + _REASON_LIST.index(exc.reason)
-        gathered = torch.empty(self.tp_size * per, 3, self.size, self.size, dtype=torch.float32, device=self.device)
+        gathered = torch.empty(self.tp_size * per, 3, self.size, self.size, dtype=torch.uint8, device=self.device)
         _all_gather(gathered, mine, group=self.group)
         codes = torch.empty(self.tp_size * per, dtype=torch.long, device=self.device)
         _all_gather(codes, to_device({"s": status}, self.device)["s"], group=self.group)

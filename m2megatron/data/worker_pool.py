@@ -1,14 +1,14 @@
-"""N PIL decode processes: chunks of encoded images in, normalized images out through shared memory, in order.
+"""N PIL decode processes: chunks of encoded images in, uint8 images out through shared memory, in order.
 
     pool = PilWorkerPool(size, limits, num_workers=4, chunk=32)
     pool.submit(encoded, boxes, flips)   # at most pool.depth chunks in flight
-    rows = pool.result()                 # oldest chunk: per image a float32 [3, S, S] view, or a BadSample
+    rows = pool.result()                 # oldest chunk: per image a uint8 [3, S, S] view, or a BadSample
     pool.close()                         # stops and joins the workers
 
 - The loader's thread reads, probes and draws the augmentation; workers only decode, so they hold no
   state and the order and the resumable position stay with the loader.
 - Chunk k goes to worker k mod N and is written into slot k mod depth of one shared buffer
-  [depth, chunk, 3, S, S] float32: a file in /dev/shm mapped by every process and unlinked as soon as
+  [depth, chunk, 3, S, S] uint8: a file in /dev/shm mapped by every process and unlinked as soon as
   all workers have mapped it (nothing is left behind, even after a kill). A slot is written again only
   when chunk k + depth is submitted, so rows returned by `result()` stay valid until the caller's next
   `submit()`: copy what must live longer.
@@ -90,7 +90,7 @@ class PilWorkerPool:
         for q in (*self._inboxes, self._outbox):
             q.cancel_join_thread()  # at exit, never wait on a pipe that a dead worker no longer reads
         _LIVE.add(self)
-        fd, path = tempfile.mkstemp(prefix="m2-decode-", suffix=".f32", dir=_shm_dir())
+        fd, path = tempfile.mkstemp(prefix="m2-decode-", suffix=".u8", dir=_shm_dir())
         os.close(fd)
         try:
             self._buffer = torch.from_numpy(map_buffer(path, self._shape, create=True))

@@ -81,8 +81,8 @@ def _bda(drop_path: float):
         get_bias_dropout_add
 
 
-def _sub_ln_row(linear) -> ModuleSpec:
-    return ModuleSpec(module=SubLNRowParallelLinear, params={"linear": linear})
+def _sub_ln_row(linear, norm_kernel: str) -> ModuleSpec:
+    return ModuleSpec(module=SubLNRowParallelLinear, params={"linear": linear, "norm_kernel": norm_kernel})
 
 
 def _sub_ln_layer(cfg: ModelConfig, attn_mask_type: AttnMaskType, drop_path: float, *, pre_norm, qkv,
@@ -96,13 +96,13 @@ def _sub_ln_layer(cfg: ModelConfig, attn_mask_type: AttnMaskType, drop_path: flo
                 module=SelfAttention,
                 params={"attn_mask_type": attn_mask_type},
                 submodules=SelfAttentionSubmodules(linear_qkv=qkv, core_attention=core_attention,
-                                                   linear_proj=_sub_ln_row(row), q_layernorm=IdentityOp,
-                                                   k_layernorm=IdentityOp),
+                                                   linear_proj=_sub_ln_row(row, cfg.sub_ln_kernel),
+                                                   q_layernorm=IdentityOp, k_layernorm=IdentityOp),
             ),
             self_attn_bda=_bda(drop_path),
             pre_mlp_layernorm=pre_norm,
             mlp=ModuleSpec(module=MLP, params={"ffn_hidden_size": cfg.ffn_hidden_size},
-                           submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=_sub_ln_row(row))),
+                           submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=_sub_ln_row(row, cfg.sub_ln_kernel))),
             mlp_bda=_bda(drop_path),
             sharded_state_dict_keys_map=keys_map,
         ),

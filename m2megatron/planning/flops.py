@@ -13,19 +13,28 @@ Norms, softmax and GELU are ignored (well under 1% at the released sizes).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from m2megatron.config.model import ModelConfig
 from m2megatron.models.recompute import recomputed_layers
 from m2megatron.runtime.stages import stage_specs
 
-# Dense bf16 / FP8 tensor-core peaks (TFLOP/s, no sparsity) of the accelerators we plan for.
+# Dense bf16 / FP8 tensor-core peaks (TFLOP/s, no sparsity) of the accelerators we plan for, by form factor:
+# the PCIe and NVL cards run at lower clocks and power than SXM (NVIDIA's H100 / H200 datasheets).
 PEAK_TFLOPS = {
-    ("h100", "bf16"): 989.0,
-    ("h100", "fp8"): 1979.0,
-    ("h200", "bf16"): 989.0,
-    ("h200", "fp8"): 1979.0,
+    ("h100-sxm", "bf16"): 989.0,
+    ("h100-sxm", "fp8"): 1979.0,
+    ("h100-pcie", "bf16"): 756.0,
+    ("h100-pcie", "fp8"): 1513.0,
+    ("h100-nvl", "bf16"): 835.0,
+    ("h100-nvl", "fp8"): 1671.0,
+    ("h200-sxm", "bf16"): 989.0,
+    ("h200-sxm", "fp8"): 1979.0,
+    ("h200-nvl", "bf16"): 836.0,
+    ("h200-nvl", "fp8"): 1671.0,
 }
+PEAK_OVERRIDE_ENV = "M2_PEAK_TFLOPS"
 RECOMPUTE_MODES = ("none", "selective", "full")
 
 
@@ -105,10 +114,32 @@ def run_flops_per_sample(cfg) -> tuple[int, int]:
     return model_flops_per_sample(cfg.model), hardware
 
 
-def peak_tflops(device_name: str, precision: str) -> float | None:
-    """Known peak for a device name such as 'NVIDIA H200', or None (then MFU is not reported)."""
+def device_model(device_name: str, memory_bytes: int | None = None) -> str | None:
+    """'h100-sxm', 'h100-pcie', 'h100-nvl', 'h200-sxm' or 'h200-nvl' from torch.cuda.get_device_name() (e.g.
+    'NVIDIA H100 80GB HBM3', 'NVIDIA H100 PCIe', 'NVIDIA H100 NVL', 'NVIDIA H200') and, where the name does
+    not say the form factor, the memory size (an H100 with ~94 GB is an NVL, 80 GB an SXM); None if unknown."""
     name = device_name.lower()
-    for (gpu, prec), tflops in PEAK_TFLOPS.items():
-        if gpu in name and prec == precision:
-            return tflops
+    for gpu in ("h200", "h100"):
+        if gpu not in name:
+            continue
+        if "pcie" in name:
+            return f"{gpu}-pcie"
+        if "nvl" in name:
+            return f"{gpu}-nvl"
+        if gpu == "h100" and "hbm3" not in name and "sxm" not in name and memory_bytes and memory_bytes > 90e9:
+            return "h100-nvl"
+        return f"{gpu}-sxm"
     return None
+
+
+def peak_tflops(device_name: str, precision: str, memory_bytes: int | None = None) -> float | None:
+    """Dense peak of the exact device (device_model) at `precision` ('bf16' or 'fp8'), or None (then MFU is
+    not reported). The environment variable M2_PEAK_TFLOPS overrides it for any device."""
+    override = os.environ.get(PEAK_OVERRIDE_ENV)
+    if override:
+        try:
+            return float(override)
+        except ValueError:
+            raise ValueError(f"{PEAK_OVERRIDE_ENV}: expected TFLOP/s as a number, got {override!r}") from None
+    model = device_model(device_name, memory_bytes)
+    return PEAK_TFLOPS.get((model, precision)) if model else None

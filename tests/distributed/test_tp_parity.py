@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from m2megatron.config import preset
 from m2megatron.parallel import Layout, build_groups, seed_everything
 from tests.reference_model import sample_inputs
+from tests.tp_layer_norm import max_abs_diff, sharded_run, unsharded_case
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-5
@@ -28,25 +29,11 @@ def _tp_layernorm(tp, width):
     from m2megatron.models import TPLayerNorm
 
     groups = _groups(tp)
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(5, 2, width, generator=gen) * 2 + 0.5
-    w, b, up = 1 + torch.randn(width, generator=gen) * 0.1, torch.randn(width, generator=gen), torch.randn(5, 2, width)
-    full_x = x.clone().requires_grad_()
-    full_w, full_b = w.clone().requires_grad_(), b.clone().requires_grad_()
-    ref = torch.nn.functional.layer_norm(full_x, (width,), full_w, full_b, 1e-5)
-    (ref * up).sum().backward()
+    inputs, want = unsharded_case(width)
     r, part = groups.tp_rank, width // tp
     sl = slice(r * part, (r + 1) * part)
-    norm = TPLayerNorm(width, eps=1e-5, tp_group=groups.tp)
-    with torch.no_grad():
-        norm.weight.copy_(w[sl])
-        norm.bias.copy_(b[sl])
-    local_x = x[..., sl].clone().requires_grad_()
-    out = norm(local_x)
-    (out * up[..., sl]).sum().backward()
-    return max((out - ref[..., sl]).abs().max().item(), (local_x.grad - full_x.grad[..., sl]).abs().max().item(),
-               (norm.weight.grad - full_w.grad[sl]).abs().max().item(),
-               (norm.bias.grad - full_b.grad[sl]).abs().max().item())
+    got = sharded_run(TPLayerNorm(width, eps=1e-5, tp_group=groups.tp), inputs, sl)
+    return max_abs_diff(got, [want[0][..., sl], want[1][..., sl], want[2][sl], want[3][sl]])
 
 
 @pytest.mark.parametrize("tp", [2, 4])

@@ -7,7 +7,7 @@
    steps with PIL decoding and a checkpoint;
 3. starts again with train_steps=50: it must resume from step 25, train to 50 and save;
 4. evaluates the held-out set at the end (eval_at_end over eval.retrieval_jsonl).
-Prints `e2e ...` key=value lines and writes DIR/e2e.json. Exit status 0 only if every check holds.
+Prints a "[figure] end to end: ..." key=value line and writes DIR/e2e.json. Exit status 0 only if every check holds.
 """
 
 from __future__ import annotations
@@ -35,6 +35,14 @@ def _train(run_dir: Path, shards: Path, tokenizer: Path, heldout: Path, steps: i
                                                        os.environ.get("PYTHONPATH", "")]))
     subprocess.run(cmd, check=True, env=env, cwd=REPO)
     return time.perf_counter() - start
+
+
+def record_line(record: dict) -> str:
+    """The run's figures as one figure line (tests/gpu/figures.py)."""
+    from tests.gpu.figures import figure
+
+    return figure("end to end: " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in record.items()))
 
 
 def main(argv=None) -> int:
@@ -66,7 +74,7 @@ def main(argv=None) -> int:
     record = {"first_run_s": first, "resumed_run_s": second, "i2t_r1": r1.get("i2t_r1"), "t2i_r1": r1.get("t2i_r1"),
               **checks}
     (out / "e2e.json").write_text(json.dumps(record, indent=2))
-    print(" ".join(f"e2e {k}={v:.2f}" if isinstance(v, float) else f"e2e {k}={v}" for k, v in record.items()))
+    print(record_line(record))
     return 0 if all(checks.values()) else 1
 
 

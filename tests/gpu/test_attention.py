@@ -6,7 +6,8 @@ agrees with the math kernel and with Megatron-Core's DotProductAttention.
 - both match torch's math kernel and Megatron's DotProductAttention (bf16 tolerance), forward and
   input gradients, at the m2-0.4b head shape (12 heads × 64) with 197 image / 52 text tokens;
 - left to torch's dispatcher, the calls run a fused kernel (flash, memory-efficient or cuDNN), never
-  the math fallback (the profiler's op names say which; the test prints them).
+  the math fallback (the profiler's op names say which; the test prints them as "[figure] attention kernel"
+  lines, which the GPU check's summary carries).
 
 Skipped without CUDA (tests/conftest.py); run by tests/gpu/run.sh.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from tests.gpu.figures import attention_line
 
 pytestmark = pytest.mark.gpu
 TOL = 2e-2  # bf16 attention outputs are O(1): ~3 significant digits
@@ -101,6 +104,6 @@ def test_default_dispatch_runs_a_fused_kernel_not_the_math_fallback(masked, allo
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         _forward_backward(sdpa, qkv, mask)
     ops = {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
-    print(f"sdpa {'mask' if masked else 'no mask'}: {sorted(ops)}")
+    print(attention_line("padding mask" if masked else "no mask", ops))
     assert not any("math" in op for op in ops), ops
     assert any(kind in op for op in ops for kind in allowed), ops

@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.gpu.figures import figure
+
 pytestmark = pytest.mark.gpu
 triton_impl = pytest.importorskip("m2megatron_kernels.tiled_ce_triton") if torch.cuda.is_available() else None
 
@@ -74,5 +76,5 @@ def test_compiled_kernel_time_and_memory_against_dense_and_torch_tiles():
     }
     results = {name: _measure(fn, q, pairs, scale) for name, fn in variants.items()}
     for name, (ms, peak) in results.items():
-        print(f"{name:12s} m={m} n={n} d={d} bf16: {ms:8.2f} ms  peak {peak / 2**20:9.1f} MiB")
+        print(figure(f"loss kernel {name:12s} m={m} n={n} d={d} bf16: {ms:8.2f} ms  peak {peak / 2**20:9.1f} MiB"))
     assert results["triton"][1] * 4 < results["dense"][1]

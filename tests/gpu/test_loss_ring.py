@@ -74,6 +74,7 @@ def test_triton_kernel_on_ring_blocks_equals_the_whole_and_the_reference(dtype, 
 
 def test_ring_equals_gather_in_a_one_rank_nccl_world():
     from m2megatron.parallel.launch_env import free_port
+    from tests.gpu.figures import figure
 
     port = free_port()
     env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -83,7 +84,7 @@ def test_ring_equals_gather_in_a_one_rank_nccl_world():
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     for line in report["timing"]:
-        print(line)
+        print(figure(f"loss ring {line}"))
     assert report["on_device"], report
     for case, errors in report["errors"].items():
         tol = 1e-5 if "float32" in case else 1e-2  # bf16: gradients come back rounded to bf16

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from m2megatron.runtime.timers import PhaseTimers
+from tests.gpu.figures import figure
 
 pytestmark = pytest.mark.gpu
 
@@ -24,5 +25,5 @@ def test_a_cuda_phase_is_stream_time_and_start_stop_do_not_wait():
         timers("forward-backward").stop()
     host = time.perf_counter() - host_start  # enqueueing only: no synchronize per phase
     (gpu,) = timers.read(["forward-backward"])  # one wait, for the last event
-    print(f"host {host * 1e3:.2f} ms for 2 start/stop pairs, stream time {gpu * 1e3:.1f} ms")
+    print(figure(f"phase timers: host {host * 1e3:.2f} ms for 2 start/stop pairs, stream time {gpu * 1e3:.1f} ms"))
     assert gpu > 0.04 and host < gpu / 4

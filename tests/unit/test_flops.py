@@ -52,3 +52,23 @@ def test_legacy_train_flops_is_hardware_flops_with_full_recompute():
     assert flops.train_flops_per_sample(CFG, True) == flops.hardware_flops_per_sample(CFG, "full")
     assert flops.train_flops_per_sample(CFG, True) == 4 * flops.forward_flops_per_sample(CFG) - (
         flops.forward_flops_per_sample(CFG) - (CFG.num_layers + CFG.num_vl_layers) * _layer_forward_both_segments(CFG))
+
+
+@pytest.mark.parametrize("name,memory,model,bf16", [
+    ("NVIDIA H100 80GB HBM3", 85e9, "h100-sxm", 989.0),
+    ("NVIDIA H100 PCIe", 85e9, "h100-pcie", 756.0),
+    ("NVIDIA H100 NVL", 100e9, "h100-nvl", 835.0),
+    ("NVIDIA H100", 100e9, "h100-nvl", 835.0),  # no form factor in the name: 94 GB is the NVL
+    ("NVIDIA H200", 150e9, "h200-sxm", 989.0),
+    ("NVIDIA H200 NVL", 150e9, "h200-nvl", 836.0),
+    ("NVIDIA A100-SXM4-80GB", 85e9, None, None),
+])
+def test_peak_flops_follow_the_exact_device_and_the_override(monkeypatch, name, memory, model, bf16):
+    monkeypatch.delenv(flops.PEAK_OVERRIDE_ENV, raising=False)
+    assert flops.device_model(name, int(memory)) == model
+    assert flops.peak_tflops(name, "bf16", int(memory)) == bf16
+    monkeypatch.setenv(flops.PEAK_OVERRIDE_ENV, "500")
+    assert flops.peak_tflops(name, "bf16", int(memory)) == 500.0
+    monkeypatch.setenv(flops.PEAK_OVERRIDE_ENV, "fast")
+    with pytest.raises(ValueError, match="M2_PEAK_TFLOPS"):
+        flops.peak_tflops(name, "bf16")
