@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
+
+from m2megatron.parallel import shutdown
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
@@ -92,7 +95,8 @@ SKIP = [
                   "tests/distributed/test_eval_docs.py)"),
     (r"^make (demo|test)\b", "the README's own two commands: CI runs `make test`, and `make demo` is the main job"),
     (r"^make gpu-", "needs a GPU host (tests/gpu/run.sh's rehearsal runs on CPU in tests/unit/test_gpu_scripts.py)"),
-    (r"^bash tests/gpu/", "needs a GPU host (rehearsed in tests/unit/test_gpu_scripts.py)"),
+    (r"^(?:\w+=\S+ )*bash tests/gpu/", "needs a GPU host (rehearsed in tests/unit/test_gpu_scripts.py)"),
+    (r"--device cuda\b", "needs a GPU host (its own Python, not this .venv)"),
     (r"\bsbatch\b|\bsrun\b|launch\.submit\b(?!.*--dry-run)",
      "submits to a Slurm cluster (tests/slurm runs the templates)"),
     (r"launch\.submit\b.*--dry-run", "the submit helper's dry run of a 256-GPU recipe (~20 s, every rank class): "
@@ -151,7 +155,7 @@ def test_commands_start_the_project_interpreter():
     """A bare python/torchrun is fine on a page that says to activate the venv first."""
     activated = {str(p.relative_to(REPO)) for p in PAGES if ACTIVATE in p.read_text(encoding="utf-8")}
     bare = [str(c) for c in ALL if BARE.search(c.text) and "-m venv" not in c.text and c.page not in activated
-            and c.fence != "synopsis"]
+            and c.fence != "synopsis" and "GPU host" not in classify(c)[1]]
     assert not bare, ("commands that start a bare python/torchrun/pytest on a page that does not say "
                       f"`{ACTIVATE}` (a fresh shell has no venv active):\n" + "\n".join(bare))
 
@@ -266,6 +270,8 @@ def _in_process(kind: str, name: str, args: list[str]) -> tuple[int, str]:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv = saved
+        if dist.is_initialized():  # a process would exit here; later tests of this worker need a clean slate
+            shutdown()
     return code, err.getvalue()
 
 
