@@ -57,9 +57,11 @@ class ModelConfig:
     """Core attention of the 'local' spec: torch's scaled_dot_product_attention (the default: flash /
     memory-efficient kernels on GPU without Transformer Engine, no stored attention probabilities, faster on
     CPU too; docs/MODEL.md), or Megatron-Core's DotProductAttention. The 'te' spec always uses TE's attention."""
-    sub_ln_kernel: Literal["auto", "eager", "triton"] = "auto"
+    sub_ln_kernel: Literal["auto", "eager", "triton"] = "eager"
     """The TP-sharded Sub-LN (TP > 1): 'triton' runs fused Triton passes around its statistics all-reduce, 'eager'
-    torch ops; 'auto' picks Triton on a CUDA tensor when Triton is installed, eager otherwise (docs/PERFORMANCE.md)."""
+    torch ops; 'auto' picks Triton on a CUDA tensor when Triton is installed, eager otherwise. The default stays
+    'eager' until tests/gpu/run.sh has run the kernels on a GPU (they pass the CPU interpreter and compile for
+    sm_90; docs/PERFORMANCE.md)."""
     fp8: Literal["none", "delayed", "current"] = "none"
     """FP8 recipe for the 'te' spec: none, delayed scaling or current (per-tensor) scaling."""
     init_method_std: float = 0.06
