@@ -174,6 +174,6 @@ def main() -> int | None:
 
 
 if __name__ == "__main__":
-    from m2megatron.eval.cli import run
+    from m2megatron.eval.run_command import run
 
     run(main)

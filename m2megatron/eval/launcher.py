@@ -6,7 +6,7 @@
         s.write("retrieval", name, report)
 
 Library code: bad settings and files raise ValueError (ConfigError for settings); the entry points turn
-them into one line on stderr (m2megatron/eval/cli.py).
+them into one line on stderr (m2megatron/eval/run_command.py).
 """
 
 from __future__ import annotations

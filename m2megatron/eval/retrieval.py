@@ -130,6 +130,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from m2megatron.eval.cli import run
+    from m2megatron.eval.run_command import run
 
     run(main)
