@@ -1,12 +1,12 @@
-"""Test support for the model tests: the torchscale reference (tests/reference_torchscale.py, shared with
-tools/bench_model.py), sample inputs, and a one-process world with Megatron groups.
+"""Test support for the model tests: the torchscale reference (tools/torchscale_reference.py, the model
+benchmark's peer), sample inputs, and a one-process world with Megatron groups.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tests.reference_torchscale import (  # noqa: F401 - re-exported for the tests
+from tools.torchscale_reference import (  # noqa: F401 - re-exported for the tests
     ReferenceM2,
     randomize_,
     tiny_reference,

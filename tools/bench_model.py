@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python tools/bench_model.py --no-scaling --repeats 3
 
 Part 1, single process: our M2Encoder (local spec, TP=1, PP=1) and the reference VLMo graph built from
-PyPI torchscale==0.3.0 (tests/reference_model.py) with the same sizes, our weights imported from the
+PyPI torchscale==0.3.0 (tools/torchscale_reference.py) with the same sizes, our weights imported from the
 reference's, the same images and captions and the same symmetric contrastive loss. Each repeat times
 `--iters` forward+backward steps of ours, then of the reference (alternating, so machine load hits both);
 the ratio ours/reference in samples/s is reported as the median and the min–max over repeats, in fp32
@@ -44,7 +44,6 @@ import functools
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -108,12 +107,12 @@ def reference_embeddings(ref, pixels, ids, mask):
 
 
 def build_pair(shape: str, groups):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the reference is a test fixture (tests/)
+    from torchscale_reference import ReferenceM2, randomize_  # tools/, beside this script
+
     from m2megatron.checkpoint.reference_format import infer_model_config, reference_to_ours
     from m2megatron.config import RunConfig
     from m2megatron.models import load_full_state_dict
     from m2megatron.runtime import build_stages
-    from tests.reference_torchscale import ReferenceM2, randomize_
 
     ref = ReferenceM2(**SHAPES[shape]).train()
     randomize_(ref, seed=0)

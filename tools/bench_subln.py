@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "kernels")]
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
-FIGURE = "[figure] "  # the tag the GPU check's summary collects (tests/gpu/figures.py; tools do not import tests)
+# The tag the GPU check's summary collects (tests/gpu/figures.py); spelled out here, tools stay free of the test tree.
+FIGURE = "[figure] "
 
 
 def result_line(device: str, variant: str, rows: int, cols: int, eager_ms: float, fused_ms: float,

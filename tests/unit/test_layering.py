@@ -82,8 +82,8 @@ def test_only_the_bootstrap_starts_a_process_group():
     assert offenders == [], "call m2megatron.parallel.initialize instead:\n" + "\n".join(offenders)
 
 
-BORROWED_FIXTURES = {("tools/bench_model.py", "tests.reference_torchscale")}
-"""The one exception: the model benchmark times our model against the parity tests' torchscale reference."""
+BORROWED_FIXTURES: set[tuple[str, str]] = set()
+"""Exceptions to the rule (none: the torchscale reference is tools/torchscale_reference.py, which tests import)."""
 
 
 def test_tools_and_library_do_not_import_the_tests():

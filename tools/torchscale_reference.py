@@ -1,5 +1,6 @@
-"""The reference M2-Encoder architecture, built from PyPI torchscale==0.3.0 (SPEC.md §7): a test fixture
-of the parity tests, which the model benchmark (tools/bench_model.py) borrows.
+"""The reference M2-Encoder architecture, built from PyPI torchscale==0.3.0 (SPEC.md §7): the peer that the
+model benchmark (tools/bench_model.py) times ours against and the parity tests compare ours with (through
+tests/reference_model.py). Not part of the library.
 
 torchscale 0.3.0 pins fairscale==0.4.0 and timm==0.6.13, which would replace the CPU torch build, so it
 is installed with --no-deps (requirements-test.txt / Makefile). At import it needs only
