@@ -239,3 +239,20 @@ class DistributedPool:
             if proc.is_alive():
                 proc.kill()
         self._procs, self._inboxes, self._store = [], [], None
+
+
+def run_under_triton_interpreter(script: str, timeout: float) -> object:
+    """Run the test file `script` as a program in a fresh interpreter with TRITON_INTERPRET=1 (it must hold before
+    triton is imported, so not in this process) and return the JSON of its last output line."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)  # the script imports tests.*
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
+    proc = subprocess.run([sys.executable, script], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

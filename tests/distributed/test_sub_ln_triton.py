@@ -8,12 +8,13 @@ check runs in a child process, this file as a script, which forks its two ranks.
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.harness import run_under_triton_interpreter
 
 pytestmark = pytest.mark.distributed
 WIDTH = 74  # 37 columns per rank
@@ -61,11 +62,7 @@ def main() -> None:
 
 def test_triton_sub_ln_equals_eager_and_unsharded_layernorm_at_tp2():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for diff in json.loads(proc.stdout.strip().splitlines()[-1]):
+    for diff in run_under_triton_interpreter(__file__, timeout=300):
         assert diff["triton_vs_eager"] <= TOL and diff["triton_vs_unsharded"] <= TOL, diff
         assert not diff["auto_picks_triton_on_cpu"], diff
 

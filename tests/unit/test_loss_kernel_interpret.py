@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests.harness import run_under_triton_interpreter
 
 pytestmark = pytest.mark.unit
 
@@ -124,11 +123,7 @@ def main() -> None:
 @pytest.fixture(scope="module")
 def interpreted_report():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_under_triton_interpreter(__file__, timeout=600)
 
 
 def test_interpreted_kernel_equals_reference_fp32(interpreted_report):
