@@ -53,6 +53,8 @@ class RunMonitor:
         self.spike_detector = SpikeDetector(log_cfg.spike_sigma, log_cfg.spike_window, log_cfg.spike_min_steps,
                                             log_cfg.spike_grad_norm_factor)
         self.spikes = 0
+        self.samples_seen = 0
+        """Samples the run has consumed, resumes included (the trainer checkpoints it: the global batch may change)."""
         self._steps, self._since = 0, time.perf_counter()
         self._hosts: list[str] | None = None
 
@@ -68,6 +70,7 @@ class RunMonitor:
         with self.phase("step"):
             yield
         self._steps += 1
+        self.samples_seen += self.samples_per_step
 
     def paused(self):
         """No timing inside (evaluation with the training stages runs Megatron's schedules too)."""
@@ -127,7 +130,7 @@ class RunMonitor:
         return record
 
     def _progress(self, step: int, seconds_per_step: float) -> dict[str, float]:
-        samples = step * self.samples_per_step
+        samples = self.samples_seen
         record = {"samples_seen": samples, "tokens_seen": samples * self.tokens_per_sample,
                   "eta_s": max(self.cfg.train.train_steps - step, 0) * seconds_per_step, "spikes": self.spikes}
         loader = getattr(self.batches, "loader", None)

@@ -84,11 +84,13 @@ class Trainer:
 
     # ---- the trainer's own state (checkpointed beside the model, optimizer, schedule and data position) ----
     def state_dict(self) -> dict:
-        return {"step": self.step, "skipped_steps": self.skipped_steps}
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "samples_seen": self.monitor.samples_seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        # Checkpoints written before samples_seen was saved: as if the global batch never changed.
+        self.monitor.samples_seen = int(state.get("samples_seen", self.step * self.monitor.samples_per_step))
 
     def _resolve_tokenizer(self, cfg: RunConfig) -> RunConfig:
         """The tokenizer fixes the vocabulary (a small one is trained for the synthetic source)."""

@@ -90,8 +90,9 @@ def test_resume_continues_from_latest_checkpoint(dist_pool, tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) == ["iter_0000002", "iter_0000004"]
     dist_pool(2).run(_fit, str(run_dir), ["--parallel.pipeline_parallel=2", "--train.train_steps=6",
                                           "--train.eval_at_end=false"])
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [2, 4, 6]  # the second run started at step 4, not 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]  # the second run started at step 4, not 0
+    assert records[-1]["samples_seen"] == 6 * 8  # counted across the resume (checkpointed), not from the restart
     assert Path(run_dir / "checkpoints" / "iter_0000006").is_dir()
 
 
