@@ -182,12 +182,11 @@ def load_consolidated(file: str | Path, model_chunks: list, groups) -> None:
     if m2_format:  # the project's consolidated M2 file: local names, unpadded vocab (docs/MODEL.md)
         from megatron.core.utils import unwrap_model
 
-        from m2megatron.checkpoint.files import read_consolidated
-        from m2megatron.models import load_full_state_dict
+        from m2megatron.checkpoint.start_file import load_weights_file
 
-        _, full, _ = read_consolidated(file)
-        for chunk in unwrap_model(model_chunks):
-            load_full_state_dict(chunk, full)
+        # The training start's loader: each rank reads only its stages' TP slices through the memory map.
+        modules = list(unwrap_model(model_chunks))
+        load_weights_file(file, modules, modules[0].cfg)
         return
     sharded = state.model_sharded_state_dict(model_chunks, optimizer_state.sharding_metadata(groups, None))
     with safe_open(str(file), framework="pt") as f, torch.no_grad():
